@@ -1,0 +1,33 @@
+# `make test` and `make demo` set up .venv when it is missing, then run.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: test demo lint bench venv clean
+
+venv: $(STAMP)
+
+# torch==2.13.0 first: it is the CPU wheel on disk; an open range would pull a CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[dev,video]"
+	touch $(STAMP)
+
+test: lint
+	$(PY) -m pytest -q
+
+demo: $(STAMP)
+	$(VENV)/bin/memflow demo
+
+lint: $(STAMP)
+	$(PY) -m ruff check memflow_adapter integrations tests bench
+
+# --heads 2 keeps the reference token geometry but fits a 2-core machine.
+bench: $(STAMP)
+	$(PY) bench/attention_overhead.py --heads 2
+
+clean:
+	rm -rf $(VENV) .pytest_cache outputs

@@ -1,0 +1,1 @@
+"""Model-family integrations, installed as ``memflow_adapter.integrations``."""

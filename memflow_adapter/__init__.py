@@ -1,0 +1,23 @@
+"""memflow-adapter: long-term narrative memory for streaming, KV-cached video diffusion models.
+
+After MemFlow (arXiv 2512.14699): a per-layer streaming KV cache with a sink, a memory bank
+refreshed by Narrative Adaptive Memory (NAM), and a local window; optional Sparse Memory
+Activation (SMA) inside self-attention.
+"""
+
+from .config import MemFlowConfig
+from .introspection import ChunkMemory, PassActivation
+from .session import PassKind, RecacheWindow, SessionStateError, StreamingSession
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "ChunkMemory",
+    "MemFlowConfig",
+    "PassActivation",
+    "PassKind",
+    "RecacheWindow",
+    "SessionStateError",
+    "StreamingSession",
+    "__version__",
+]

@@ -1,0 +1,421 @@
+"""The frame cache of one self-attention layer: sink | memory bank | local window (DESIGN.md s.2).
+
+Keys are stored after RoPE, values as they are, both in diffusers' token layout
+``[B, frames * T_f, H, D]``. One preallocated buffer per tensor holds the three regions back to
+back:
+
+    [ sink (S frames) | bank (M slots) | window (W frames, right-aligned, oldest first) ]
+
+so that once every region is full the whole cached context is a single view of the buffer. A
+separate one-frame staging slot holds the bank's next candidate. Bookkeeping is host-side Python
+integers, except the bank's absolute frame indices, which differ per batch element after NAM
+selection and therefore live on the device (``[B, M]``, -1 for an empty slot).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import MemFlowConfig
+
+
+@dataclass(frozen=True)
+class CacheGeometry:
+    """Shape, dtype and device every tensor written to one layer cache must share."""
+
+    batch_size: int
+    num_heads: int
+    head_dim: int
+    dtype: torch.dtype
+    device: torch.device
+
+    @classmethod
+    def of(cls, tensor: torch.Tensor) -> CacheGeometry:
+        return cls(tensor.shape[0], tensor.shape[2], tensor.shape[3], tensor.dtype, tensor.device)
+
+
+class LayerCache:
+    """Bounded K/V storage of one attention layer for one video.
+
+    Args:
+        config: the memory layout (sink, bank and window sizes).
+        tokens_per_frame: ``T_f``, tokens of one latent frame after patchification.
+    """
+
+    def __init__(self, config: MemFlowConfig, tokens_per_frame: int) -> None:
+        if isinstance(tokens_per_frame, bool) or not isinstance(tokens_per_frame, int):
+            raise TypeError(f"tokens_per_frame must be an int, got {tokens_per_frame!r}")
+        if tokens_per_frame < 1:
+            raise ValueError(f"tokens_per_frame must be >= 1, got {tokens_per_frame}")
+        self.config = config
+        self.tokens_per_frame = tokens_per_frame
+        self.reset()
+
+    def reset(self) -> None:
+        """Drop every tensor (memory is freed) and forget every frame."""
+        self.geometry: CacheGeometry | None = None
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+        self.window_capacity = self.config.window_capacity or 0
+        self.frames_written = 0
+        self.bank_filled = 0
+        self.bank_frame_index: torch.Tensor | None = None
+        self.staged_keys: torch.Tensor | None = None
+        self.staged_values: torch.Tensor | None = None
+        self.staged_frame = -1
+
+    # ------------------------------------------------------------------------------ frame counts
+    @property
+    def sink_count(self) -> int:
+        return min(self.config.sink_frames, self.frames_written)
+
+    @property
+    def window_count(self) -> int:
+        return min(self.window_capacity, max(0, self.frames_written - self.config.sink_frames))
+
+    @property
+    def window_frames(self) -> range:
+        """Absolute indices of the frames the local window holds, oldest first."""
+        return range(self.frames_written - self.window_count, self.frames_written)
+
+    def _region_start(self, region: str) -> int:
+        """First frame slot of a region in the buffer."""
+        sink, bank = self.config.sink_frames, self.config.bank_frames
+        return {"sink": 0, "bank": sink, "window": sink + bank}[region]
+
+    def _window_slot(self, frame: int) -> int:
+        """Buffer slot of absolute frame ``frame``, which must be in the window."""
+        return self._region_start("window") + self.window_capacity - (self.frames_written - frame)
+
+    # ------------------------------------------------------------------------------------- reads
+    def _read(self, pieces: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V of buffer slots given as ``(first_slot, count)`` pieces, concatenated in order.
+
+        Adjacent pieces merge, so a context that is contiguous in the buffer comes back as a view.
+        """
+        assert self.keys is not None and self.values is not None
+        merged: list[list[int]] = []
+        for start, count in pieces:
+            if count == 0:
+                continue
+            if merged and merged[-1][0] + merged[-1][1] == start:
+                merged[-1][1] += count
+            else:
+                merged.append([start, count])
+        t = self.tokens_per_frame
+        keys = [self.keys[:, s * t : (s + n) * t] for s, n in merged]
+        values = [self.values[:, s * t : (s + n) * t] for s, n in merged]
+        if len(keys) == 1:
+            return keys[0], values[0]
+        if not keys:
+            return self.keys[:, :0], self.values[:, :0]
+        return torch.cat(keys, dim=1), torch.cat(values, dim=1)
+
+    def memory(self, include_sink: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Sink frames (unless excluded) then filled bank slots: SMA's candidates.
+
+        Returns:
+            keys, values ``[B, C * T_f, H, D]`` and absolute frame indices ``[B, C]`` (int64).
+        """
+        self._require_allocated()
+        sink_count = self.sink_count if include_sink else 0
+        keys, values = self._read([(0, sink_count), (self._region_start("bank"), self.bank_filled)])
+        sink_index = torch.arange(sink_count, device=self.geometry.device)
+        frame_index = torch.cat(
+            [
+                sink_index.expand(self.geometry.batch_size, -1),
+                self.bank_frame_index[:, : self.bank_filled],
+            ],
+            dim=1,
+        )
+        return keys, values, frame_index
+
+    def window(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The local window's stored frames, oldest first: ``[B, window_count * T_f, H, D]``."""
+        self._require_allocated()
+        return self._read(
+            [(self._window_slot(self.frames_written - self.window_count), self.window_count)]
+        )
+
+    def context(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Everything a new chunk attends to besides itself: ``[sink | bank | window]`` K/V."""
+        self._require_allocated()
+        return self._read(
+            [
+                (0, self.sink_count),
+                (self._region_start("bank"), self.bank_filled),
+                (self._window_slot(self.frames_written - self.window_count), self.window_count),
+            ]
+        )
+
+    def bank_by_frame(self) -> torch.Tensor:
+        """Keys of the filled bank slots per frame: ``[B, bank_filled, T_f, H, D]``."""
+        self._require_allocated()
+        keys, _ = self._read([(self._region_start("bank"), self.bank_filled)])
+        return keys.unflatten(1, (self.bank_filled, self.tokens_per_frame))
+
+    # ------------------------------------------------------------------------------------ writes
+    def append(self, keys: torch.Tensor, values: torch.Tensor, start_frame: int) -> None:
+        """Commit a chunk's frames ``start_frame ..``: the first frames fill the sink, the rest
+        enter the window, evicting its oldest frames first in, first out.
+
+        Args:
+            keys, values: ``[B, n * T_f, H, D]``; stored without autograd history.
+            start_frame: must equal ``frames_written`` (chunks arrive in order).
+        """
+        num_frames = self.check_frames(keys, values, "keys")
+        if start_frame != self.frames_written:
+            raise ValueError(
+                f"start_frame must be {self.frames_written} (the next uncommitted frame), "
+                f"got {start_frame}"
+            )
+        self._allocate_for(keys)
+        keys, values = keys.detach(), values.detach()
+        t = self.tokens_per_frame
+        to_sink = max(0, min(num_frames, self.config.sink_frames - start_frame))
+        if to_sink:
+            self.keys[:, start_frame * t : (start_frame + to_sink) * t] = keys[:, : to_sink * t]
+            self.values[:, start_frame * t : (start_frame + to_sink) * t] = values[:, : to_sink * t]
+        to_window = num_frames - to_sink
+        if to_window:
+            if self.config.window_capacity is None:
+                self._grow_window(self.window_count + to_window)
+            self._shift_into_window(keys[:, to_sink * t :], values[:, to_sink * t :], to_window)
+        self.frames_written += num_frames
+
+    def _shift_into_window(self, keys: torch.Tensor, values: torch.Tensor, count: int) -> None:
+        capacity = self.window_capacity
+        if capacity == 0:
+            return
+        t = self.tokens_per_frame
+        keep = min(self.window_count, capacity - min(count, capacity))
+        start = self._region_start("window") * t
+        end = start + capacity * t
+        old_keys, old_values = self.window()
+        # cat copies, so the overlapping shift inside the buffer reads nothing it has overwritten.
+        new_keys = torch.cat([old_keys[:, old_keys.shape[1] - keep * t :], keys], dim=1)
+        new_values = torch.cat([old_values[:, old_values.shape[1] - keep * t :], values], dim=1)
+        new_keys, new_values = new_keys[:, -capacity * t :], new_values[:, -capacity * t :]
+        self.keys[:, end - new_keys.shape[1] : end] = new_keys
+        self.values[:, end - new_values.shape[1] : end] = new_values
+
+    def stage(self, keys: torch.Tensor, values: torch.Tensor, frame: int) -> None:
+        """Hold one frame (``[B, T_f, H, D]``) as the bank's next candidate, replacing the last."""
+        if self.check_frames(keys, values, "keys") != 1:
+            raise ValueError(
+                f"stage takes exactly one frame ({self.tokens_per_frame} tokens), "
+                f"got {keys.shape[1]} tokens"
+            )
+        self._allocate_for(keys)
+        self.staged_keys = keys.detach().clone()
+        self.staged_values = values.detach().clone()
+        self.staged_frame = frame
+
+    def commit_staged_to_slot(self, slot: int) -> None:
+        """Write the staged frame into bank slot ``slot`` (the bank is still filling)."""
+        if not 0 <= slot < self.config.bank_frames:
+            raise ValueError(f"slot must be in [0, {self.config.bank_frames}), got {slot}")
+        self._require_staged()
+        t = self.tokens_per_frame
+        first = (self._region_start("bank") + slot) * t
+        self.keys[:, first : first + t] = self.staged_keys
+        self.values[:, first : first + t] = self.staged_values
+        self.bank_frame_index[:, slot] = self.staged_frame
+        self.bank_filled = max(self.bank_filled, slot + 1)
+        self._clear_staged()
+
+    def commit_staged_after(self, keep: torch.Tensor) -> None:
+        """Rebuild a full bank as ``[kept slots ; staged frame]``.
+
+        Args:
+            keep: ``[B, bank_frames - 1]`` int64 slot indices to keep per batch element, in the
+                order they should occupy the bank.
+        """
+        self._require_staged()
+        bank_frames = self.config.bank_frames
+        if self.bank_filled != bank_frames:
+            raise RuntimeError(
+                f"selection needs a full bank ({bank_frames} slots), {self.bank_filled} are filled"
+            )
+        expected = (self.geometry.batch_size, bank_frames - 1)
+        if tuple(keep.shape) != expected:
+            raise ValueError(f"keep must have shape {expected}, got {tuple(keep.shape)}")
+        t = self.tokens_per_frame
+        first = self._region_start("bank") * t
+        for buffer, staged in ((self.keys, self.staged_keys), (self.values, self.staged_values)):
+            bank = buffer[:, first : first + bank_frames * t].unflatten(1, (bank_frames, t))
+            index = keep.view(*keep.shape, 1, 1, 1).expand(-1, -1, *bank.shape[2:])
+            kept = torch.gather(bank, 1, index)
+            bank[:, : bank_frames - 1] = kept
+            bank[:, bank_frames - 1] = staged
+        kept_frames = torch.gather(self.bank_frame_index, 1, keep)
+        self.bank_frame_index[:, : bank_frames - 1] = kept_frames
+        self.bank_frame_index[:, bank_frames - 1] = self.staged_frame
+        self._clear_staged()
+
+    def overwrite(
+        self, keys: torch.Tensor, values: torch.Tensor, start_frame: int, protect_sink: bool
+    ) -> None:
+        """Replace the cached K/V of already committed frames (the recache after a prompt switch).
+
+        Frames of the pass that the cache no longer holds, or that sit in a protected sink, are
+        discarded. The bank is never touched.
+
+        Args:
+            keys, values: ``[B, n * T_f, H, D]`` for frames ``start_frame .. frames_written - 1``.
+            start_frame: first frame of the pass; the pass must end at the newest frame.
+            protect_sink: keep the sink's keys as they are.
+        """
+        num_frames = self.check_frames(keys, values, "keys")
+        self._require_allocated()
+        if start_frame < 0 or start_frame + num_frames != self.frames_written:
+            raise ValueError(
+                f"a recache must cover frames [start_frame, {self.frames_written}), got "
+                f"start_frame={start_frame} with {num_frames} frames"
+            )
+        keys, values = keys.detach(), values.detach()
+        t = self.tokens_per_frame
+        if not protect_sink and start_frame < self.sink_count:
+            # The pass's first frames are the sink's frames start_frame .. sink_count - 1.
+            span = slice(start_frame * t, self.sink_count * t)
+            count = (self.sink_count - start_frame) * t
+            self.keys[:, span] = keys[:, :count]
+            self.values[:, span] = values[:, :count]
+        first = max(start_frame, self.window_frames.start)
+        if first < self.frames_written:
+            slot = self._window_slot(first)
+            count = self.frames_written - first
+            source = slice((first - start_frame) * t, num_frames * t)
+            self.keys[:, slot * t : (slot + count) * t] = keys[:, source]
+            self.values[:, slot * t : (slot + count) * t] = values[:, source]
+
+    # ----------------------------------------------------------------------------- save/restore
+    _COUNTERS = ("frames_written", "bank_filled", "staged_frame", "window_capacity")
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Everything needed to continue bit-identically, as tensors (safetensors-compatible)."""
+        state = {
+            name: torch.tensor(getattr(self, name), dtype=torch.long) for name in self._COUNTERS
+        }
+        if self.keys is not None:
+            state["keys"] = self.keys.clone()
+            state["values"] = self.values.clone()
+            state["bank_frame_index"] = self.bank_frame_index.clone()
+        if self.staged_keys is not None:
+            state["staged_keys"] = self.staged_keys.clone()
+            state["staged_values"] = self.staged_values.clone()
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore a ``state_dict()``; validates it fully before changing anything."""
+        missing = [name for name in self._COUNTERS if name not in state]
+        if missing:
+            raise KeyError(f"layer cache state is missing {missing}")
+        counters = {name: int(state[name]) for name in self._COUNTERS}
+        has_buffers = "keys" in state
+        if has_buffers:
+            keys, values = state["keys"], state["values"]
+            frames = self.config.sink_frames + self.config.bank_frames + counters["window_capacity"]
+            if keys.ndim != 4 or keys.shape[1] != frames * self.tokens_per_frame:
+                raise ValueError(
+                    f"layer cache state holds keys of shape {tuple(keys.shape)}, expected "
+                    f"[B, {frames * self.tokens_per_frame}, H, D] for this config and "
+                    f"tokens_per_frame={self.tokens_per_frame}"
+                )
+            if values.shape != keys.shape:
+                raise ValueError("layer cache state has values and keys of different shapes")
+            expected_index = (keys.shape[0], self.config.bank_frames)
+            if tuple(state["bank_frame_index"].shape) != expected_index:
+                raise ValueError(
+                    f"layer cache state has bank_frame_index of shape "
+                    f"{tuple(state['bank_frame_index'].shape)}, expected {expected_index}"
+                )
+        elif counters["frames_written"]:
+            raise ValueError("layer cache state counts written frames but holds no keys/values")
+        self.reset()
+        for name, value in counters.items():
+            setattr(self, name, value)
+        if has_buffers:
+            self.geometry = CacheGeometry.of(state["keys"])
+            self.keys = state["keys"].clone()
+            self.values = state["values"].clone()
+            self.bank_frame_index = state["bank_frame_index"].clone()
+        if "staged_keys" in state:
+            self.staged_keys = state["staged_keys"].clone()
+            self.staged_values = state["staged_values"].clone()
+
+    # -------------------------------------------------------------------------------- validation
+    def check_frames(self, keys: torch.Tensor, values: torch.Tensor, name: str) -> int:
+        """Validate a ``[B, n * T_f, H, D]`` key/value pair against this cache; return ``n``."""
+        if keys.ndim != 4:
+            raise ValueError(
+                f"{name} must be [batch, frames * tokens_per_frame, heads, head_dim], "
+                f"got shape {tuple(keys.shape)}"
+            )
+        if values.shape != keys.shape:
+            raise ValueError(
+                f"values must have the keys' shape {tuple(keys.shape)}, got {tuple(values.shape)}"
+            )
+        if keys.shape[1] % self.tokens_per_frame:
+            raise ValueError(
+                f"{name} has {keys.shape[1]} tokens, not a whole number of frames of "
+                f"tokens_per_frame={self.tokens_per_frame}"
+            )
+        if self.geometry is not None and CacheGeometry.of(keys) != self.geometry:
+            raise ValueError(
+                f"{name} do not match this cache: expected {self.geometry}, "
+                f"got {CacheGeometry.of(keys)}"
+            )
+        return keys.shape[1] // self.tokens_per_frame
+
+    def _allocate_for(self, like: torch.Tensor) -> None:
+        if self.keys is not None:
+            return
+        self.geometry = CacheGeometry.of(like)
+        self._allocate_buffers(self.window_capacity)
+        self.bank_frame_index = torch.full(
+            (self.geometry.batch_size, self.config.bank_frames),
+            -1,
+            dtype=torch.long,
+            device=self.geometry.device,
+        )
+
+    def _allocate_buffers(self, window_capacity: int) -> None:
+        g = self.geometry
+        frames = self.config.sink_frames + self.config.bank_frames + window_capacity
+        shape = (g.batch_size, frames * self.tokens_per_frame, g.num_heads, g.head_dim)
+        self.keys = torch.zeros(shape, dtype=g.dtype, device=g.device)
+        self.values = torch.zeros(shape, dtype=g.dtype, device=g.device)
+        self.window_capacity = window_capacity
+
+    def _grow_window(self, needed: int) -> None:
+        """Unbounded windows only: double the window region until ``needed`` frames fit."""
+        if needed <= self.window_capacity:
+            return
+        old_keys, old_values, old_capacity = self.keys, self.values, self.window_capacity
+        self._allocate_buffers(max(needed, 2 * old_capacity))
+        t = self.tokens_per_frame
+        head = self._region_start("window") * t
+        old_end = head + old_capacity * t
+        self.keys[:, :head] = old_keys[:, :head]
+        self.values[:, :head] = old_values[:, :head]
+        filled = self.window_count * t
+        if filled:
+            self.keys[:, self.keys.shape[1] - filled :] = old_keys[:, old_end - filled : old_end]
+            self.values[:, self.values.shape[1] - filled :] = old_values[
+                :, old_end - filled : old_end
+            ]
+
+    def _require_allocated(self) -> None:
+        if self.keys is None:
+            raise RuntimeError("this layer cache holds no frames yet (nothing has been committed)")
+
+    def _require_staged(self) -> None:
+        if self.staged_frame < 0:
+            raise RuntimeError("no staged frame: a context pass must stage one before a commit")
+
+    def _clear_staged(self) -> None:
+        self.staged_keys = self.staged_values = None
+        self.staged_frame = -1

@@ -1,0 +1,174 @@
+"""MemFlowConfig: the sizes and switches of the streaming memory, with validation and JSON I/O."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, fields
+from typing import Any
+
+from .attention import ATTENTION_BACKENDS
+
+
+@dataclass(frozen=True)
+class MemFlowConfig:
+    """How one streaming video's KV cache is laid out and refreshed (DESIGN.md s.2-4).
+
+    All sizes count latent frames. A chunk's queries attend, in one softmax, to
+    ``[sink | memory bank | local window]`` where the local window (``local_frames``) includes the
+    chunk's own frames; the cache proper therefore stores ``sink_frames + bank_frames +
+    (local_frames - frames_per_chunk)`` frames per layer, plus one staging frame for the bank.
+
+    Args:
+        sink_frames: the first frames ever written, never evicted (reference: 3).
+        bank_frames: memory-bank slots refreshed by NAM; counts the newest chunk's first frame
+            (reference: 3). Must be 0 when ``nam`` is off.
+        local_frames: the local window including the current chunk (reference: 9, i.e. the
+            published ``local_attn_size=12`` minus the 3 sink frames). ``None`` means unbounded:
+            nothing is ever evicted (exactness tests, short videos).
+        frames_per_chunk: latent frames generated per chunk (reference: 3).
+        record_interval: how many chunks share one bank slot while the bank fills (DESIGN s.3).
+        nam: Narrative Adaptive Memory; off means no bank at all (the LongLive behaviour).
+        sma: Sparse Memory Activation: attend only to the ``sma_top_k`` most relevant sink/bank
+            frames per head.
+        sma_top_k: how many sink/bank frames SMA keeps per batch element and head.
+        attention_backend: one of ``ATTENTION_BACKENDS`` (``"sdpa"``, ``"math"``, ``"flex"``,
+            ``"xformers"``).
+    """
+
+    sink_frames: int = 3
+    bank_frames: int = 3
+    local_frames: int | None = 9
+    frames_per_chunk: int = 3
+    record_interval: int = 3
+    nam: bool = True
+    sma: bool = False
+    sma_top_k: int = 3
+    attention_backend: str = "sdpa"
+
+    def __post_init__(self) -> None:
+        for name in (
+            "sink_frames",
+            "bank_frames",
+            "frames_per_chunk",
+            "record_interval",
+            "sma_top_k",
+        ):
+            _require_int(name, getattr(self, name))
+        if self.local_frames is not None:
+            _require_int("local_frames", self.local_frames)
+        for name in ("nam", "sma"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.sink_frames < 0:
+            raise ValueError(f"sink_frames must be >= 0, got {self.sink_frames}")
+        if self.bank_frames < 0:
+            raise ValueError(f"bank_frames must be >= 0, got {self.bank_frames}")
+        if self.frames_per_chunk < 1:
+            raise ValueError(f"frames_per_chunk must be >= 1, got {self.frames_per_chunk}")
+        if self.record_interval < 1:
+            raise ValueError(f"record_interval must be >= 1, got {self.record_interval}")
+        if self.sma_top_k < 1:
+            raise ValueError(f"sma_top_k must be >= 1, got {self.sma_top_k}")
+        if self.local_frames is not None and self.local_frames < self.frames_per_chunk:
+            raise ValueError(
+                f"local_frames must be >= frames_per_chunk ({self.frames_per_chunk}) because the "
+                f"local window includes the current chunk, got local_frames={self.local_frames}"
+            )
+        if self.nam and self.bank_frames == 0:
+            raise ValueError(
+                "bank_frames must be >= 1 when nam=True (NAM refreshes the memory bank); "
+                "use nam=False for a cache without a bank"
+            )
+        if not self.nam and self.bank_frames != 0:
+            raise ValueError(
+                f"bank_frames must be 0 when nam=False (no memory bank, the LongLive behaviour), "
+                f"got bank_frames={self.bank_frames}"
+            )
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"attention_backend must be one of {sorted(ATTENTION_BACKENDS)}, "
+                f"got {self.attention_backend!r}"
+            )
+
+    # ----------------------------------------------------------------------------- derived sizes
+    @property
+    def window_capacity(self) -> int | None:
+        """Past (already generated) frames the local window stores; ``None`` when unbounded."""
+        if self.local_frames is None:
+            return None
+        return self.local_frames - self.frames_per_chunk
+
+    @property
+    def cache_frames(self) -> int | None:
+        """``local_attn_size`` of the reference: sink plus local window; ``None`` when unbounded."""
+        if self.local_frames is None:
+            return None
+        return self.sink_frames + self.local_frames
+
+    # ----------------------------------------------------------------------------------- presets
+    @classmethod
+    def reference(cls, **overrides: Any) -> MemFlowConfig:
+        """The paper's inference defaults: sink 3, bank 3, local 9, 3-frame chunks, SMA off."""
+        return dataclasses.replace(cls(), **overrides)
+
+    @classmethod
+    def reference_sma(cls, **overrides: Any) -> MemFlowConfig:
+        """The reference with Sparse Memory Activation on (top 3 of sink + bank)."""
+        return dataclasses.replace(cls(sma=True, sma_top_k=3), **overrides)
+
+    @classmethod
+    def longlive(cls, **overrides: Any) -> MemFlowConfig:
+        """The memory-free LongLive baseline: sink 3 + local 9, no bank."""
+        return dataclasses.replace(cls(bank_frames=0, nam=False), **overrides)
+
+    @classmethod
+    def full_history(cls, **overrides: Any) -> MemFlowConfig:
+        """No sink, no bank, no eviction: every chunk attends to every earlier frame.
+
+        Streaming under this preset equals a block-causal full-sequence forward; the window grows
+        with the video, so use it for exactness tests and short videos only.
+        """
+        return dataclasses.replace(
+            cls(sink_frames=0, bank_frames=0, local_frames=None, nam=False), **overrides
+        )
+
+    # -------------------------------------------------------------------------------------- JSON
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MemFlowConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown MemFlowConfig keys {unknown}; expected a subset of {sorted(known)}"
+            )
+        return cls(**data)
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json_string(cls, text: str) -> MemFlowConfig:
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError(f"a MemFlowConfig JSON must be an object, got {type(data).__name__}")
+        return cls.from_dict(data)
+
+    def to_json_file(self, path: str | os.PathLike[str]) -> None:
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(self.to_json_string())
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike[str]) -> MemFlowConfig:
+        with open(path, encoding="utf-8") as handle:
+            return cls.from_json_string(handle.read())
+
+
+def _require_int(name: str, value: Any) -> None:
+    # bool is an int subclass; `sink_frames=True` is a bug, not a size.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}")

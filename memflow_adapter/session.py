@@ -1,0 +1,450 @@
+"""StreamingSession: all memory state of one streaming video, and its chunk lifecycle.
+
+A chunk goes through::
+
+    session.begin_chunk(text_keys)          # NAM commits the staged frame into the bank
+    with session.switch_prompt() as window: # only after a prompt switch: the KV recache pass
+        model(clean_frames[window.start_frame:window.stop_frame], t=0)
+    with session.denoise_pass():            # any number of read-only passes
+        model(noisy_chunk, t)
+    with session.context_pass():            # writes the chunk's K/V, stages its first frame
+        model(clean_chunk, t=0)
+
+Inside a pass, each attention layer calls ``session.attend(layer, q, k, v)`` with its post-RoPE
+queries and keys; the session decides what they attend to and what gets written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+
+from .attention import attention, check_attention_backend
+from .cache import LayerCache
+from .config import MemFlowConfig
+from .introspection import ChunkMemory, MemoryTrace
+from .memory import update_bank
+from .sparse import select_memory_frames, sparse_memory_attention
+
+
+class PassKind(str, Enum):
+    DENOISE = "denoise"
+    CONTEXT = "context"
+    RECACHE = "recache"
+
+
+@dataclass(frozen=True)
+class RecacheWindow:
+    """Frames ``start_frame .. stop_frame - 1`` to re-encode under the new prompt.
+
+    ``protect_sink``: the video is longer than the cache, so the sink keeps its old keys and the
+    recached frames that are no longer cached are computed and discarded.
+    """
+
+    start_frame: int
+    stop_frame: int
+    protect_sink: bool
+
+    @property
+    def num_frames(self) -> int:
+        return self.stop_frame - self.start_frame
+
+
+class SessionStateError(RuntimeError):
+    """A session method was called out of the chunk lifecycle's order."""
+
+
+class StreamingSession:
+    """Owns every layer's frame cache for one video.
+
+    Args:
+        config: memory layout and switches.
+        num_layers: self-attention layers that will call ``attend`` (numbered ``0 .. n-1``).
+        tokens_per_frame: ``T_f``, tokens of one latent frame.
+        record_trace: keep the per-chunk memory trace (see ``trace()``).
+    """
+
+    def __init__(
+        self,
+        config: MemFlowConfig,
+        num_layers: int,
+        tokens_per_frame: int,
+        record_trace: bool = True,
+    ) -> None:
+        if not isinstance(config, MemFlowConfig):
+            raise TypeError(f"config must be a MemFlowConfig, got {type(config).__name__}")
+        if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
+            raise ValueError(f"num_layers must be an int >= 1, got {num_layers!r}")
+        self.config = config
+        self.num_layers = num_layers
+        self.tokens_per_frame = tokens_per_frame
+        self.record_trace = record_trace
+        self.layers = [LayerCache(config, tokens_per_frame) for _ in range(num_layers)]
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the video: every cache tensor is dropped and every counter zeroed."""
+        for cache in self.layers:
+            cache.reset()
+        self.chunk_index = 0  # chunks committed so far
+        self.next_frame = 0  # absolute index of the next chunk's first frame
+        self._trace = MemoryTrace()
+        self._chunk_open = False
+        self._chunk_passes = 0
+        self._chunk_frames: int | None = None
+        self._pass: PassKind | None = None
+        self._pass_layers: set[int] = set()
+        self._recache: RecacheWindow | None = None
+        self._broken: str | None = None
+
+    # ----------------------------------------------------------------------------- the lifecycle
+    def begin_chunk(self, text_keys: Sequence[torch.Tensor] | None = None) -> None:
+        """Open the next chunk; NAM commits the previous chunk's staged first frame to the bank.
+
+        Args:
+            text_keys: one ``[B, L_text, H, D]`` tensor per layer, the keys that layer's
+                cross-attention computes for the prompt this chunk is generated with (key
+                projection and its norm, padding included). Required when ``config.nam``.
+        """
+        self._require_usable()
+        if self._chunk_open:
+            raise SessionStateError(
+                f"chunk {self.chunk_index} is still open: finish it with a context pass "
+                "before begin_chunk"
+            )
+        if self.config.nam:
+            self._check_text_keys(text_keys)
+        if self.config.nam and self.chunk_index >= 1:
+            for layer, cache in enumerate(self.layers):
+                update_bank(cache, self.chunk_index, text_keys[layer])
+        self._chunk_open = True
+        self._chunk_passes = 0
+        self._chunk_frames = None
+        if self.record_trace:
+            self._trace.start_chunk(self.chunk_index, self.next_frame)
+            for layer, cache in enumerate(self.layers):
+                if cache.bank_frame_index is not None:
+                    self._trace.record_bank(layer, cache.bank_frame_index[:, : cache.bank_filled])
+
+    def recache_window(self) -> RecacheWindow:
+        """The frames a recache pass started now would re-encode (DESIGN s.4b)."""
+        cache_frames = self.config.cache_frames
+        generated = self.next_frame
+        count = generated if cache_frames is None else min(cache_frames, generated)
+        protect_sink = cache_frames is not None and generated > cache_frames
+        return RecacheWindow(generated - count, generated, protect_sink)
+
+    @contextmanager
+    def switch_prompt(self) -> Iterator[RecacheWindow]:
+        """The recache pass after a prompt switch: run the yielded window's clean frames at
+        timestep 0 under the new prompt. Its frames attend to each other in both directions and to
+        the memory; their K/V replace the cached ones. Call right after ``begin_chunk``."""
+        self._require_usable()
+        if not self._chunk_open or self._chunk_passes:
+            raise SessionStateError(
+                "switch_prompt must come right after begin_chunk, before any pass of the chunk"
+            )
+        if self.next_frame == 0:
+            raise SessionStateError("nothing to recache: no frame has been generated yet")
+        self._recache = self.recache_window()
+        try:
+            with self._pass_scope(PassKind.RECACHE):
+                yield self._recache
+        finally:
+            self._recache = None
+
+    @contextmanager
+    def denoise_pass(self) -> Iterator[None]:
+        """A read-only pass over the open chunk (one denoising step)."""
+        self._require_chunk_open("denoise_pass")
+        with self._pass_scope(PassKind.DENOISE):
+            yield
+
+    @contextmanager
+    def context_pass(self) -> Iterator[None]:
+        """The pass that commits the open chunk: every layer writes its K/V and stages the
+        chunk's first frame; the chunk is closed when the pass ends."""
+        self._require_chunk_open("context_pass")
+        with self._pass_scope(PassKind.CONTEXT):
+            yield
+        self.chunk_index += 1
+        self.next_frame += self._chunk_frames
+        self._chunk_open = False
+
+    @contextmanager
+    def _pass_scope(self, kind: PassKind) -> Iterator[None]:
+        if self._pass is not None:
+            raise SessionStateError(f"a {self._pass.value} pass is already running")
+        self._pass = kind
+        self._pass_layers = set()
+        try:
+            yield
+        except BaseException:
+            if kind is not PassKind.DENOISE and self._pass_layers:
+                self._broken = (
+                    f"a {kind.value} pass failed after layers {sorted(self._pass_layers)} wrote "
+                    "to their caches"
+                )
+            raise
+        else:
+            missing = sorted(set(range(self.num_layers)) - self._pass_layers)
+            if kind is not PassKind.DENOISE and missing:
+                self._broken = f"a {kind.value} pass ended without layers {missing} attending"
+                raise SessionStateError(self._broken)
+        finally:
+            self._pass = None
+        self._chunk_passes += 1
+
+    # ------------------------------------------------------------------------------- attention
+    def attend(
+        self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+    ) -> torch.Tensor:
+        """Self-attention of one layer in the running pass, with the memory.
+
+        Args:
+            layer: the layer's index, ``0 .. num_layers - 1``.
+            query, key, value: ``[B, n * T_f, H, D]`` for the pass's ``n`` frames; query and key
+                after RoPE at their absolute frame positions.
+
+        Returns:
+            ``[B, n * T_f, H, D]`` attention output.
+        """
+        kind = self._pass
+        if kind is None:
+            raise SessionStateError(
+                "attend was called outside a pass: use denoise_pass, context_pass or switch_prompt"
+            )
+        if not 0 <= layer < self.num_layers:
+            raise IndexError(f"layer must be in [0, {self.num_layers}), got {layer}")
+        if layer in self._pass_layers:
+            raise SessionStateError(f"layer {layer} attended twice in one {kind.value} pass")
+        cache = self.layers[layer]
+        num_frames = cache.check_frames(key, value, "key")
+        if query.shape != key.shape:
+            raise ValueError(
+                f"query must have the key's shape {tuple(key.shape)}, got {tuple(query.shape)}"
+            )
+        check_attention_backend(self.config.attention_backend, query.device)
+        self._check_pass_frames(kind, num_frames)
+        self._pass_layers.add(layer)
+
+        if kind is PassKind.RECACHE:
+            window = self._recache
+            # An unprotected sink is re-encoded inside this pass, so it is not memory here.
+            output = self._attend_memory_and(
+                layer, kind, query, key, value, include_sink=window.protect_sink
+            )
+            cache.overwrite(key, value, window.start_frame, protect_sink=window.protect_sink)
+            return output
+
+        if cache.frames_written == 0:
+            output = attention(query, key, value, self.config.attention_backend)
+        elif self.config.sma:
+            window_keys, window_values = cache.window()
+            output = self._attend_memory_and(
+                layer,
+                kind,
+                query,
+                torch.cat([window_keys, key], dim=1),
+                torch.cat([window_values, value], dim=1),
+                include_sink=True,
+            )
+        else:
+            context_keys, context_values = cache.context()
+            output = attention(
+                query,
+                torch.cat([context_keys, key], dim=1),
+                torch.cat([context_values, value], dim=1),
+                self.config.attention_backend,
+            )
+        if kind is PassKind.CONTEXT:
+            cache.append(key, value, self.next_frame)
+            if self.config.bank_frames:
+                t = self.tokens_per_frame
+                cache.stage(key[:, :t], value[:, :t], self.next_frame)
+        return output
+
+    def _attend_memory_and(
+        self,
+        layer: int,
+        kind: PassKind,
+        query: torch.Tensor,
+        local_keys: torch.Tensor,
+        local_values: torch.Tensor,
+        include_sink: bool,
+    ) -> torch.Tensor:
+        """Attention over ``[memory ; local]``; memory is sink (if included) + bank, cut by SMA
+        when it is on. ``local_*``: ``[B, L, H, D]`` tokens that are always attended."""
+        cache = self.layers[layer]
+        backend = self.config.attention_backend
+        memory_keys, memory_values, memory_frames = cache.memory(include_sink=include_sink)
+        if memory_keys.shape[1] == 0 or not self.config.sma:
+            return attention(
+                query,
+                torch.cat([memory_keys, local_keys], dim=1),
+                torch.cat([memory_values, local_values], dim=1),
+                backend,
+            )
+        selected = select_memory_frames(
+            query, memory_keys, self.tokens_per_frame, self.config.sma_top_k
+        )
+        if self.record_trace:
+            activated = torch.gather(
+                memory_frames[:, None, :].expand(-1, selected.shape[1], -1), 2, selected
+            )
+            self._trace.record_activation(layer, kind.value, activated)
+        return sparse_memory_attention(
+            query,
+            memory_keys,
+            memory_values,
+            local_keys,
+            local_values,
+            selected,
+            self.tokens_per_frame,
+            backend,
+        )
+
+    # ---------------------------------------------------------------------------- introspection
+    def trace(self) -> list[ChunkMemory]:
+        """Per chunk: the bank's frames per layer and SMA's activated frames per layer and pass."""
+        return self._trace.chunks()
+
+    # ----------------------------------------------------------------------------- save/restore
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole state between two chunks, as a flat dict of tensors (safetensors-compatible).
+
+        Loading it into a session with the same config, layer count and ``tokens_per_frame``
+        continues the video bit-identically. The memory trace is not part of the state.
+        """
+        self._require_between_chunks("state_dict")
+        state = {
+            "session.config_json": _encode(self.config.to_json_string()),
+            "session.tokens_per_frame": torch.tensor(self.tokens_per_frame),
+            "session.num_layers": torch.tensor(self.num_layers),
+            "session.chunk_index": torch.tensor(self.chunk_index),
+            "session.next_frame": torch.tensor(self.next_frame),
+        }
+        for index, cache in enumerate(self.layers):
+            for name, tensor in cache.state_dict().items():
+                state[f"layers.{index}.{name}"] = tensor
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore a ``state_dict()``, replacing everything (an open chunk is abandoned).
+        Nothing changes unless the whole state is valid."""
+        if self._pass is not None:
+            raise SessionStateError(f"load_state_dict cannot run inside a {self._pass.value} pass")
+        required = [
+            "session.config_json",
+            "session.tokens_per_frame",
+            "session.num_layers",
+            "session.chunk_index",
+            "session.next_frame",
+        ]
+        missing = [name for name in required if name not in state]
+        if missing:
+            raise KeyError(f"session state is missing {missing}")
+        saved_config = MemFlowConfig.from_json_string(_decode(state["session.config_json"]))
+        if saved_config != self.config:
+            raise ValueError(
+                f"session state was saved with config {saved_config}, this session has "
+                f"{self.config}"
+            )
+        for name, expected in (
+            ("tokens_per_frame", self.tokens_per_frame),
+            ("num_layers", self.num_layers),
+        ):
+            saved = int(state[f"session.{name}"])
+            if saved != expected:
+                raise ValueError(f"session state has {name}={saved}, this session has {expected}")
+        staging = [LayerCache(self.config, self.tokens_per_frame) for _ in range(self.num_layers)]
+        for index, cache in enumerate(staging):
+            prefix = f"layers.{index}."
+            cache.load_state_dict(
+                {
+                    key[len(prefix) :]: value
+                    for key, value in state.items()
+                    if key.startswith(prefix)
+                }
+            )
+        self.reset()
+        self.layers = staging
+        self.chunk_index = int(state["session.chunk_index"])
+        self.next_frame = int(state["session.next_frame"])
+
+    # ------------------------------------------------------------------------------- validation
+    def _check_text_keys(self, text_keys: Sequence[torch.Tensor] | None) -> None:
+        if text_keys is None or len(text_keys) != self.num_layers:
+            got = "None" if text_keys is None else f"{len(text_keys)} tensors"
+            raise ValueError(
+                f"text_keys must hold one [B, L_text, H, D] tensor per layer ({self.num_layers}) "
+                f"when nam=True, got {got}"
+            )
+        for layer, (keys, cache) in enumerate(zip(text_keys, self.layers, strict=True)):
+            if not isinstance(keys, torch.Tensor) or keys.ndim != 4:
+                shape = tuple(keys.shape) if isinstance(keys, torch.Tensor) else type(keys).__name__
+                raise ValueError(f"text_keys[{layer}] must be [B, L_text, H, D], got {shape}")
+            geometry = cache.geometry
+            if geometry is not None and (keys.shape[0], keys.shape[2], keys.shape[3]) != (
+                geometry.batch_size,
+                geometry.num_heads,
+                geometry.head_dim,
+            ):
+                raise ValueError(
+                    f"text_keys[{layer}] has shape {tuple(keys.shape)}, expected [B="
+                    f"{geometry.batch_size}, L_text, H={geometry.num_heads}, D={geometry.head_dim}]"
+                )
+
+    def _check_pass_frames(self, kind: PassKind, num_frames: int) -> None:
+        if kind is PassKind.RECACHE:
+            expected = self._recache.num_frames
+            if num_frames != expected:
+                raise ValueError(
+                    f"the recache pass must cover {expected} frames "
+                    f"({self._recache.start_frame}..{self._recache.stop_frame - 1}), "
+                    f"got {num_frames}"
+                )
+            return
+        if not 1 <= num_frames <= self.config.frames_per_chunk:
+            raise ValueError(
+                f"a chunk pass must hold 1..frames_per_chunk={self.config.frames_per_chunk} "
+                f"frames, got {num_frames}"
+            )
+        if self._chunk_frames is None:
+            self._chunk_frames = num_frames
+        elif num_frames != self._chunk_frames:
+            raise ValueError(
+                f"every pass of a chunk must hold the same frames: this chunk has "
+                f"{self._chunk_frames}, got {num_frames}"
+            )
+
+    def _require_usable(self) -> None:
+        if self._broken is not None:
+            raise SessionStateError(
+                f"the session state is incomplete ({self._broken}); call reset() or "
+                "load_state_dict() before going on"
+            )
+
+    def _require_chunk_open(self, what: str) -> None:
+        self._require_usable()
+        if not self._chunk_open:
+            raise SessionStateError(f"{what} needs an open chunk: call begin_chunk first")
+
+    def _require_between_chunks(self, what: str) -> None:
+        self._require_usable()
+        if self._chunk_open:
+            raise SessionStateError(
+                f"{what} is only available between chunks (chunk {self.chunk_index} is open)"
+            )
+
+
+def _encode(text: str) -> torch.Tensor:
+    return torch.tensor(list(text.encode("utf-8")), dtype=torch.uint8)
+
+
+def _decode(tensor: torch.Tensor) -> str:
+    return bytes(tensor.tolist()).decode("utf-8")

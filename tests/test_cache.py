@@ -1,0 +1,160 @@
+"""LayerCache: the sink, the local window and its eviction, the staging slot, views."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from streaming_helpers import HEADS, TOKENS, frame_coded, frames_of
+
+from memflow_adapter import MemFlowConfig
+from memflow_adapter.cache import LayerCache
+
+
+def commit_chunks(cache: LayerCache, chunk_sizes: list[int]) -> None:
+    for size in chunk_sizes:
+        tokens = frame_coded(cache.frames_written, size)
+        cache.append(tokens, tokens, cache.frames_written)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    sink=st.integers(0, 4),
+    chunk=st.integers(1, 4),
+    extra_local=st.integers(0, 6),
+    num_chunks=st.integers(1, 12),
+)
+def test_eviction_keeps_the_sink_and_the_newest_local_frames(sink, chunk, extra_local, num_chunks):
+    config = MemFlowConfig.longlive(
+        sink_frames=sink, frames_per_chunk=chunk, local_frames=chunk + extra_local
+    )
+    cache = LayerCache(config, TOKENS)
+    commit_chunks(cache, [chunk] * num_chunks)
+
+    written = chunk * num_chunks
+    sink_frames = list(range(min(sink, written)))
+    past_frames = list(range(len(sink_frames), written))
+    window_frames = past_frames[len(past_frames) - min(extra_local, len(past_frames)) :]
+    keys, values = cache.context()
+    assert frames_of(keys) == sink_frames + window_frames
+    assert frames_of(values) == sink_frames + window_frames
+    assert list(cache.window_frames) == window_frames
+
+
+def test_unbounded_window_grows_and_keeps_every_frame():
+    cache = LayerCache(MemFlowConfig.full_history(), TOKENS)
+    commit_chunks(cache, [3] * 7)
+    keys, _ = cache.context()
+    assert frames_of(keys) == list(range(21))
+    assert cache.window_capacity >= 21
+
+
+def test_a_full_context_is_a_view_of_the_buffer_not_a_copy():
+    cache = LayerCache(MemFlowConfig.reference(), TOKENS)
+    commit_chunks(cache, [3] * 4)
+    for slot in range(3):
+        cache.stage(frame_coded(100 + slot, 1), frame_coded(100 + slot, 1), 100 + slot)
+        cache.commit_staged_to_slot(slot)
+    keys, _ = cache.context()
+    assert keys.data_ptr() == cache.keys.data_ptr()
+    assert frames_of(keys) == [0, 1, 2, 100, 101, 102, 6, 7, 8, 9, 10, 11]
+
+
+def test_a_partly_filled_context_skips_empty_slots():
+    cache = LayerCache(MemFlowConfig.reference(), TOKENS)
+    commit_chunks(cache, [3, 3])
+    cache.stage(frame_coded(3, 1), frame_coded(3, 1), 3)
+    cache.commit_staged_to_slot(0)
+    keys, _ = cache.context()
+    assert frames_of(keys) == [0, 1, 2, 3, 3, 4, 5]
+    memory_keys, _, memory_frames = cache.memory()
+    assert frames_of(memory_keys) == [0, 1, 2, 3]
+    assert memory_frames.tolist() == [[0, 1, 2, 3]] * 2
+    assert cache.memory(include_sink=False)[2].tolist() == [[3]] * 2
+
+
+def test_staging_replaces_the_previous_candidate_and_commit_clears_it():
+    cache = LayerCache(MemFlowConfig.reference(), TOKENS)
+    cache.stage(frame_coded(0, 1), frame_coded(0, 1), 0)
+    cache.stage(frame_coded(3, 1), frame_coded(3, 1), 3)
+    assert cache.staged_frame == 3 and frames_of(cache.staged_keys) == [3]
+    cache.commit_staged_to_slot(1)
+    assert cache.staged_frame == -1
+    assert cache.bank_frame_index.tolist() == [[-1, 3, -1]] * 2
+    with pytest.raises(RuntimeError, match="no staged frame"):
+        cache.commit_staged_to_slot(0)
+
+
+def test_overwrite_with_a_protected_sink_rewrites_only_the_window():
+    cache = LayerCache(MemFlowConfig.longlive(), TOKENS)
+    commit_chunks(cache, [3] * 6)  # frames 0..17; window holds 12..17
+    new = frame_coded(1000, 12)  # a recache pass over frames 6..17
+    cache.overwrite(new, new, start_frame=6, protect_sink=True)
+    keys, _ = cache.context()
+    assert frames_of(keys) == [0, 1, 2] + list(range(1006, 1012))
+
+
+def test_overwrite_of_a_short_video_re_encodes_the_sink_too():
+    cache = LayerCache(MemFlowConfig.longlive(), TOKENS)
+    commit_chunks(cache, [3, 3])  # frames 0..5; sink 0..2, window 3..5
+    new = frame_coded(500, 6)
+    cache.overwrite(new, new, start_frame=0, protect_sink=False)
+    keys, _ = cache.context()
+    assert frames_of(keys) == [500, 501, 502, 503, 504, 505]
+
+
+def test_overwrite_must_end_at_the_newest_frame():
+    cache = LayerCache(MemFlowConfig.longlive(), TOKENS)
+    commit_chunks(cache, [3, 3])
+    tokens = frame_coded(0, 3)
+    with pytest.raises(ValueError, match=r"must cover frames \[start_frame, 6\)"):
+        cache.overwrite(tokens, tokens, start_frame=0, protect_sink=False)
+
+
+def test_chunks_must_arrive_in_order():
+    cache = LayerCache(MemFlowConfig.longlive(), TOKENS)
+    tokens = frame_coded(3, 3)
+    with pytest.raises(ValueError, match="start_frame must be 0"):
+        cache.append(tokens, tokens, 3)
+
+
+@pytest.mark.parametrize(
+    ("tokens", "message"),
+    [
+        (torch.zeros(2, 12, HEADS), r"keys must be \[batch, frames \* tokens_per_frame"),
+        (torch.zeros(2, 10, HEADS, 8), "not a whole number of frames"),
+    ],
+)
+def test_bad_shapes_are_rejected(tokens, message):
+    cache = LayerCache(MemFlowConfig.longlive(), TOKENS)
+    with pytest.raises(ValueError, match=message):
+        cache.append(tokens, tokens, 0)
+
+
+def test_a_write_with_another_geometry_is_rejected_and_changes_nothing():
+    cache = LayerCache(MemFlowConfig.longlive(), TOKENS)
+    commit_chunks(cache, [3])
+    before = cache.keys.clone()
+    other = torch.zeros(2, 3 * TOKENS, HEADS + 1, 8)
+    with pytest.raises(ValueError, match="do not match this cache"):
+        cache.append(other, other, 3)
+    assert torch.equal(cache.keys, before) and cache.frames_written == 3
+
+
+def test_values_must_match_keys():
+    cache = LayerCache(MemFlowConfig.longlive(), TOKENS)
+    with pytest.raises(ValueError, match="values must have the keys' shape"):
+        cache.append(frame_coded(0, 3), frame_coded(0, 2), 0)
+
+
+def test_tokens_per_frame_is_validated():
+    with pytest.raises(ValueError, match="tokens_per_frame must be >= 1, got 0"):
+        LayerCache(MemFlowConfig.reference(), 0)
+
+
+def test_reset_frees_every_tensor():
+    cache = LayerCache(MemFlowConfig.reference(), TOKENS)
+    commit_chunks(cache, [3, 3])
+    cache.stage(frame_coded(3, 1), frame_coded(3, 1), 3)
+    cache.reset()
+    assert cache.keys is None and cache.values is None and cache.staged_keys is None
+    assert cache.frames_written == 0 and cache.bank_filled == 0 and cache.staged_frame == -1
