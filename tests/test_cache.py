@@ -4,10 +4,11 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from streaming_helpers import HEADS, TOKENS, frame_coded, frames_of
 
 from memflow_adapter import MemFlowConfig
 from memflow_adapter.cache import LayerCache
+
+from streaming_helpers import HEADS, TOKENS, frame_coded, frames_of
 
 
 def commit_chunks(cache: LayerCache, chunk_sizes: list[int]) -> None:

@@ -6,11 +6,12 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from streaming_helpers import BATCH, DIM, HEADS, TOKENS, coded_qkv, frame_coded, run_chunk
 
 from memflow_adapter import MemFlowConfig, StreamingSession
 from memflow_adapter.cache import LayerCache
 from memflow_adapter.memory import bank_slot_for_commit, nam_scores, update_bank
+
+from streaming_helpers import BATCH, DIM, HEADS, TOKENS, coded_qkv, frame_coded, run_chunk
 
 TEXT_KEYS = [torch.ones(BATCH, 5, HEADS, DIM)]
 

@@ -4,6 +4,10 @@ save/restore, and the errors for misuse."""
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+
+from memflow_adapter import MemFlowConfig, SessionStateError, StreamingSession
+from memflow_adapter.attention import attention
+
 from streaming_helpers import (
     BATCH,
     DIM,
@@ -15,9 +19,6 @@ from streaming_helpers import (
     random_tokens,
     run_chunk,
 )
-
-from memflow_adapter import MemFlowConfig, SessionStateError, StreamingSession
-from memflow_adapter.attention import attention
 
 LAYERS = 2
 
