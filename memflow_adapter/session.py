@@ -23,7 +23,7 @@ from enum import Enum
 
 import torch
 
-from .attention import attention, check_attention_backend
+from .attention import attention
 from .cache import LayerCache
 from .config import MemFlowConfig
 from .introspection import ChunkMemory, MemoryTrace
@@ -199,6 +199,31 @@ class StreamingSession:
             self._pass = None
         self._chunk_passes += 1
 
+    @property
+    def cache_bytes(self) -> int:
+        """Bytes held by every layer's cache tensors (bounded unless the window is unbounded)."""
+        tensors = [
+            tensor
+            for cache in self.layers
+            for tensor in (cache.keys, cache.values, cache.staged_keys, cache.staged_values)
+            if tensor is not None
+        ]
+        return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
+
+    @property
+    def current_pass(self) -> PassKind | None:
+        """The pass running now, if any."""
+        return self._pass
+
+    @property
+    def pass_start_frame(self) -> int:
+        """Absolute latent frame of the running pass's first frame (the RoPE offset)."""
+        if self._pass is None:
+            raise SessionStateError("no pass is running, so there is no frame offset")
+        if self._pass is PassKind.RECACHE:
+            return self._recache.start_frame
+        return self.next_frame
+
     # ------------------------------------------------------------------------------- attention
     def attend(
         self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
@@ -228,7 +253,6 @@ class StreamingSession:
             raise ValueError(
                 f"query must have the key's shape {tuple(key.shape)}, got {tuple(query.shape)}"
             )
-        check_attention_backend(self.config.attention_backend, query.device)
         self._check_pass_frames(kind, num_frames)
         self._pass_layers.add(layer)
 

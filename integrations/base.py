@@ -1,0 +1,75 @@
+"""The Integration protocol: what a model family declares so the core can stream it (DESIGN s.5).
+
+An integration never holds generation state; it only says where the attention modules are, how the
+model computes its self-attention queries/keys/values and its RoPE, how many tokens a latent frame
+has, and how the prompt's cross-attention keys are computed.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+#: ``attend(layer, query, key, value) -> output``, all ``[B, n * T_f, H, D]``: the session's
+#: memory-aware attention for one layer.
+AttendFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class Integration(ABC):
+    """One model family, bound to one model instance.
+
+    Args:
+        model: the transformer to stream (already checked with ``supports``).
+    """
+
+    #: Short family name used in configs, adapters and error messages.
+    name: ClassVar[str]
+    #: The model classes this integration handles, for error messages.
+    model_classes: ClassVar[tuple[str, ...]]
+    #: The diffusers pipeline class whose components (text encoder, VAE) go with this family.
+    pipeline_class: ClassVar[type]
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    @classmethod
+    @abstractmethod
+    def supports(cls, model: nn.Module) -> bool:
+        """Whether ``model`` belongs to this family."""
+
+    @abstractmethod
+    def self_attention_modules(self) -> list[nn.Module]:
+        """The self-attention modules, one per layer in forward order; each must accept
+        ``set_processor`` (diffusers' ``AttentionModuleMixin``)."""
+
+    @abstractmethod
+    def self_attention_processor(self, layer: int, attend: AttendFn) -> Any:
+        """An attention processor for ``layer`` computing q/k/v the model's way (projections,
+        norms, RoPE), delegating the attention itself to ``attend``, then projecting out."""
+
+    @abstractmethod
+    def rope_module(self) -> nn.Module:
+        """The module that computes the rotary embedding for a whole forward."""
+
+    @abstractmethod
+    def rope_forward(self, rope: nn.Module, frame_offset: int, *args: Any, **kwargs: Any) -> Any:
+        """``rope``'s output for its usual inputs, with temporal positions starting at latent
+        frame ``frame_offset`` instead of 0."""
+
+    @abstractmethod
+    def tokens_per_frame(self, latent_height: int, latent_width: int) -> int:
+        """``T_f``: tokens of one latent frame of the given latent size."""
+
+    @abstractmethod
+    def decode_latents(self, vae: nn.Module, latents: torch.Tensor) -> torch.Tensor:
+        """Decode generated latents ``[B, C, F, h, w]`` to a video ``[B, 3, frames, H, W]`` in
+        ``[-1, 1]``, undoing the family's latent normalisation."""
+
+    @abstractmethod
+    def text_keys(self, prompt_embeds: torch.Tensor) -> list[torch.Tensor]:
+        """Per layer, the keys its cross-attention computes for ``prompt_embeds`` (the text
+        encoder's output, padding included): ``[B, L_text, H, D]`` each."""

@@ -1,0 +1,165 @@
+"""diffusers ``WanTransformer3DModel`` (Wan2.1 / Wan2.2 T2V, and the Self-Forcing, LongLive and
+MemFlow checkpoints built on it) made causal and streaming.
+
+Everything below mirrors diffusers' ``WanAttnProcessor`` and ``WanRotaryPosEmbed``; the only
+differences are that self-attention is delegated to the session and that RoPE's temporal
+positions start at the chunk's absolute latent frame.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers import WanPipeline
+from diffusers.models.transformers.transformer_wan import WanAttention, WanTransformer3DModel
+from torch import nn
+
+from .base import AttendFn, Integration
+
+
+def apply_wan_rotary(
+    hidden_states: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor
+) -> torch.Tensor:
+    """Wan's interleaved rotary embedding. ``hidden_states``: ``[B, N, H, D]``; freqs
+    ``[1, N, 1, D]``."""
+    x1, x2 = hidden_states.unflatten(-1, (-1, 2)).unbind(-1)
+    cos = freqs_cos[..., 0::2]
+    sin = freqs_sin[..., 1::2]
+    out = torch.empty_like(hidden_states)
+    out[..., 0::2] = x1 * cos - x2 * sin
+    out[..., 1::2] = x1 * sin + x2 * cos
+    return out.type_as(hidden_states)
+
+
+class WanStreamingSelfAttnProcessor:
+    """Self-attention of one Wan block, with the attention itself done by the session."""
+
+    def __init__(self, layer: int, attend: AttendFn) -> None:
+        self.layer = layer
+        self.attend = attend
+
+    def __call__(
+        self,
+        attn: WanAttention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        if encoder_hidden_states is not None or attention_mask is not None:
+            raise ValueError(
+                "a streaming Wan self-attention takes neither encoder_hidden_states nor "
+                "attention_mask: the session decides what each frame attends to"
+            )
+        if rotary_emb is None:
+            raise ValueError("a streaming Wan self-attention needs rotary_emb (post-RoPE keys)")
+        if attn.fused_projections:
+            query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+        else:
+            query, key, value = (
+                attn.to_q(hidden_states),
+                attn.to_k(hidden_states),
+                attn.to_v(hidden_states),
+            )
+        query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
+        key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
+        value = value.unflatten(2, (attn.heads, -1))
+        query = apply_wan_rotary(query, *rotary_emb)
+        key = apply_wan_rotary(key, *rotary_emb)
+
+        hidden_states = self.attend(self.layer, query, key, value)
+        hidden_states = hidden_states.flatten(2, 3).type_as(query)
+        hidden_states = attn.to_out[0](hidden_states)
+        return attn.to_out[1](hidden_states)
+
+
+class WanIntegration(Integration):
+    """diffusers ``WanTransformer3DModel``: ``blocks[i].attn1`` is self-attention, ``attn2``
+    cross-attention, ``rope`` the 3-D rotary embedding (temporal, height, width)."""
+
+    name = "wan"
+    model_classes = ("WanTransformer3DModel",)
+    pipeline_class = WanPipeline
+
+    @classmethod
+    def supports(cls, model: nn.Module) -> bool:
+        return isinstance(model, WanTransformer3DModel)
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        patch_t = model.config.patch_size[0]
+        if patch_t != 1:
+            raise ValueError(
+                f"streaming needs a temporal patch size of 1 (one token frame per latent frame), "
+                f"this WanTransformer3DModel has patch_size[0]={patch_t}"
+            )
+
+    def self_attention_modules(self) -> list[nn.Module]:
+        return [block.attn1 for block in self.model.blocks]
+
+    def self_attention_processor(self, layer: int, attend: AttendFn) -> Any:
+        return WanStreamingSelfAttnProcessor(layer, attend)
+
+    def rope_module(self) -> nn.Module:
+        return self.model.rope
+
+    def rope_forward(
+        self, rope: nn.Module, frame_offset: int, hidden_states: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``rope(hidden_states)`` for frames ``frame_offset ..``: cos and sin ``[1, N, 1, D]``."""
+        _, _, num_frames, height, width = hidden_states.shape
+        _, p_h, p_w = rope.patch_size
+        pph, ppw = height // p_h, width // p_w
+        stop = frame_offset + num_frames
+        if stop > rope.max_seq_len:
+            raise ValueError(
+                f"latent frame {stop - 1} is beyond the model's RoPE table "
+                f"(rope_max_seq_len={rope.max_seq_len}); generate fewer frames or load the model "
+                "with a larger rope_max_seq_len"
+            )
+        split_sizes = [rope.t_dim, rope.h_dim, rope.w_dim]
+        tables = []
+        for table in (rope.freqs_cos, rope.freqs_sin):
+            frames, rows, cols = table.split(split_sizes, dim=1)
+            shape = (num_frames, pph, ppw, -1)
+            tables.append(
+                torch.cat(
+                    [
+                        frames[frame_offset:stop].view(num_frames, 1, 1, -1).expand(shape),
+                        rows[:pph].view(1, pph, 1, -1).expand(shape),
+                        cols[:ppw].view(1, 1, ppw, -1).expand(shape),
+                    ],
+                    dim=-1,
+                ).reshape(1, num_frames * pph * ppw, 1, -1)
+            )
+        return tables[0], tables[1]
+
+    def tokens_per_frame(self, latent_height: int, latent_width: int) -> int:
+        _, p_h, p_w = self.model.config.patch_size
+        if latent_height % p_h or latent_width % p_w:
+            raise ValueError(
+                f"latent size {latent_height}x{latent_width} is not divisible by the patch size "
+                f"{p_h}x{p_w}"
+            )
+        return (latent_height // p_h) * (latent_width // p_w)
+
+    def decode_latents(self, vae: nn.Module, latents: torch.Tensor) -> torch.Tensor:
+        """As ``WanPipeline`` does: undo the per-channel latent normalisation, then decode."""
+        channels = (1, vae.config.z_dim, 1, 1, 1)
+        latents = latents.to(vae.dtype)
+        mean = torch.tensor(vae.config.latents_mean).view(channels).to(latents)
+        inverse_std = 1.0 / torch.tensor(vae.config.latents_std).view(channels).to(latents)
+        return vae.decode(latents / inverse_std + mean, return_dict=False)[0]
+
+    def text_keys(self, prompt_embeds: torch.Tensor) -> list[torch.Tensor]:
+        context = self.model.condition_embedder.text_embedder(prompt_embeds)
+        keys = []
+        for block in self.model.blocks:
+            attn = block.attn2
+            if attn.fused_projections:
+                key = attn.to_kv(context).chunk(2, dim=-1)[0]
+            else:
+                key = attn.to_k(context)
+            keys.append(attn.norm_k(key).unflatten(2, (attn.heads, -1)))
+        return keys

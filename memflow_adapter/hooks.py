@@ -1,0 +1,188 @@
+"""Attaching MemFlow to a transformer and removing it, through diffusers' attention processors
+and ``diffusers.hooks.HookRegistry`` (no class is ever patched).
+
+``apply_memflow`` swaps every self-attention module's processor for the integration's streaming
+processor, puts a hook on the RoPE module that offsets temporal positions to the running pass's
+absolute frames, and a guard hook on the transformer that refuses calls outside a session pass.
+The attachment holds no generation state: it forwards to whichever ``StreamingSession`` is bound.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+from torch import nn
+
+from .config import MemFlowConfig
+from .integrations import Integration, find_integration
+from .session import SessionStateError, StreamingSession
+
+GUARD_HOOK = "memflow_guard"
+ROPE_HOOK = "memflow_rope_offset"
+
+
+class MemFlowAttachment:
+    """MemFlow attached to one transformer: its integration, its config, the bound session."""
+
+    def __init__(self, model: nn.Module, integration: Integration, config: MemFlowConfig) -> None:
+        self.model = model
+        self.integration = integration
+        self.config = config
+        self.num_layers = len(integration.self_attention_modules())
+        self._session: StreamingSession | None = None
+        self._original_processors: list[Any] = []
+
+    @property
+    def session(self) -> StreamingSession | None:
+        return self._session
+
+    @session.setter
+    def session(self, session: StreamingSession | None) -> None:
+        if session is not None:
+            if session.config != self.config:
+                raise ValueError(
+                    f"the session's config {session.config} differs from the config MemFlow was "
+                    f"attached with {self.config}"
+                )
+            if session.num_layers != self.num_layers:
+                raise ValueError(
+                    f"the session has {session.num_layers} layers, the model has {self.num_layers}"
+                )
+        self._session = session
+
+    @contextmanager
+    def bind(self, session: StreamingSession) -> Iterator[StreamingSession]:
+        """Route the model's attention to ``session`` inside the block."""
+        previous = self._session
+        self.session = session
+        try:
+            yield session
+        finally:
+            self._session = previous
+
+    def create_session(
+        self, latent_height: int, latent_width: int, record_trace: bool = True
+    ) -> StreamingSession:
+        """A fresh session for videos of the given latent size."""
+        return StreamingSession(
+            self.config,
+            num_layers=self.num_layers,
+            tokens_per_frame=self.integration.tokens_per_frame(latent_height, latent_width),
+            record_trace=record_trace,
+        )
+
+    def text_keys(self, prompt_embeds: torch.Tensor) -> list[torch.Tensor]:
+        """Per layer, the cross-attention keys of a prompt (``[B, L_text, H, D]``), for NAM."""
+        return self.integration.text_keys(prompt_embeds)
+
+    def attend(
+        self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+    ) -> torch.Tensor:
+        return self.require_session().attend(layer, query, key, value)
+
+    def require_session(self) -> StreamingSession:
+        if self._session is None:
+            raise SessionStateError(
+                "MemFlow is attached but no session is bound: use `with attachment.bind(session):`"
+            )
+        return self._session
+
+
+class _PassGuardHook(ModelHook):
+    """Refuses transformer calls outside a session pass, which would otherwise stream nothing."""
+
+    def __init__(self, attachment: MemFlowAttachment) -> None:
+        super().__init__()
+        self.attachment = attachment
+
+    def pre_forward(self, module: nn.Module, *args: Any, **kwargs: Any):
+        if self.attachment.require_session().current_pass is None:
+            raise SessionStateError(
+                "this transformer streams with MemFlow: call it inside session.denoise_pass(), "
+                "session.context_pass() or session.switch_prompt(), or remove_memflow() it first"
+            )
+        return args, kwargs
+
+
+class _RopeOffsetHook(ModelHook):
+    """Makes RoPE give the running pass's absolute latent-frame positions."""
+
+    def __init__(self, attachment: MemFlowAttachment) -> None:
+        super().__init__()
+        self.attachment = attachment
+
+    def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        offset = self.attachment.require_session().pass_start_frame
+        return self.attachment.integration.rope_forward(module, offset, *args, **kwargs)
+
+
+def get_memflow(model: nn.Module) -> MemFlowAttachment | None:
+    """The attachment ``apply_memflow`` put on ``model``, if any."""
+    registry = getattr(model, "_diffusers_hook", None)
+    hook = registry.get_hook(GUARD_HOOK) if registry is not None else None
+    return hook.attachment if hook is not None else None
+
+
+def apply_memflow(
+    model: nn.Module, config: MemFlowConfig, session: StreamingSession | None = None
+) -> MemFlowAttachment:
+    """Make ``model`` stream with MemFlow memory.
+
+    Args:
+        model: a transformer of a supported family (see
+            ``memflow_adapter.integrations.supported_model_classes()``).
+        config: the memory layout every session of this model uses.
+        session: optionally bound right away (else use ``attachment.bind(session)``).
+
+    Returns:
+        The attachment: creates sessions, binds them, computes NAM's text keys.
+
+    Raises:
+        TypeError: the model's family is not supported (nothing is changed).
+        ValueError: MemFlow is already attached.
+    """
+    if not isinstance(config, MemFlowConfig):
+        raise TypeError(f"config must be a MemFlowConfig, got {type(config).__name__}")
+    if get_memflow(model) is not None:
+        raise ValueError("MemFlow is already attached to this model; remove_memflow() it first")
+    integration = find_integration(model)
+    attachment = MemFlowAttachment(model, integration, config)
+    attachment.session = session
+    modules = integration.self_attention_modules()
+    rope_registry = HookRegistry.check_if_exists_or_initialize(integration.rope_module())
+    model_registry = HookRegistry.check_if_exists_or_initialize(model)
+    try:
+        for layer, module in enumerate(modules):
+            attachment._original_processors.append(module.processor)
+            module.set_processor(integration.self_attention_processor(layer, attachment.attend))
+        rope_registry.register_hook(_RopeOffsetHook(attachment), ROPE_HOOK)
+        model_registry.register_hook(_PassGuardHook(attachment), GUARD_HOOK)
+    except BaseException:
+        _detach(attachment)
+        raise
+    return attachment
+
+
+def remove_memflow(model: nn.Module) -> None:
+    """Undo ``apply_memflow``: the model computes exactly what it computed before."""
+    attachment = get_memflow(model)
+    if attachment is None:
+        raise ValueError("MemFlow is not attached to this model")
+    _detach(attachment)
+
+
+def _detach(attachment: MemFlowAttachment) -> None:
+    modules = attachment.integration.self_attention_modules()
+    for module, processor in zip(modules, attachment._original_processors, strict=False):
+        module.set_processor(processor)
+    attachment._original_processors.clear()
+    HookRegistry.check_if_exists_or_initialize(attachment.integration.rope_module()).remove_hook(
+        ROPE_HOOK, recurse=False
+    )
+    HookRegistry.check_if_exists_or_initialize(attachment.model).remove_hook(
+        GUARD_HOOK, recurse=False
+    )

@@ -1,0 +1,249 @@
+"""Wan integration: streaming chunk by chunk on diffusers' WanTransformer3DModel."""
+
+import pytest
+import torch
+from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+from memflow_adapter import MemFlowConfig, SessionStateError
+from memflow_adapter.hooks import apply_memflow, get_memflow, remove_memflow
+from memflow_adapter.integrations import WanIntegration
+from memflow_adapter.integrations.wan import apply_wan_rotary
+
+from tiny_models import tiny_wan
+
+CHUNK = 3
+LATENT_H = LATENT_W = 4  # 2x2 patches: 4 tokens per latent frame
+TOKENS = 4
+
+
+class MaskedWanProcessor(WanAttnProcessor):
+    """diffusers' own Wan processor under a fixed token mask; records post-RoPE keys."""
+
+    def __init__(self, mask: torch.Tensor | None, keys_log: list):
+        super().__init__()
+        self.mask = mask
+        self.keys_log = keys_log
+
+    def __call__(
+        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None
+    ):
+        key = attn.norm_k(attn.to_k(hidden_states)).unflatten(2, (attn.heads, -1))
+        self.keys_log.append(apply_wan_rotary(key, *rotary_emb))
+        return super().__call__(attn, hidden_states, None, self.mask, rotary_emb)
+
+
+def reference_forward(model, latents, timestep, prompt_embeds, mask=None):
+    """The model's own forward (diffusers processors) under ``mask``; returns the output and the
+    post-RoPE keys of every layer ``[B, N, H, D]``."""
+    originals = [block.attn1.processor for block in model.blocks]
+    keys = [[] for _ in model.blocks]
+    for block, log in zip(model.blocks, keys, strict=True):
+        block.attn1.set_processor(MaskedWanProcessor(mask, log))
+    try:
+        output = model(latents, timestep, prompt_embeds, return_dict=False)[0]
+    finally:
+        for block, processor in zip(model.blocks, originals, strict=True):
+            block.attn1.set_processor(processor)
+    return output, [log[0] for log in keys]
+
+
+def block_causal_mask(num_frames: int) -> torch.Tensor:
+    chunk_of = torch.arange(num_frames).repeat_interleave(TOKENS) // CHUNK
+    return chunk_of[None, :] <= chunk_of[:, None]
+
+
+@pytest.fixture
+def model():
+    return tiny_wan()
+
+
+@pytest.fixture
+def inputs(generator):
+    latents = torch.randn(1, 16, 4 * CHUNK, LATENT_H, LATENT_W, generator=generator)
+    prompt = torch.randn(1, 8, 16, generator=generator)
+    other_prompt = torch.randn(1, 8, 16, generator=generator)
+    return latents, prompt, other_prompt
+
+
+def stream_context_passes(attachment, session, latents, timestep, prompt, chunks, denoise=0):
+    outputs = []
+    text_keys = attachment.text_keys(prompt)
+    for chunk in range(chunks):
+        frames = latents[:, :, chunk * CHUNK : (chunk + 1) * CHUNK]
+        session.begin_chunk(text_keys)
+        for _ in range(denoise):
+            with session.denoise_pass():
+                attachment.model(frames, timestep, prompt)
+        with session.context_pass():
+            outputs.append(attachment.model(frames, timestep, prompt, return_dict=False)[0])
+    return torch.cat(outputs, dim=2)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("denoise_passes", [0, 1])
+def test_full_history_streaming_equals_the_block_causal_full_forward(model, inputs, denoise_passes):
+    latents, prompt, _ = inputs
+    timestep = torch.tensor([700.0])
+    expected, _ = reference_forward(model, latents, timestep, prompt, block_causal_mask(12))
+
+    attachment = apply_memflow(model, MemFlowConfig.full_history())
+    session = attachment.create_session(LATENT_H, LATENT_W)
+    with attachment.bind(session):
+        streamed = stream_context_passes(
+            attachment, session, latents, timestep, prompt, chunks=4, denoise=denoise_passes
+        )
+    torch.testing.assert_close(streamed, expected, rtol=1e-4, atol=1e-4)
+
+
+@torch.no_grad()
+def test_remove_memflow_restores_the_model_bit_for_bit(model, inputs):
+    latents, prompt, _ = inputs
+    timestep = torch.tensor([500.0])
+    before = model(latents, timestep, prompt, return_dict=False)[0]
+    processors = [block.attn1.processor for block in model.blocks]
+    attachment = apply_memflow(model, MemFlowConfig.reference())
+    with attachment.bind(attachment.create_session(LATENT_H, LATENT_W)) as session:
+        session.begin_chunk(attachment.text_keys(prompt))
+        with session.context_pass():
+            model(latents[:, :, :CHUNK], timestep, prompt)
+    remove_memflow(model)
+    after = model(latents, timestep, prompt, return_dict=False)[0]
+    assert torch.equal(before, after)
+    assert [block.attn1.processor for block in model.blocks] == processors
+    assert get_memflow(model) is None
+
+
+@torch.no_grad()
+@pytest.mark.parametrize(
+    "config", [MemFlowConfig.longlive(), MemFlowConfig.reference()], ids=["longlive", "reference"]
+)
+def test_cached_frames_are_the_ones_design_predicts_frame_by_frame(model, generator, config):
+    chunks = 8
+    latents = torch.randn(1, 16, chunks * CHUNK, LATENT_H, LATENT_W, generator=generator)
+    prompt = torch.randn(1, 8, 16, generator=generator)
+    timestep = torch.tensor([0.0])
+    # layer 0's keys do not depend on attention, so the full forward gives them per frame
+    _, reference_keys = reference_forward(model, latents, timestep, prompt)
+    frame_keys = reference_keys[0].unflatten(1, (-1, TOKENS))  # [B, F, T, H, D]
+
+    runs = []
+    for _ in range(2):
+        attachment = apply_memflow(model, config)
+        session = attachment.create_session(LATENT_H, LATENT_W)
+        with attachment.bind(session):
+            runs.append(
+                stream_context_passes(
+                    attachment, session, latents, timestep, prompt, chunks, denoise=1
+                )
+            )
+        remove_memflow(model)
+        cache = session.layers[0]
+        assert list(cache.window_frames) == list(range(18, 24))
+        sink = cache.memory()[0][:, : 3 * TOKENS]  # memory = sink frames, then the bank
+        torch.testing.assert_close(sink.unflatten(1, (-1, TOKENS)), frame_keys[:, 0:3])
+        window, _ = cache.window()
+        torch.testing.assert_close(window.unflatten(1, (-1, TOKENS)), frame_keys[:, 18:24])
+        if config.bank_frames:
+            bank_frames = cache.bank_frame_index[0].tolist()
+            assert bank_frames == [6, 15, 18]  # chunks 2, 5 fill slots 0, 1; chunk 6 slot 2
+            torch.testing.assert_close(cache.bank_by_frame(), frame_keys[:, bank_frames])
+            assert cache.staged_frame == 21
+    assert torch.equal(runs[0], runs[1])
+
+
+@torch.no_grad()
+def test_recache_rewrites_the_window_under_the_new_prompt(model, inputs):
+    latents, prompt, other_prompt = inputs
+    clean = latents[:, :, : 2 * CHUNK]
+    zero = torch.tensor([0.0])
+    attachment = apply_memflow(model, MemFlowConfig.longlive())
+    session = attachment.create_session(LATENT_H, LATENT_W)
+    with attachment.bind(session):
+        stream_context_passes(attachment, session, clean, zero, prompt, chunks=2)
+        session.begin_chunk(attachment.text_keys(other_prompt))
+        with session.switch_prompt() as window:
+            model(clean[:, :, window.start_frame : window.stop_frame], zero, other_prompt)
+    remove_memflow(model)
+    # the video fits in the cache: the recache is a bidirectional pass over all 6 frames
+    _, direct_keys = reference_forward(model, clean, zero, other_prompt)
+    for layer, cache in enumerate(session.layers):
+        keys, _ = cache.context()
+        torch.testing.assert_close(keys, direct_keys[layer], rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_recache_of_a_long_video_keeps_the_sink_and_the_bank(model, generator):
+    chunks = 6
+    latents = torch.randn(1, 16, chunks * CHUNK, LATENT_H, LATENT_W, generator=generator)
+    prompt, other_prompt = (torch.randn(1, 8, 16, generator=generator) for _ in range(2))
+    zero = torch.tensor([0.0])
+    attachment = apply_memflow(model, MemFlowConfig.reference())
+    session = attachment.create_session(LATENT_H, LATENT_W)
+    with attachment.bind(session):
+        stream_context_passes(attachment, session, latents, zero, prompt, chunks)
+        session.begin_chunk(attachment.text_keys(other_prompt))
+        before = [cache.state_dict() for cache in session.layers]
+        with session.switch_prompt() as window:
+            assert (window.start_frame, window.stop_frame, window.protect_sink) == (6, 18, True)
+            model(latents[:, :, 6:18], zero, other_prompt)
+    for cache, old in zip(session.layers[1:], before[1:], strict=True):
+        t = TOKENS
+        assert torch.equal(cache.keys[:, : 6 * t], old["keys"][:, : 6 * t])  # sink and bank
+        assert not torch.allclose(cache.keys[:, 6 * t :], old["keys"][:, 6 * t :])  # window
+
+
+@torch.no_grad()
+def test_rope_offset_gives_the_absolute_positions_of_the_chunk(model):
+    integration = WanIntegration(model)
+    whole = torch.zeros(1, 16, 9, LATENT_H, LATENT_W)
+    cos_all, sin_all = model.rope(whole)
+    cos, sin = integration.rope_forward(model.rope, 6, whole[:, :, :3])
+    assert torch.equal(cos, cos_all[:, 6 * TOKENS :]) and torch.equal(sin, sin_all[:, 6 * TOKENS :])
+
+
+def test_rope_beyond_the_models_table_is_a_clear_error(model):
+    integration = WanIntegration(model)
+    with pytest.raises(ValueError, match="beyond the model's RoPE table"):
+        integration.rope_forward(model.rope, 1023, torch.zeros(1, 16, 3, LATENT_H, LATENT_W))
+
+
+def test_an_unsupported_model_is_refused_without_any_change():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    with pytest.raises(
+        TypeError, match="cannot stream a Sequential; supported models: WanTransformer3DModel"
+    ):
+        apply_memflow(model, MemFlowConfig.reference())
+    assert not hasattr(model, "_diffusers_hook") or not model._diffusers_hook.hooks
+
+
+@torch.no_grad()
+def test_calls_outside_a_pass_or_without_a_session_are_refused(model, inputs):
+    latents, prompt, _ = inputs
+    attachment = apply_memflow(model, MemFlowConfig.reference())
+    with pytest.raises(SessionStateError, match="no session is bound"):
+        model(latents[:, :, :CHUNK], torch.tensor([0.0]), prompt)
+    with (
+        attachment.bind(attachment.create_session(LATENT_H, LATENT_W)),
+        pytest.raises(SessionStateError, match="inside session.denoise_pass"),
+    ):
+        model(latents[:, :, :CHUNK], torch.tensor([0.0]), prompt)
+    with pytest.raises(ValueError, match="already attached"):
+        apply_memflow(model, MemFlowConfig.reference())
+
+
+def test_a_session_of_another_config_cannot_be_bound(model):
+    attachment = apply_memflow(model, MemFlowConfig.reference())
+    other = apply_memflow(tiny_wan(), MemFlowConfig.longlive()).create_session(4, 4)
+    with pytest.raises(ValueError, match="differs from the config"), attachment.bind(other):
+        pass
+
+
+def test_text_keys_are_the_cross_attention_keys_per_layer(model, inputs):
+    _, prompt, _ = inputs
+    keys = WanIntegration(model).text_keys(prompt)
+    context = model.condition_embedder.text_embedder(prompt)
+    assert len(keys) == 2
+    for block, layer_keys in zip(model.blocks, keys, strict=True):
+        direct = block.attn2.norm_k(block.attn2.to_k(context)).unflatten(2, (2, -1))
+        assert layer_keys.shape == (1, 8, 2, 12)
+        assert torch.equal(layer_keys, direct)
