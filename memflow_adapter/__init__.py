@@ -6,18 +6,27 @@ Activation (SMA) inside self-attention.
 """
 
 from .config import MemFlowConfig
+from .hooks import MemFlowAttachment, apply_memflow, get_memflow, remove_memflow
 from .introspection import ChunkMemory, PassActivation
+from .pipeline import MemFlowStreamingPipeline, PromptSchedule, StreamingVideoOutput
 from .session import PassKind, RecacheWindow, SessionStateError, StreamingSession
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
     "ChunkMemory",
+    "MemFlowAttachment",
     "MemFlowConfig",
+    "MemFlowStreamingPipeline",
     "PassActivation",
     "PassKind",
+    "PromptSchedule",
     "RecacheWindow",
     "SessionStateError",
     "StreamingSession",
+    "StreamingVideoOutput",
     "__version__",
+    "apply_memflow",
+    "get_memflow",
+    "remove_memflow",
 ]

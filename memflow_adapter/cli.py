@@ -1,4 +1,4 @@
-"""The ``memflow`` command."""
+"""The ``memflow`` command: ``demo`` (no download) and ``generate`` (real weights)."""
 
 from __future__ import annotations
 
@@ -6,16 +6,100 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+import torch
+
 from . import __version__
+from .config import PRESETS, MemFlowConfig
+from .pipeline import MemFlowStreamingPipeline, PromptSchedule
+
+DEMO_PROMPTS = (
+    "a red fox walks through a snowy forest",
+    "a small boat sails on a blue lake at sunset",
+    "the red fox walks back into the snowy forest",
+)
 
 
-def _demo(_: argparse.Namespace) -> int:
+def _demo(args: argparse.Namespace) -> int:
+    from .tiny_wan import build_tiny_wan_pipeline
+
     print(
-        "memflow demo: not yet available. The end-to-end demo needs the Wan integration and the "
-        "streaming pipeline, which are not part of this release yet; the memory engine "
-        "(MemFlowConfig, StreamingSession) is, and `make test` exercises it."
+        "memflow demo: a tiny Wan2.1-architecture transformer, VAE and text encoder with RANDOM "
+        "weights (nothing is downloaded). The video is noise-like by design: the demo shows the "
+        "streaming memory at work, not image quality."
     )
+    config = MemFlowConfig.preset(args.config)
+    streaming = MemFlowStreamingPipeline(
+        build_tiny_wan_pipeline(seed=args.seed), config, device="cpu"
+    )
+    chunks_per_prompt = -(-args.chunks // len(DEMO_PROMPTS))
+    return _generate_and_write(
+        streaming,
+        PromptSchedule.from_prompts(DEMO_PROMPTS, chunks_per_prompt * config.frames_per_chunk),
+        args,
+        num_latent_frames=args.chunks * config.frames_per_chunk,
+        extra={"model": "tiny random-weight Wan (embedded)", "random_weights": True},
+    )
+
+
+def _generate(args: argparse.Namespace) -> int:
+    config = MemFlowConfig.preset(args.config)
+    dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    streaming = MemFlowStreamingPipeline.from_pretrained(
+        args.model, config, device=args.device, dtype=dtype
+    )
+    return _generate_and_write(
+        streaming,
+        PromptSchedule.from_prompts(args.prompt, args.frames_per_prompt),
+        args,
+        num_latent_frames=args.num_latent_frames,
+        extra={"model": args.model, "random_weights": False},
+    )
+
+
+def _generate_and_write(
+    streaming: MemFlowStreamingPipeline,
+    schedule: PromptSchedule,
+    args: argparse.Namespace,
+    num_latent_frames: int,
+    extra: dict,
+) -> int:
+    from .outputs import write_outputs
+
+    generator = torch.Generator(device=streaming.device).manual_seed(args.seed)
+    result = streaming(
+        schedule,
+        num_latent_frames=num_latent_frames,
+        height=args.height,
+        width=args.width,
+        generator=generator,
+        max_sequence_length=args.max_sequence_length,
+    )
+    paths = write_outputs(
+        result,
+        streaming.config,
+        args.output_dir,
+        args.fps,
+        {**extra, "prompts": [list(entry) for entry in schedule.entries]},
+    )
+    seconds = [chunk.seconds for chunk in result.chunks]
+    print(f"{len(seconds)} chunks, {sum(seconds) / len(seconds):.3f} s per chunk on average")
+    for name, path in paths.items():
+        print(f"{name}: {path}")
     return 0
+
+
+def _add_common(parser: argparse.ArgumentParser, *, height: int, width: int, seq: int) -> None:
+    parser.add_argument(
+        "--config", choices=PRESETS, default="reference", help="memory preset (default: reference)"
+    )
+    parser.add_argument("--output-dir", default="outputs", help="where to write (default: outputs)")
+    parser.add_argument("--height", type=int, default=height, help="video height in pixels")
+    parser.add_argument("--width", type=int, default=width, help="video width in pixels")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fps", type=int, default=16)
+    parser.add_argument(
+        "--max-sequence-length", type=int, default=seq, help="text tokens per prompt"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,7 +108,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"memflow-adapter {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("demo", help="run the end-to-end demo").set_defaults(handler=_demo)
+
+    demo = commands.add_parser(
+        "demo", help="stream a 3-prompt video with an embedded tiny random-weight Wan (offline)"
+    )
+    _add_common(demo, height=64, width=64, seq=32)
+    demo.add_argument("--chunks", type=int, default=9, help="chunks to generate (default: 9)")
+    demo.set_defaults(handler=_demo)
+
+    generate = commands.add_parser(
+        "generate", help="stream a multi-prompt video with a diffusers Wan model (Hub id or folder)"
+    )
+    _add_common(generate, height=480, width=832, seq=512)
+    generate.add_argument("--model", required=True, help="diffusers pipeline: Hub id or folder")
+    generate.add_argument(
+        "--prompt",
+        action="append",
+        required=True,
+        help="a prompt; repeat for a multi-prompt schedule",
+    )
+    generate.add_argument(
+        "--frames-per-prompt",
+        type=int,
+        default=40,
+        help="latent frames per prompt (default: 40, i.e. 10 s at 16 fps)",
+    )
+    generate.add_argument("--num-latent-frames", type=int, default=120)
+    generate.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    generate.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto")
+    generate.set_defaults(handler=_generate)
     return parser
 
 

@@ -134,6 +134,13 @@ class MemFlowConfig:
             cls(sink_frames=0, bank_frames=0, local_frames=None, nam=False), **overrides
         )
 
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> MemFlowConfig:
+        """A preset by name: one of ``PRESETS``."""
+        if name not in PRESETS:
+            raise ValueError(f"preset must be one of {list(PRESETS)}, got {name!r}")
+        return getattr(cls, name)(**overrides)
+
     # -------------------------------------------------------------------------------------- JSON
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -166,6 +173,10 @@ class MemFlowConfig:
     def from_json_file(cls, path: str | os.PathLike[str]) -> MemFlowConfig:
         with open(path, encoding="utf-8") as handle:
             return cls.from_json_string(handle.read())
+
+
+#: Preset names accepted by ``MemFlowConfig.preset`` (and the command line).
+PRESETS = ("reference", "reference_sma", "longlive", "full_history")
 
 
 def _require_int(name: str, value: Any) -> None:

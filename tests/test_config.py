@@ -120,3 +120,10 @@ def test_unknown_json_keys_are_named():
 def test_json_must_be_an_object():
     with pytest.raises(ValueError, match="must be an object"):
         MemFlowConfig.from_json_string("[1, 2]")
+
+
+def test_presets_are_reachable_by_name():
+    assert MemFlowConfig.preset("reference_sma") == MemFlowConfig.reference_sma()
+    assert MemFlowConfig.preset("longlive", local_frames=12).local_frames == 12
+    with pytest.raises(ValueError, match=r"preset must be one of \['reference', 'reference_sma'"):
+        MemFlowConfig.preset("memflow")

@@ -1,0 +1,65 @@
+"""The few-step flow-matching schedule of streaming generators (DESIGN.md s.1).
+
+A 1000-entry table: raw sigmas linearly spaced from 1 down to 0 over 1001 points with the last
+dropped, shifted by ``shift * s / (1 + (shift - 1) * s)``; timesteps are ``1000 * sigma``. A
+configured step ``t`` (e.g. 1000, 750, 500, 250) is "warped" to table entry ``1000 - t``. All of
+it in float64, so another implementation can reproduce a run exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+TABLE_SIZE = 1000
+
+
+@dataclass(frozen=True)
+class FlowMatchSchedule:
+    """Denoising steps of one chunk.
+
+    Args:
+        steps: configured timesteps, each in ``1..1000`` (reference: 1000, 750, 500, 250).
+        shift: the flow-matching shift (reference: 5).
+    """
+
+    steps: tuple[int, ...] = (1000, 750, 500, 250)
+    shift: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not self.steps:
+            raise ValueError("steps must hold at least one timestep, got ()")
+        for step in self.steps:
+            if isinstance(step, bool) or not isinstance(step, int) or not 1 <= step <= TABLE_SIZE:
+                raise ValueError(f"steps must be ints in 1..{TABLE_SIZE}, got {step!r}")
+        if not self.shift > 0:
+            raise ValueError(f"shift must be > 0, got {self.shift}")
+
+    @property
+    def sigma_table(self) -> torch.Tensor:
+        """``[1000]`` float64 shifted sigmas, from 1 down to just above 0."""
+        raw = torch.linspace(1.0, 0.0, TABLE_SIZE + 1, dtype=torch.float64)[:-1]
+        return self.shift * raw / (1 + (self.shift - 1) * raw)
+
+    @property
+    def timesteps(self) -> torch.Tensor:
+        """``[len(steps)]`` float64 model timesteps (reference: 1000, 937.5, 833.3, 625)."""
+        indices = torch.tensor([TABLE_SIZE - step for step in self.steps])
+        return TABLE_SIZE * self.sigma_table[indices]
+
+    def sigma_at(self, timestep: float | torch.Tensor) -> torch.Tensor:
+        """The sigma of the table entry whose timestep is nearest ``timestep`` (float64)."""
+        table = self.sigma_table
+        index = (TABLE_SIZE * table - torch.as_tensor(timestep, dtype=torch.float64)).abs().argmin()
+        return table[index]
+
+    @staticmethod
+    def predict_clean(noisy: torch.Tensor, flow: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """``x0 = x_t - sigma * v``, computed in float64."""
+        return noisy.double() - sigma * flow.double()
+
+    @staticmethod
+    def renoise(clean: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """``x = (1 - sigma) * x0 + sigma * eps``, computed in float64."""
+        return (1 - sigma) * clean.double() + sigma * noise.double()

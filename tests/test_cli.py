@@ -1,0 +1,48 @@
+"""The `memflow` command: the offline demo and generation from a local diffusers folder."""
+
+import json
+
+import pytest
+
+from memflow_adapter.cli import main
+from memflow_adapter.tiny_wan import build_tiny_wan_pipeline
+
+
+@pytest.mark.slow
+def test_demo_writes_the_video_the_timeline_and_the_report(tmp_path, capsys):
+    assert main(["demo", "--output-dir", str(tmp_path), "--chunks", "9",
+                 "--config", "reference_sma"]) == 0
+    printed = capsys.readouterr().out
+    assert "RANDOM" in printed and "weights" in printed
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["random_weights"] is True
+    assert report["num_chunks"] == 9
+    assert [chunk["prompt"] for chunk in report["chunks"]][::3] == [p for p, _ in report["prompts"]]
+    assert [chunk["recached"] for chunk in report["chunks"]] == [False, False, False, True,
+                                                                 False, False, True, False, False]
+    assert report["chunks"][8]["bank_frames"] == [6, 15, 21]
+    assert all(len(chunk["sma_activated_frames"]) >= 3 for chunk in report["chunks"][1:])
+    assert (tmp_path / "video.mp4").stat().st_size > 1000
+    assert (tmp_path / "memory_timeline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_generate_runs_a_local_diffusers_folder_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model_dir = tmp_path / "tiny-wan"
+    build_tiny_wan_pipeline(seed=1).save_pretrained(model_dir)
+    out = tmp_path / "out"
+    assert main(["generate", "--model", str(model_dir), "--prompt", "a red fox in the snow",
+                 "--prompt", "a boat on a lake", "--frames-per-prompt", "6",
+                 "--num-latent-frames", "12", "--height", "32", "--width", "32",
+                 "--max-sequence-length", "16", "--output-dir", str(out), "--config",
+                 "longlive"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["model"] == str(model_dir) and report["num_chunks"] == 4
+    assert report["config"]["bank_frames"] == 0
+
+
+def test_an_unknown_preset_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        main(["demo", "--config", "memflow"])
+    assert "invalid choice: 'memflow'" in capsys.readouterr().err

@@ -1,0 +1,197 @@
+"""The streaming multi-prompt pipeline on an embedded tiny random-weight Wan."""
+
+import pytest
+import torch
+
+from memflow_adapter import MemFlowConfig
+from memflow_adapter.pipeline import MemFlowStreamingPipeline, PromptSchedule
+from memflow_adapter.schedule import FlowMatchSchedule
+from memflow_adapter.tiny_wan import build_tiny_wan_pipeline
+
+PROMPTS = ["a red fox walks in the snow", "a boat on a blue lake", "a red fox in the snow"]
+SIZE = 32  # pixels: 4x4 latents, 2x2 patches -> 4 tokens per latent frame
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe():
+    return build_tiny_wan_pipeline(seed=0)
+
+
+def streaming(pipe, config):
+    from memflow_adapter.hooks import get_memflow, remove_memflow
+
+    if get_memflow(pipe.transformer) is not None:
+        remove_memflow(pipe.transformer)
+    return MemFlowStreamingPipeline(pipe, config, device="cpu")
+
+
+def generate(pipe, config, **kwargs):
+    defaults = dict(
+        prompt=PROMPTS,
+        num_latent_frames=15,
+        height=SIZE,
+        width=SIZE,
+        frames_per_prompt=6,
+        output_type="latent",
+        max_sequence_length=16,
+        progress=False,
+    )
+    return streaming(pipe, config)(**{**defaults, **kwargs})
+
+
+def test_prompt_schedule_switches_at_the_first_chunk_at_or_after_its_frame():
+    schedule = PromptSchedule((("a", 0), ("b", 4), ("c", 9)))
+    assert [schedule.prompt_at(f) for f in (0, 3, 4, 8, 9, 30)] == ["a", "a", "b", "b", "c", "c"]
+    assert PromptSchedule.from_prompts(["a", "b"], 6).entries == (("a", 0), ("b", 6))
+
+
+@pytest.mark.parametrize(
+    ("entries", "message"),
+    [
+        ((), "at least one"),
+        ((("a", 3),), "first prompt must start at frame 0"),
+        ((("a", 0), ("b", 0)), "start frames must be increasing"),
+        ((("", 0),), "non-empty string"),
+    ],
+)
+def test_bad_prompt_schedules_are_rejected(entries, message):
+    with pytest.raises(ValueError, match=message):
+        PromptSchedule(entries)
+
+
+def test_generation_is_reproducible_with_a_seed(tiny_pipe):
+    config = MemFlowConfig.reference()
+    first = generate(tiny_pipe, config, generator=torch.Generator().manual_seed(7))
+    second = generate(tiny_pipe, config, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(first.latents, second.latents)
+    other = generate(tiny_pipe, config, generator=torch.Generator().manual_seed(8))
+    assert not torch.equal(first.latents, other.latents)
+
+
+def test_recache_happens_at_prompt_switches_and_the_cache_stays_bounded(tiny_pipe):
+    result = generate(
+        tiny_pipe,
+        MemFlowConfig.reference(),
+        num_latent_frames=30,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert [c.start_frame for c in result.chunks] == list(range(0, 30, 3))
+    assert [c.recached for c in result.chunks] == [
+        False,
+        False,
+        True,
+        False,
+        True,
+        False,
+        False,
+        False,
+        False,
+        False,
+    ]
+    assert [c.prompt for c in result.chunks][:5] == [PROMPTS[0]] * 2 + [PROMPTS[1]] * 2 + [
+        PROMPTS[2]
+    ]
+    sizes = {chunk.cache_bytes for chunk in result.chunks[1:]}
+    assert len(sizes) == 1  # preallocated once; never grows
+    assert len(result.trace) == 10
+
+
+@torch.no_grad()  # like the pipeline: some kernels differ in the last bit under autograd
+def test_the_loop_is_exactly_the_documented_schedule(tiny_pipe):
+    """Supplied initial and per-step noise make a run reproducible by another implementation:
+    here, a hand-written loop over the session that follows DESIGN s.1 and s.4b."""
+    config = MemFlowConfig.reference_sma()
+    g = torch.Generator().manual_seed(3)
+    latents = torch.randn(1, 16, 9, 4, 4, generator=g)
+    step_noise = {
+        (c, s): torch.randn(1, 16, 3, 4, 4, generator=g) for c in range(3) for s in range(3)
+    }
+    schedule = PromptSchedule(((PROMPTS[0], 0), (PROMPTS[1], 6)))
+    result = generate(
+        tiny_pipe,
+        config,
+        prompt=schedule,
+        num_latent_frames=9,
+        latents=latents,
+        step_noise=lambda c, s, shape: step_noise[(c, s)],
+    )
+
+    pipe = streaming(tiny_pipe, config)
+    attachment, model = pipe.attachment, tiny_pipe.transformer
+    table = FlowMatchSchedule()
+    session = attachment.create_session(4, 4)
+    embeds = {
+        p: tiny_pipe.encode_prompt(
+            p, do_classifier_free_guidance=False, max_sequence_length=16, device="cpu"
+        )[0]
+        for p in PROMPTS[:2]
+    }
+    clean_video = []
+    with attachment.bind(session):
+        for chunk in range(3):
+            prompt = PROMPTS[0] if chunk < 2 else PROMPTS[1]
+            session.begin_chunk(attachment.text_keys(embeds[prompt]))
+            if chunk == 2:
+                with session.switch_prompt() as window:
+                    assert (window.start_frame, window.stop_frame) == (0, 6)
+                    model(torch.cat(clean_video, 2), torch.zeros(1), embeds[prompt])
+            x = latents[:, :, 3 * chunk : 3 * chunk + 3].double()
+            for step, t in enumerate([1000.0, 937.5, 2500 / 3, 625.0]):
+                with session.denoise_pass():
+                    v = model(x.float(), torch.full((1,), t), embeds[prompt], return_dict=False)[0]
+                x0 = x - table.sigma_at(t) * v.double()
+                if step < 3:
+                    sigma = table.sigma_at([937.5, 2500 / 3, 625.0][step])
+                    x = (1 - sigma) * x0 + sigma * step_noise[(chunk, step)].double()
+            clean = x0.float()
+            with session.context_pass():
+                model(clean, torch.zeros(1), embeds[prompt])
+            clean_video.append(clean)
+    assert torch.equal(result.latents, torch.cat(clean_video, 2))
+
+
+def test_any_length_works_including_a_short_last_chunk(tiny_pipe):
+    result = generate(
+        tiny_pipe,
+        MemFlowConfig.longlive(),
+        num_latent_frames=7,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert result.latents.shape == (1, 16, 7, 4, 4)
+    assert [c.num_frames for c in result.chunks] == [3, 3, 1]
+
+
+def test_decoded_output_and_mp4_export(tiny_pipe, tmp_path):
+    result = generate(
+        tiny_pipe,
+        MemFlowConfig.reference(),
+        num_latent_frames=6,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+    )
+    video = result.frames
+    assert video.shape == (1, 21, SIZE, SIZE, 3)  # 4 * (6 - 1) + 1 frames
+    assert video.min() >= 0.0 and video.max() <= 1.0
+    path = result.save_video(tmp_path / "video.mp4", fps=8)
+    assert path.stat().st_size > 1000
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"output_type": "gif"}, "output_type must be"),
+        ({"height": 30}, "multiples of the VAE's spatial factor 8"),
+        ({"num_latent_frames": 0}, "num_latent_frames must be >= 1"),
+        ({"latents": torch.zeros(1, 16, 2, 4, 4)}, r"latents must have shape \(1, 16, 15, 4, 4\)"),
+        ({"frames_per_prompt": None}, "frames_per_prompt is required"),
+    ],
+)
+def test_bad_arguments_are_rejected(tiny_pipe, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        generate(tiny_pipe, MemFlowConfig.reference(), **kwargs)
+
+
+def test_a_transformer_already_streaming_with_another_config_is_refused(tiny_pipe):
+    streaming(tiny_pipe, MemFlowConfig.reference())
+    with pytest.raises(ValueError, match="already streams with"):
+        MemFlowStreamingPipeline(tiny_pipe, MemFlowConfig.longlive(), device="cpu")
