@@ -28,6 +28,7 @@ lint: $(STAMP)
 # --heads 2 keeps the reference token geometry but fits a 2-core machine.
 bench: $(STAMP)
 	$(PY) bench/attention_overhead.py --heads 2
+	$(PY) bench/streaming_scaling.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache outputs
