@@ -10,16 +10,15 @@ from memflow_adapter.tiny_wan import build_tiny_wan_pipeline
 
 @pytest.mark.slow
 def test_demo_writes_the_video_the_timeline_and_the_report(tmp_path, capsys):
-    assert main(["demo", "--output-dir", str(tmp_path), "--chunks", "9",
-                 "--config", "reference_sma"]) == 0
+    assert main(f"demo --output-dir {tmp_path} --chunks 9 --config reference_sma".split()) == 0
     printed = capsys.readouterr().out
     assert "RANDOM" in printed and "weights" in printed
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["random_weights"] is True
     assert report["num_chunks"] == 9
     assert [chunk["prompt"] for chunk in report["chunks"]][::3] == [p for p, _ in report["prompts"]]
-    assert [chunk["recached"] for chunk in report["chunks"]] == [False, False, False, True,
-                                                                 False, False, True, False, False]
+    recached = [chunk["recached"] for chunk in report["chunks"]]
+    assert recached == [False] * 3 + [True] + [False] * 2 + [True] + [False] * 2
     assert report["chunks"][8]["bank_frames"] == [6, 15, 21]
     assert all(len(chunk["sma_activated_frames"]) >= 3 for chunk in report["chunks"][1:])
     assert (tmp_path / "video.mp4").stat().st_size > 1000
@@ -32,11 +31,12 @@ def test_generate_runs_a_local_diffusers_folder_offline(tmp_path, monkeypatch):
     model_dir = tmp_path / "tiny-wan"
     build_tiny_wan_pipeline(seed=1).save_pretrained(model_dir)
     out = tmp_path / "out"
-    assert main(["generate", "--model", str(model_dir), "--prompt", "a red fox in the snow",
-                 "--prompt", "a boat on a lake", "--frames-per-prompt", "6",
-                 "--num-latent-frames", "12", "--height", "32", "--width", "32",
-                 "--max-sequence-length", "16", "--output-dir", str(out), "--config",
-                 "longlive"]) == 0
+    prompts = ["--prompt", "a red fox in the snow", "--prompt", "a boat on a lake"]
+    options = (
+        f"--model {model_dir} --frames-per-prompt 6 --num-latent-frames 12 --height 32 "
+        f"--width 32 --max-sequence-length 16 --output-dir {out} --config longlive"
+    )
+    assert main(["generate", *prompts, *options.split()]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["model"] == str(model_dir) and report["num_chunks"] == 4
     assert report["config"]["bank_frames"] == 0

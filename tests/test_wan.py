@@ -83,6 +83,19 @@ def stream_context_passes(attachment, session, latents, timestep, prompt, chunks
 @pytest.mark.parametrize("denoise_passes", [0, 1])
 def test_full_history_streaming_equals_the_block_causal_full_forward(model, inputs, denoise_passes):
     latents, prompt, _ = inputs
+    assert_streaming_equals_block_causal(model, latents, prompt, denoise_passes)
+
+
+@torch.no_grad()
+def test_wan22_geometry_streams_from_its_config_alone(generator):
+    """Wan2.2-TI2V-5B shape rules: 48 latent channels, its own head layout."""
+    model = tiny_wan(base="wan2.2-ti2v-5b")
+    latents = torch.randn(1, 48, 4 * CHUNK, LATENT_H, LATENT_W, generator=generator)
+    prompt = torch.randn(1, 8, 16, generator=generator)
+    assert_streaming_equals_block_causal(model, latents, prompt, denoise_passes=1)
+
+
+def assert_streaming_equals_block_causal(model, latents, prompt, denoise_passes):
     timestep = torch.tensor([700.0])
     expected, _ = reference_forward(model, latents, timestep, prompt, block_causal_mask(12))
 

@@ -22,8 +22,9 @@ TINY_WAN = {
 }
 
 
-def tiny_wan(seed: int = 0, **overrides) -> WanTransformer3DModel:
-    config = json.loads((FIXTURES / "wan2.1-t2v-1.3b/transformer/config.json").read_text())
+def tiny_wan(seed: int = 0, base: str = "wan2.1-t2v-1.3b", **overrides) -> WanTransformer3DModel:
+    """A tiny random Wan from the real config of ``base`` (a folder in tests/fixtures)."""
+    config = json.loads((FIXTURES / base / "transformer/config.json").read_text())
     config = {k: v for k, v in config.items() if not k.startswith("_")}
     config.update(TINY_WAN, **overrides)
     torch.manual_seed(seed)
