@@ -17,6 +17,26 @@ from torch import nn
 
 from .base import AttendFn, Integration
 
+#: diffusers config of the Wan2.1-T2V-1.3B transformer, the base of Self-Forcing, LongLive and
+#: MemFlow (and the default base of published checkpoints in the original layout).
+WAN21_T2V_1_3B_TRANSFORMER = {
+    "added_kv_proj_dim": None,
+    "attention_head_dim": 128,
+    "cross_attn_norm": True,
+    "eps": 1e-06,
+    "ffn_dim": 8960,
+    "freq_dim": 256,
+    "image_dim": None,
+    "in_channels": 16,
+    "num_attention_heads": 12,
+    "num_layers": 30,
+    "out_channels": 16,
+    "patch_size": (1, 2, 2),
+    "qk_norm": "rms_norm_across_heads",
+    "rope_max_seq_len": 1024,
+    "text_dim": 4096,
+}
+
 
 def apply_wan_rotary(
     hidden_states: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor

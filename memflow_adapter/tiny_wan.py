@@ -35,6 +35,8 @@ from diffusers import (
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 
+from .integrations.wan import WAN21_T2V_1_3B_TRANSFORMER
+
 __all__ = ["build_tiny_wan_pipeline", "build_tiny_wan_tokenizer"]
 
 PAD, EOS, UNK = "<pad>", "</s>", "<unk>"
@@ -74,25 +76,6 @@ slow motion aerial wide
 """
 VOCABULARY = (*SPECIAL_TOKENS, *_VOCABULARY_TEXT.split())
 VOCAB_SIZE = len(VOCABULARY)
-
-# Wan2.1-T2V-1.3B transformer config (diffusers format), the shape rules the tiny one keeps.
-WAN21_T2V_1_3B_TRANSFORMER = {
-    "added_kv_proj_dim": None,
-    "attention_head_dim": 128,
-    "cross_attn_norm": True,
-    "eps": 1e-06,
-    "ffn_dim": 8960,
-    "freq_dim": 256,
-    "image_dim": None,
-    "in_channels": 16,
-    "num_attention_heads": 12,
-    "num_layers": 30,
-    "out_channels": 16,
-    "patch_size": (1, 2, 2),
-    "qk_norm": "rms_norm_across_heads",
-    "rope_max_seq_len": 1024,
-    "text_dim": 4096,
-}
 
 TINY_TEXT_ENCODER = {
     "vocab_size": VOCAB_SIZE,
