@@ -7,6 +7,7 @@ Activation (SMA) inside self-attention.
 
 from .config import MemFlowConfig
 from .hooks import MemFlowAttachment, apply_memflow, get_memflow, remove_memflow
+from .hub import MemFlowAdapter, PublishedLayout
 from .introspection import ChunkMemory, PassActivation
 from .pipeline import MemFlowStreamingPipeline, PromptSchedule, StreamingVideoOutput
 from .session import PassKind, RecacheWindow, SessionStateError, StreamingSession
@@ -15,12 +16,14 @@ __version__ = "0.1.0.dev0"
 
 __all__ = [
     "ChunkMemory",
+    "MemFlowAdapter",
     "MemFlowAttachment",
     "MemFlowConfig",
     "MemFlowStreamingPipeline",
     "PassActivation",
     "PassKind",
     "PromptSchedule",
+    "PublishedLayout",
     "RecacheWindow",
     "SessionStateError",
     "StreamingSession",

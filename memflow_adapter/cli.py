@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -54,6 +55,30 @@ def _generate(args: argparse.Namespace) -> int:
         num_latent_frames=args.num_latent_frames,
         extra={"model": args.model, "random_weights": False},
     )
+
+
+def _convert(args: argparse.Namespace) -> int:
+    """Original-layout checkpoints -> a diffusers transformer folder and an adapter folder."""
+    from .hub import MemFlowAdapter, PublishedLayout
+    from .integrations.wan_checkpoints import (
+        load_checkpoint_file,
+        load_original_transformer,
+        original_lora_to_diffusers,
+    )
+
+    layout = PublishedLayout()
+    base_config = args.base_config or layout.base_config
+    output = Path(args.output)
+    transformer = load_original_transformer(args.base, base_config, entry=args.entry)
+    transformer.save_pretrained(output / "transformer")
+    lora = original_lora_to_diffusers(load_checkpoint_file(args.lora)) if args.lora else None
+    adapter = MemFlowAdapter.for_model(
+        transformer, MemFlowConfig.preset(args.config), args.base_model or layout.base_model,
+        lora_state=lora, lora_alpha=args.lora_alpha,
+    )
+    adapter.save_pretrained(output / "adapter")
+    print(f"transformer: {output / 'transformer'}\nadapter: {output / 'adapter'}")
+    return 0
 
 
 def _generate_and_write(
@@ -137,6 +162,20 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     generate.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto")
     generate.set_defaults(handler=_generate)
+
+    convert = commands.add_parser(
+        "convert", help="original-layout Wan checkpoints -> diffusers transformer + adapter"
+    )
+    convert.add_argument("--base", required=True, help="base checkpoint (.pt / .safetensors)")
+    convert.add_argument("--lora", help="LoRA checkpoint in the original layout (e.g. lora.pt)")
+    convert.add_argument("--entry", help="checkpoint entry (default: generator_ema, generator)")
+    convert.add_argument("--base-config", help="transformer config.json or folder "
+                         "(default: Wan2.1-T2V-1.3B)")
+    convert.add_argument("--base-model", help="Hub id the adapter names as its base")
+    convert.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: the rank)")
+    convert.add_argument("--config", choices=PRESETS, default="reference")
+    convert.add_argument("--output", required=True, help="writes transformer/ and adapter/ here")
+    convert.set_defaults(handler=_convert)
     return parser
 
 

@@ -26,8 +26,7 @@ def test_demo_writes_the_video_the_timeline_and_the_report(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_generate_runs_a_local_diffusers_folder_offline(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def test_generate_runs_a_local_diffusers_folder_offline(tmp_path):
     model_dir = tmp_path / "tiny-wan"
     build_tiny_wan_pipeline(seed=1).save_pretrained(model_dir)
     out = tmp_path / "out"

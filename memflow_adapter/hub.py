@@ -1,0 +1,376 @@
+"""MemFlowAdapter: a MemFlow config plus optional weights, saved, loaded and shared on the Hub.
+
+An adapter folder holds:
+
+* ``memflow_config.json``: the ``MemFlowConfig``, the base model it targets (a Hub id and the
+  transformer config fields that must match), the integration name, and the LoRA's alpha;
+* ``adapter_model.safetensors`` (optional): LoRA weights in peft layout on the diffusers module
+  names (``blocks.0.attn1.to_q.lora_A.weight`` ...);
+* ``transformer.safetensors`` (optional): full transformer weights replacing the base's, for
+  checkpoints that fine-tune the whole model (Self-Forcing, LongLive, MemFlow ``base.pt``);
+* ``README.md``: a model card.
+
+A folder laid out like the published MemFlow repository (``base.pt`` and/or ``lora.pt`` in the
+original Wan layout) is converted on the fly, and the conversion is cached.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from huggingface_hub import HfApi, ModelCardData, snapshot_download
+from huggingface_hub.constants import HF_HUB_CACHE
+from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import MemFlowConfig
+from .hooks import MemFlowAttachment, apply_memflow, get_memflow
+from .integrations import find_integration
+from .integrations.wan import WAN21_T2V_1_3B_TRANSFORMER
+from .integrations.wan_checkpoints import (
+    check_state_dict_fits,
+    load_checkpoint_file,
+    load_lora_into,
+    original_lora_to_diffusers,
+    original_to_diffusers,
+    unwrap_training_checkpoint,
+    validate_lora,
+)
+
+CONFIG_NAME = "memflow_config.json"
+LORA_WEIGHTS_NAME = "adapter_model.safetensors"
+BASE_WEIGHTS_NAME = "transformer.safetensors"
+MODEL_CARD_NAME = "README.md"
+PUBLISHED_BASE_NAME = "base.pt"
+PUBLISHED_LORA_NAME = "lora.pt"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class PublishedLayout:
+    """How to read a repository in the published layout (``base.pt`` / ``lora.pt``, original
+    Wan keys).
+
+    Attributes:
+        base_model: Hub id of the diffusers base those checkpoints fine-tune.
+        base_config: its transformer config (diffusers format).
+        entry: the training-checkpoint entry of ``base.pt`` (default: ``generator_ema`` if
+            present, else ``generator``).
+        lora_alpha: alpha of ``lora.pt`` (default: its rank, as MemFlow publishes rank = alpha).
+        config: the memory layout the checkpoints were trained for.
+    """
+
+    base_model: str = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
+    base_config: dict[str, Any] = field(default_factory=lambda: dict(WAN21_T2V_1_3B_TRANSFORMER))
+    entry: str | None = None
+    lora_alpha: float | None = None
+    config: MemFlowConfig = field(default_factory=MemFlowConfig.reference)
+
+
+@dataclass
+class MemFlowAdapter:
+    """A MemFlow configuration for one base model, with optional LoRA and full weights.
+
+    Attributes:
+        config: the memory layout.
+        base_model: Hub id (or name) of the base diffusers model.
+        integration: the model family (``memflow_adapter.integrations``), e.g. ``"wan"``.
+        base_model_config: transformer config fields the target model must match.
+        lora_state: LoRA weights, peft layout on diffusers module names.
+        lora_alpha: LoRA alpha (defaults to the rank when ``None``).
+        base_weights: full transformer state dict (diffusers names) to load before the LoRA.
+    """
+
+    config: MemFlowConfig
+    base_model: str
+    integration: str
+    base_model_config: dict[str, Any]
+    lora_state: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+    lora_alpha: float | None = None
+    base_weights: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+
+    @classmethod
+    def for_model(
+        cls,
+        transformer: nn.Module,
+        config: MemFlowConfig,
+        base_model: str,
+        lora_state: dict[str, torch.Tensor] | None = None,
+        lora_alpha: float | None = None,
+        base_weights: dict[str, torch.Tensor] | None = None,
+    ) -> MemFlowAdapter:
+        """An adapter targeting ``transformer``'s architecture."""
+        return cls(
+            config=config,
+            base_model=base_model,
+            integration=find_integration(transformer).name,
+            base_model_config=_architecture(transformer),
+            lora_state=lora_state,
+            lora_alpha=lora_alpha,
+            base_weights=base_weights,
+        )
+
+    # ------------------------------------------------------------------------------------ saving
+    def save_pretrained(self, directory: str | os.PathLike[str]) -> Path:
+        """Write the adapter folder (created if needed); returns its path."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "memflow": self.config.to_dict(),
+            "base_model": self.base_model,
+            "integration": self.integration,
+            "base_model_config": self.base_model_config,
+            "lora": None if self.lora_state is None else {"alpha": self.lora_alpha},
+            "base_weights": self.base_weights is not None,
+        }
+        (directory / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        for name, weights in ((LORA_WEIGHTS_NAME, self.lora_state),
+                              (BASE_WEIGHTS_NAME, self.base_weights)):
+            if weights is not None:
+                save_file({k: v.contiguous() for k, v in weights.items()}, directory / name)
+        (directory / MODEL_CARD_NAME).write_text(self._model_card(), encoding="utf-8")
+        return directory
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        token: str | None = None,
+        private: bool | None = None,
+        commit_message: str = "Upload MemFlow adapter",
+    ) -> str:
+        """Create ``repo_id`` if needed and upload the adapter folder; returns the commit URL."""
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder)
+            commit = api.upload_folder(
+                repo_id=repo_id, folder_path=folder, commit_message=commit_message
+            )
+        return str(commit)
+
+    def _model_card(self) -> str:
+        metadata = ModelCardData(
+            library_name="memflow-adapter",
+            base_model=self.base_model,
+            tags=["memflow", "video-generation", "streaming", "long-video"]
+            + (["lora"] if self.lora_state is not None else []),
+        ).to_yaml()
+        rows = "\n".join(f"| `{k}` | `{v}` |" for k, v in self.config.to_dict().items())
+        contents = [name for name, present in (
+            ("LoRA weights", self.lora_state is not None),
+            ("full transformer weights", self.base_weights is not None),
+        ) if present] or ["no weights (configuration only)"]
+        return (
+            f"---\n{metadata}\n---\n\n# MemFlow adapter for {self.base_model}\n\n"
+            "Long-term narrative memory (MemFlow: Narrative Adaptive Memory and Sparse Memory "
+            "Activation) for streaming video generation with "
+            f"[memflow-adapter](https://pypi.org/project/memflow-adapter/).\n\n"
+            f"Contents: {', '.join(contents)}. Integration: `{self.integration}`.\n\n"
+            f"| memory setting | value |\n| --- | --- |\n{rows}\n\n"
+            "## Usage\n\n```python\n"
+            "from memflow_adapter import MemFlowAdapter, MemFlowStreamingPipeline\n\n"
+            "adapter = MemFlowAdapter.from_pretrained(\"<this repo>\")\n"
+            f"pipe = MemFlowStreamingPipeline.from_pretrained(\"{self.base_model}\", "
+            "adapter.config)\nadapter.apply_to(pipe.transformer)\n"
+            "video = pipe([\"first prompt\", \"second prompt\"], frames_per_prompt=40,\n"
+            "             num_latent_frames=80, height=480, width=832)\n```\n"
+        )
+
+    # ----------------------------------------------------------------------------------- loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        repo_id_or_dir: str | os.PathLike[str],
+        revision: str | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+        token: str | None = None,
+        published: PublishedLayout | None = None,
+    ) -> MemFlowAdapter:
+        """Load an adapter from a local folder or a Hub repository.
+
+        Args:
+            repo_id_or_dir: an adapter folder, or a Hub repo id (downloaded and cached by
+                huggingface_hub; ``HF_HUB_OFFLINE=1`` uses the cache only).
+            revision, cache_dir, token: passed to ``huggingface_hub.snapshot_download``.
+            published: how to read a repository in the published layout (default: MemFlow's,
+                on Wan2.1-T2V-1.3B); its conversion is cached under ``cache_dir``.
+        """
+        folder = _resolve_folder(repo_id_or_dir, revision, cache_dir, token)
+        if (folder / CONFIG_NAME).is_file():
+            return cls._load_folder(folder)
+        if (folder / PUBLISHED_BASE_NAME).is_file() or (folder / PUBLISHED_LORA_NAME).is_file():
+            converted = _converted_cache_folder(folder, cache_dir)
+            if not (converted / CONFIG_NAME).is_file():
+                cls._convert_published(folder, published or PublishedLayout()).save_pretrained(
+                    converted
+                )
+            return cls._load_folder(converted)
+        raise FileNotFoundError(
+            f"{repo_id_or_dir} holds no MemFlow adapter: expected {CONFIG_NAME}, or "
+            f"{PUBLISHED_BASE_NAME} / {PUBLISHED_LORA_NAME} in the published layout"
+        )
+
+    @classmethod
+    def _load_folder(cls, folder: Path) -> MemFlowAdapter:
+        meta = _read_meta(folder / CONFIG_NAME)
+        lora = _load_weights(folder / LORA_WEIGHTS_NAME) if meta["lora"] is not None else None
+        base = _load_weights(folder / BASE_WEIGHTS_NAME) if meta["base_weights"] else None
+        return cls(
+            config=MemFlowConfig.from_dict(meta["memflow"]),
+            base_model=meta["base_model"],
+            integration=meta["integration"],
+            base_model_config=meta["base_model_config"],
+            lora_state=lora,
+            lora_alpha=None if meta["lora"] is None else meta["lora"]["alpha"],
+            base_weights=base,
+        )
+
+    @classmethod
+    def _convert_published(cls, folder: Path, layout: PublishedLayout) -> MemFlowAdapter:
+        """The published layout (original Wan keys) as an adapter on diffusers names."""
+        base_weights = lora_state = None
+        if (folder / PUBLISHED_BASE_NAME).is_file():
+            checkpoint = load_checkpoint_file(folder / PUBLISHED_BASE_NAME)
+            base_weights = original_to_diffusers(
+                unwrap_training_checkpoint(checkpoint, layout.entry)
+            )
+        if (folder / PUBLISHED_LORA_NAME).is_file():
+            lora_state = original_lora_to_diffusers(
+                load_checkpoint_file(folder / PUBLISHED_LORA_NAME)
+            )
+        architecture = {k: v for k, v in layout.base_config.items() if not k.startswith("_")}
+        return cls(
+            config=layout.config,
+            base_model=layout.base_model,
+            integration="wan",
+            base_model_config={"_class_name": "WanTransformer3DModel", **_json_ready(architecture)},
+            lora_state=lora_state,
+            lora_alpha=layout.lora_alpha,
+            base_weights=base_weights,
+        )
+
+    # ---------------------------------------------------------------------------------- applying
+    def apply_to(self, target: Any, merge_lora: bool = False) -> MemFlowAttachment:
+        """Load the adapter's weights into a transformer (or a pipeline's) and attach MemFlow.
+
+        Everything is checked before the model is changed: the integration, the architecture,
+        the full weights' names and shapes, and the LoRA's targets and shapes.
+        """
+        transformer = getattr(target, "transformer", target)
+        integration = find_integration(transformer)
+        if integration.name != self.integration:
+            raise ValueError(
+                f"this adapter is for the {self.integration!r} integration, the model is "
+                f"{type(transformer).__name__} ({integration.name!r})"
+            )
+        architecture = _architecture(transformer)
+        mismatched = {
+            key: (value, architecture.get(key, "<missing>"))
+            for key, value in self.base_model_config.items()
+            if architecture.get(key, "<missing>") != value
+        }
+        if mismatched:
+            details = ", ".join(f"{k}: adapter {a!r} vs model {m!r}"
+                                for k, (a, m) in sorted(mismatched.items()))
+            raise ValueError(
+                f"this adapter targets another base model ({self.base_model}): {details}"
+            )
+        attachment = get_memflow(transformer)
+        if attachment is not None and attachment.config != self.config:
+            raise ValueError(
+                f"the model already streams with {attachment.config}; remove_memflow() it first"
+            )
+        if self.base_weights is not None:
+            check_state_dict_fits(transformer.state_dict(), self.base_weights)
+        if self.lora_state is not None:
+            validate_lora(transformer, self.lora_state)
+        if self.base_weights is not None:
+            transformer.load_state_dict(self.base_weights, strict=True)
+        if self.lora_state is not None:
+            load_lora_into(transformer, self.lora_state, self.lora_alpha, merge=merge_lora)
+        return attachment or apply_memflow(transformer, self.config)
+
+
+def _architecture(transformer: nn.Module) -> dict[str, Any]:
+    config = {k: v for k, v in dict(transformer.config).items() if not k.startswith("_")}
+    return {"_class_name": type(transformer).__name__, **_json_ready(config)}
+
+
+def _json_ready(values: dict[str, Any]) -> dict[str, Any]:
+    """Tuples become lists, as they do through JSON, so saved and live configs compare equal."""
+    return json.loads(json.dumps(values))
+
+
+def _resolve_folder(
+    repo_id_or_dir: str | os.PathLike[str],
+    revision: str | None,
+    cache_dir: str | os.PathLike[str] | None,
+    token: str | None,
+) -> Path:
+    path = Path(repo_id_or_dir)
+    if path.is_dir():
+        return path
+    try:
+        return Path(snapshot_download(
+            str(repo_id_or_dir),
+            revision=revision,
+            cache_dir=cache_dir,
+            token=token,
+            allow_patterns=[CONFIG_NAME, LORA_WEIGHTS_NAME, BASE_WEIGHTS_NAME, MODEL_CARD_NAME,
+                            PUBLISHED_BASE_NAME, PUBLISHED_LORA_NAME],
+        ))
+    except (LocalEntryNotFoundError, RepositoryNotFoundError, HfHubHTTPError) as error:
+        raise OSError(
+            f"cannot load the MemFlow adapter {repo_id_or_dir!r}: it is not a local folder and "
+            f"the Hub repository could not be fetched ({type(error).__name__}: {error})"
+        ) from error
+
+
+def _converted_cache_folder(folder: Path, cache_dir: str | os.PathLike[str] | None) -> Path:
+    """Where the conversion of a published-layout folder is cached: keyed by the source files'
+    resolved paths, sizes and modification times, so a changed checkpoint is converted again."""
+    fingerprint = hashlib.sha256()
+    for name in (PUBLISHED_BASE_NAME, PUBLISHED_LORA_NAME):
+        source = folder / name
+        if source.is_file():
+            stat = source.resolve().stat()
+            fingerprint.update(f"{source.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return Path(cache_dir or HF_HUB_CACHE) / "memflow-converted" / fingerprint.hexdigest()[:24]
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} is not a readable MemFlow adapter config: {error}") from error
+    version = meta.get("format_version") if isinstance(meta, dict) else None
+    if version != FORMAT_VERSION:
+        raise ValueError(
+            f"{path} has format_version {version!r}, this memflow-adapter reads version "
+            f"{FORMAT_VERSION}"
+        )
+    required = ("memflow", "base_model", "integration", "base_model_config", "lora",
+                "base_weights")
+    missing = [key for key in required if key not in meta]
+    if missing:
+        raise ValueError(f"{path} is missing {missing}")
+    return meta
+
+
+def _load_weights(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise FileNotFoundError(f"the adapter config names weights that are missing: {path}")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"{path} is not a readable safetensors file: {error}") from error
