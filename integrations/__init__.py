@@ -1,17 +1,34 @@
 """Model-family integrations, installed as ``memflow_adapter.integrations``.
 
-Adding a family is adding one module with an ``Integration`` subclass and listing it here.
+Adding a family is adding one module here with an ``Integration`` subclass: every module of this
+package is imported and every concrete subclass found is registered.
 """
 
 from __future__ import annotations
+
+import importlib
+import inspect
+import pkgutil
 
 from torch import nn
 
 from .base import AttendFn, Integration
 from .wan import WanIntegration
 
-#: Every supported family, tried in order.
-INTEGRATIONS: tuple[type[Integration], ...] = (WanIntegration,)
+
+def _discover() -> tuple[type[Integration], ...]:
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
+    found = {cls for cls in _subclasses(Integration) if not inspect.isabstract(cls)}
+    return tuple(sorted(found, key=lambda cls: cls.name))
+
+
+def _subclasses(cls: type) -> list[type]:
+    return [sub for direct in cls.__subclasses__() for sub in (direct, *_subclasses(direct))]
+
+
+#: Every supported family, by name.
+INTEGRATIONS: tuple[type[Integration], ...] = _discover()
 
 
 def supported_model_classes() -> list[str]:

@@ -3,13 +3,16 @@
 A row says how to build a tiny random-weight model from the family's real diffusers config, how
 to make inputs for a whole video and cut them into chunks, how to run the model on them, and how
 to run the model's *own* attention processors under a token mask (the block-causal reference).
-Adding a family to the library is adding its integration module and one row here.
+Adding a family to the library is adding its integration module and a ``tests/family_<name>.py``
+module whose ``ROWS`` dict holds its rows.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -121,5 +124,13 @@ WAN22 = Family(
     masked_forward=_wan_masked_forward,
 )
 
-#: Every row of the matrix: ``pytest.param(row, id=...)`` ids come from these keys.
-FAMILIES: dict[str, Family] = {"wan2.1": WAN, "wan2.2": WAN22}
+def _discover_rows() -> dict[str, Family]:
+    """The Wan rows plus ``ROWS`` of every ``tests/family_<name>.py`` module."""
+    rows = {"wan2.1": WAN, "wan2.2": WAN22}
+    for path in sorted(Path(__file__).parent.glob("family_*.py")):
+        rows.update(importlib.import_module(path.stem).ROWS)
+    return rows
+
+
+#: Every row of the matrix, by test id.
+FAMILIES: dict[str, Family] = _discover_rows()
