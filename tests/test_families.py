@@ -5,10 +5,11 @@ deterministically with a bounded cache, and MemFlow comes off without a trace.""
 import pytest
 import torch
 
-from memflow_adapter import MemFlowConfig, apply_memflow, remove_memflow
-from memflow_adapter.integrations import find_integration
+from memflow_adapter import MemFlowConfig, apply_memflow, get_memflow, remove_memflow
+from memflow_adapter.integrations import find_integration, supported_model_classes
 
 from families import FAMILIES, Family
+from tiny_models import tiny_wan
 
 CHUNK = 3
 rows = pytest.mark.parametrize("family", FAMILIES.values(), ids=FAMILIES.keys())
@@ -86,3 +87,22 @@ def test_the_integration_is_found_from_the_model_alone(family):
     integration = find_integration(family.build())
     assert integration.name == family.name
     assert integration.tokens_per_frame(*family.latent_size) == family.tokens_per_frame
+
+
+def test_an_unsupported_model_is_refused_with_every_supported_family_listed():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    supported = ", ".join(supported_model_classes())
+    assert "WanTransformer3DModel" in supported
+    message = f"cannot stream a Sequential; supported models: {supported}"
+    with pytest.raises(TypeError, match=message):
+        apply_memflow(model, MemFlowConfig.reference())
+    assert not hasattr(model, "_diffusers_hook") or not model._diffusers_hook.hooks
+
+
+def test_a_model_the_integration_rejects_is_left_without_any_patch():
+    model = tiny_wan(patch_size=(2, 2, 2))  # streaming needs one token frame per latent frame
+    processors = [block.attn1.processor for block in model.blocks]
+    with pytest.raises(ValueError, match="temporal patch size of 1"):
+        apply_memflow(model, MemFlowConfig.reference())
+    assert [block.attn1.processor for block in model.blocks] == processors
+    assert get_memflow(model) is None
