@@ -1,4 +1,5 @@
-"""The ``memflow`` command: ``demo`` (no download) and ``generate`` (real weights)."""
+"""The ``memflow`` command: ``demo`` (no download), ``generate`` (real weights), ``convert``, and
+``eval`` (the multi-prompt long-video benchmark)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 
 from . import __version__
 from .config import PRESETS, MemFlowConfig
+from .eval.cli import add_eval_parser
 from .pipeline import MemFlowStreamingPipeline, PromptSchedule
 
 DEMO_PROMPTS = (
@@ -176,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--config", choices=PRESETS, default="reference")
     convert.add_argument("--output", required=True, help="writes transformer/ and adapter/ here")
     convert.set_defaults(handler=_convert)
+
+    add_eval_parser(commands)
     return parser
 
 

@@ -45,3 +45,9 @@ def test_an_unknown_preset_is_refused(capsys):
     with pytest.raises(SystemExit):
         main(["demo", "--config", "memflow"])
     assert "invalid choice: 'memflow'" in capsys.readouterr().err
+
+
+def test_eval_is_a_subcommand(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["eval", "--help"])
+    assert stop.value.code == 0 and "--prompts" in capsys.readouterr().out

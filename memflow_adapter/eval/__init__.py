@@ -1,0 +1,72 @@
+"""The multi-prompt long-video benchmark (``memflow eval``).
+
+The public interactive protocol of LongLive / MemFlow: narrative groups of successive prompts
+(100 groups of 6), one video per group with a prompt switch every 40 latent frames (240 latent
+frames, six 10 s segments at 16 fps). Modules:
+
+* :mod:`.prompts`: prompt-group files (JSONL / JSON / text) and matching video files to groups;
+* :mod:`.metrics`: the metrics as pure functions of per-frame features, and segment splitting;
+* :mod:`.features`: CLIP / DINO feature extractors and the LAION aesthetic head (transformers);
+* :mod:`.runner`: resumable generation, video reading, scoring;
+* :mod:`.report`: CSV / markdown / PNG reports;
+* :mod:`.cli`: the ``memflow eval`` sub-command (``add_eval_parser``).
+
+The metric definitions are in :mod:`.metrics`' docstring.
+"""
+
+from .features import ClipFeatures, DinoFeatures, LinearAestheticPredictor
+from .metrics import (
+    SegmentScores,
+    VideoScores,
+    anchor_similarity,
+    boundary_similarity,
+    chunk_aligned_starts,
+    clip_score,
+    score_video_features,
+    segment_ranges,
+    temporal_consistency,
+)
+from .prompts import PromptFileError, PromptGroup, load_prompt_groups, match_videos
+from .report import plot_segment_scores, summarize, write_reports
+from .runner import (
+    EvalProtocol,
+    EvalResult,
+    VideoEntry,
+    VideoReadError,
+    VideoScorer,
+    collect_videos,
+    evaluate,
+    generate_videos,
+    iter_video_batches,
+)
+
+__all__ = [
+    "ClipFeatures",
+    "DinoFeatures",
+    "EvalProtocol",
+    "EvalResult",
+    "LinearAestheticPredictor",
+    "PromptFileError",
+    "PromptGroup",
+    "SegmentScores",
+    "VideoEntry",
+    "VideoReadError",
+    "VideoScorer",
+    "VideoScores",
+    "anchor_similarity",
+    "boundary_similarity",
+    "chunk_aligned_starts",
+    "clip_score",
+    "collect_videos",
+    "evaluate",
+    "generate_videos",
+    "iter_video_batches",
+    "load_prompt_groups",
+    "match_videos",
+    "plot_segment_scores",
+    "score_video_features",
+    "segment_ranges",
+    "summarize",
+    "temporal_consistency",
+    "write_reports",
+]
