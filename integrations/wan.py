@@ -112,7 +112,7 @@ class WanIntegration(Integration):
         if patch_t != 1:
             raise ValueError(
                 f"streaming needs a temporal patch size of 1 (one token frame per latent frame), "
-                f"this WanTransformer3DModel has patch_size[0]={patch_t}"
+                f"this {type(model).__name__} has patch_size[0]={patch_t}"
             )
 
     def self_attention_modules(self) -> list[nn.Module]:

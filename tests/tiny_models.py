@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import torch
-from diffusers import WanTransformer3DModel
+from diffusers import ModelMixin, WanTransformer3DModel
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -22,15 +22,23 @@ TINY_WAN = {
 }
 
 
-def tiny_wan(seed: int = 0, base: str = "wan2.1-t2v-1.3b", **overrides) -> WanTransformer3DModel:
-    """A tiny random Wan from the real config of ``base`` (a folder in tests/fixtures)."""
-    config = json.loads((FIXTURES / base / "transformer/config.json").read_text())
+def tiny_from_fixture(
+    model_class: type[ModelMixin], fixture: str, shrink: dict, seed: int = 0, **overrides
+) -> ModelMixin:
+    """A tiny random model: the real config in ``tests/fixtures/<fixture>/transformer`` with the
+    ``shrink`` and ``overrides`` values, every parameter drawn from N(0, 0.3) (diffusers
+    initialises some projections to zero; random weights make every path matter)."""
+    config = json.loads((FIXTURES / fixture / "transformer/config.json").read_text())
     config = {k: v for k, v in config.items() if not k.startswith("_")}
-    config.update(TINY_WAN, **overrides)
+    config.update(shrink, **overrides)
     torch.manual_seed(seed)
-    model = WanTransformer3DModel(**config).eval()
-    # diffusers initialises some projections to zero; random weights make every path matter.
+    model = model_class(**config).eval()
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.normal_(0.0, 0.3)
     return model
+
+
+def tiny_wan(seed: int = 0, base: str = "wan2.1-t2v-1.3b", **overrides) -> WanTransformer3DModel:
+    """A tiny random Wan from the real config of ``base`` (a folder in tests/fixtures)."""
+    return tiny_from_fixture(WanTransformer3DModel, base, TINY_WAN, seed, **overrides)
