@@ -66,10 +66,6 @@ class MemoryTrace:
         """``frame_index``: ``[B, H, k]`` absolute frames SMA activated in one pass."""
         self._chunks[-1].activated.setdefault(layer, []).append((kind, frame_index.detach()))
 
-    def discard_last_chunk(self) -> None:
-        """Forget the newest chunk (its generation failed and will be retried)."""
-        self._chunks.pop()
-
     def chunks(self) -> list[ChunkMemory]:
         return [
             ChunkMemory(
