@@ -69,6 +69,11 @@ class Integration(ABC):
         """Decode generated latents ``[B, C, F, h, w]`` to a video ``[B, 3, frames, H, W]`` in
         ``[-1, 1]``, undoing the family's latent normalisation."""
 
+    def conditioning_inputs(self, batch_size: int, fps: int) -> dict[str, Any]:
+        """Keyword inputs of the model's forward besides latents, timestep and prompt embeddings,
+        for ``batch_size`` videos meant for ``fps`` frames per second. None by default."""
+        return {}
+
     @abstractmethod
     def text_keys(self, prompt_embeds: torch.Tensor) -> list[torch.Tensor]:
         """Per layer, the keys its cross-attention computes for ``prompt_embeds`` (the text

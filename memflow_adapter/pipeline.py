@@ -197,6 +197,7 @@ class MemFlowStreamingPipeline:
         step_noise: StepNoise | None = None,
         output_type: str = "np",
         max_sequence_length: int = 512,
+        fps: int = 16,
         progress: bool = True,
     ) -> StreamingVideoOutput:
         """Generate ``num_latent_frames`` latent frames chunk by chunk.
@@ -210,6 +211,8 @@ class MemFlowStreamingPipeline:
             latents: the initial noise ``[B, C, F, h, w]`` instead of drawing it.
             step_noise: the re-noising noise per chunk and step instead of drawing it.
             output_type: ``"np"``, ``"pil"``, ``"pt"`` or ``"latent"`` (no decoding).
+            fps: the frame rate the video is meant for; only families conditioned on it
+                (SkyReels-V2-DF-1.3B's fps embedding) use it.
         """
         schedule = _as_schedule(prompt, frames_per_prompt)
         if num_latent_frames < 1:
@@ -234,6 +237,7 @@ class MemFlowStreamingPipeline:
             raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
         step_noise = step_noise or _drawn_noise(generator, self.device)
         prompts = self._encode_prompts(schedule.prompts, num_videos, max_sequence_length)
+        conditioning = self.attachment.integration.conditioning_inputs(num_videos, fps)
 
         session = self.attachment.create_session(latent_height, latent_width)
         output = torch.zeros(shape, dtype=torch.float32, device=self.device)
@@ -253,12 +257,18 @@ class MemFlowStreamingPipeline:
                 session.begin_chunk(text_keys)
                 if recache:
                     with session.switch_prompt() as window:
-                        self._run(output[:, :, window.start_frame : window.stop_frame], 0.0, embeds)
+                        window_latents = output[:, :, window.start_frame : window.stop_frame]
+                        self._run(window_latents, 0.0, embeds, conditioning)
                 output[:, :, start:stop] = self._denoise_chunk(
-                    session, latents[:, :, start:stop], embeds, chunk_index, step_noise
+                    session,
+                    latents[:, :, start:stop],
+                    embeds,
+                    conditioning,
+                    chunk_index,
+                    step_noise,
                 )
                 with session.context_pass():
-                    self._run(output[:, :, start:stop], 0.0, embeds)
+                    self._run(output[:, :, start:stop], 0.0, embeds, conditioning)
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 reports.append(
@@ -284,6 +294,7 @@ class MemFlowStreamingPipeline:
         session: StreamingSession,
         noise: torch.Tensor,
         embeds: torch.Tensor,
+        conditioning: dict[str, Any],
         chunk_index: int,
         step_noise: StepNoise,
     ) -> torch.Tensor:
@@ -292,7 +303,7 @@ class MemFlowStreamingPipeline:
         noisy = noise.double()
         for step, timestep in enumerate(timesteps):
             with session.denoise_pass():
-                flow = self._run(noisy, float(timestep), embeds)
+                flow = self._run(noisy, float(timestep), embeds, conditioning)
             clean = self.schedule.predict_clean(noisy, flow, self.schedule.sigma_at(timestep))
             if step + 1 < len(timesteps):
                 next_sigma = self.schedule.sigma_at(timesteps[step + 1])
@@ -300,8 +311,15 @@ class MemFlowStreamingPipeline:
                 noisy = self.schedule.renoise(clean, eps, next_sigma)
         return clean.float()
 
-    def _run(self, latents: torch.Tensor, timestep: float, embeds: torch.Tensor) -> torch.Tensor:
-        """One transformer forward over a chunk (the session decides what it attends to).
+    def _run(
+        self,
+        latents: torch.Tensor,
+        timestep: float,
+        embeds: torch.Tensor,
+        conditioning: dict[str, Any],
+    ) -> torch.Tensor:
+        """One transformer forward over a chunk (the session decides what it attends to);
+        ``conditioning`` is the family's extra forward inputs.
 
         The input is made contiguous so that a view (a slice of the video) and a copy of the same
         frames take the same kernels and give bit-identical keys and values."""
@@ -311,6 +329,7 @@ class MemFlowStreamingPipeline:
             timestep=timesteps,
             encoder_hidden_states=embeds,
             return_dict=False,
+            **conditioning,
         )[0]
 
     def _encode_prompts(
