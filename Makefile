@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[dev,video]"
+	$(PY) -m pip install --quiet -e ".[dev,video,train]"
 	touch $(STAMP)
 
 test: lint
@@ -23,7 +23,7 @@ demo: $(STAMP)
 	$(VENV)/bin/memflow demo
 
 lint: $(STAMP)
-	$(PY) -m ruff check memflow_adapter integrations tests bench
+	$(PY) -m ruff check memflow_adapter integrations recipes tests bench
 
 # --heads 2 keeps the reference token geometry but fits a 2-core machine.
 bench: $(STAMP)

@@ -1,0 +1,159 @@
+"""Memory fine-tuning: teach a streaming model to use its memory on real long videos, cheaply.
+
+One training step (per process) takes one video of the latent dataset (``latents.py``), a random
+window of ``data.chunks_per_sample`` chunks of it, and:
+
+1. commits its clean chunks but the last into a fresh MemFlow session, each in its own chunk
+   lifecycle (NAM fills and refreshes the bank, prompt switches recache the window, context
+   passes write the frames), without gradient;
+2. noises the last chunk at a random level and trains the student, with the memory active, to
+   predict the flow ``noise - clean`` (flow matching); only its LoRA weights learn.
+
+Run with ``python -m memflow_adapter.recipes.memory_finetune --config FILE`` (or ``--tiny
+data.dataset=FOLDER``), ``accelerate launch`` or ``torchrun``.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+from memflow_adapter.schedule import TABLE_SIZE
+
+from .config import check
+from .flow import (
+    NoiseRange,
+    StepRandomness,
+    flow_matching_loss,
+    per_sample,
+    sample_sigmas,
+    seeded_generator,
+)
+from .latents import DatasetError, LatentVideoDataset, VideoLatents
+from .rollout import Conditioning, StreamingStudent, commit_clean_chunks, plan_chunks
+from .training import Recipe, RecipeConfig, Trainable, main
+
+NAME = "memory_finetune"
+
+
+@dataclass(frozen=True)
+class LatentDataConfig:
+    """The training videos.
+
+    Args:
+        dataset: a folder of ``*.safetensors`` videos (``recipes/README.md``; ``build_dataset``).
+        chunks_per_sample: chunks of one training window (its last is the loss chunk; the others
+            are the memory); shorter videos use all their chunks. At least 2.
+        noise: where the loss chunk's noise level is drawn.
+    """
+
+    dataset: Path = Path("data/latents")
+    chunks_per_sample: int = 8
+    noise: NoiseRange = field(default_factory=lambda: NoiseRange(0.0, 1.0))
+
+    def __post_init__(self) -> None:
+        check(self.chunks_per_sample >= 2, "chunks_per_sample", "an int >= 2",
+              self.chunks_per_sample)
+
+
+@dataclass(frozen=True)
+class MemoryFinetuneConfig(RecipeConfig):
+    """``memory_finetune.yaml``: the common sections plus ``data``."""
+
+    data: LatentDataConfig = field(default_factory=LatentDataConfig)
+
+
+class MemoryFinetune(Recipe):
+    """Memory fine-tuning: teacher-forced flow matching with clean past chunks in memory (LoRA)."""
+
+    config: MemoryFinetuneConfig
+
+    def __init__(self, config: MemoryFinetuneConfig, accelerator: Accelerator) -> None:
+        super().__init__(config, accelerator)
+        self.dataset = LatentVideoDataset(config.data.dataset)
+
+    def trainables(self) -> dict[str, Trainable]:
+        training = self.config.training
+        student = Trainable(self.student.model, training.learning_rate, training.max_steps)
+        return {"student": student}
+
+    def phases(self, step: int) -> list[str]:
+        return ["student"]
+
+    def train_phase(self, name: str, step: int, randomness: StepRandomness) -> torch.Tensor:
+        index = self._video_index(step)
+        video, segment_starts, segments = self._window(self.dataset[index], index, randomness)
+        frames = self.config.memflow.frames_per_chunk
+        chunks = plan_chunks(video.shape[2] // frames, frames, segment_starts)
+        conditions = [
+            Conditioning.of(self.student.attachment, embeds[None].to(self.device, self.dtype))
+            for embeds in segments
+        ]
+        session = self.student.attachment.create_session(
+            video.shape[3], video.shape[4], record_trace=False
+        )
+        with self.student.attachment.bind(session):
+            student = StreamingStudent(
+                self.student.model, self.prepared["student"], session, self.dtype
+            )
+            commit_clean_chunks(student, chunks[:-1], conditions, video)
+            target = chunks[-1]
+            cond = conditions[target.segment]
+            student.open_chunk(target, cond, video)
+            clean = video[:, :, target.start : target.stop]
+            sigmas = sample_sigmas(
+                self.config.schedule, self.config.data.noise, 1, randomness.local
+            )
+            sigma = per_sample(sigmas.to(self.device))
+            noise = randomness.randn(tuple(clean.shape), self.device)
+            noisy = self.config.schedule.renoise(clean, noise, sigma)
+            flow = student.flow(noisy, TABLE_SIZE * sigma.flatten(), cond, grad=True)
+            loss = flow_matching_loss(flow, noise, clean)
+            student.backward(self.accelerator, loss)
+        return loss.detach()
+
+    def _video_index(self, step: int) -> int:
+        """Each process takes its own video per step; every epoch visits the dataset in a new
+        order seeded by the epoch, so the order follows from the step alone."""
+        position = step * self.accelerator.num_processes + self.accelerator.process_index
+        epoch, offset = divmod(position, len(self.dataset))
+        order = torch.randperm(
+            len(self.dataset), generator=seeded_generator(self.config.training.seed, epoch)
+        )
+        return int(order[offset])
+
+    def _window(
+        self, sample: VideoLatents, index: int, randomness: StepRandomness
+    ) -> tuple[torch.Tensor, list[int], Sequence[torch.Tensor]]:
+        """A random chunk-aligned window of the video: latents ``[1, C, n * F_c, h, w]``, the
+        window's segment starts (relative, the first 0) and those segments' embeddings."""
+        frames = self.config.memflow.frames_per_chunk
+        available = sample.latents.shape[1] // frames
+        if available < 2:
+            raise DatasetError(
+                f"{self.dataset.files[index]}: {sample.latents.shape[1]} latent frames make "
+                f"{available} chunk(s) of {frames}; memory_finetune needs at least 2"
+            )
+        count = min(self.config.data.chunks_per_sample, available)
+        first = int(torch.randint(available - count + 1, (), generator=randomness.local)) * frames
+        stop = first + count * frames
+        starts = sample.segment_starts.tolist()
+        active = bisect.bisect_right(starts, first) - 1
+        later = [i for i, start in enumerate(starts) if first < start < stop]
+        segments = [active, *later]
+        latents = sample.latents[None, :, first:stop].to(self.device, torch.float32)
+        relative = [0, *(starts[i] - first for i in later)]
+        return latents, relative, [sample.prompt_embeds[i] for i in segments]
+
+
+def cli(argv: Sequence[str] | None = None) -> Path:
+    return main(NAME, MemoryFinetuneConfig, MemoryFinetune, argv)
+
+
+if __name__ == "__main__":
+    cli()

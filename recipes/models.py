@@ -1,0 +1,175 @@
+"""The models a recipe trains: the base Wan pipeline, LoRA on its transformer, full-weight starts.
+
+LoRA goes, through diffusers' peft integration, on every ``nn.Linear`` of the transformer blocks:
+``attn1`` / ``attn2`` ``to_q``, ``to_k``, ``to_v``, ``to_out.0``, and ``ffn.net.0.proj``,
+``ffn.net.2`` (the layout of the published MemFlow LoRA and of ``MemFlowAdapter``). Base weights
+are frozen; LoRA weights are kept in float32 whatever the base's dtype.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from diffusers import DiffusionPipeline, WanTransformer3DModel
+from diffusers.training_utils import cast_training_params
+from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
+from torch import nn
+
+from memflow_adapter import MemFlowAdapter, MemFlowAttachment, MemFlowConfig, apply_memflow
+from memflow_adapter.integrations.wan_checkpoints import check_state_dict_fits
+from memflow_adapter.tiny_wan import build_tiny_wan_pipeline
+
+from .config import check
+
+#: peft adapter name of every LoRA a recipe trains.
+ADAPTER_NAME = "memflow"
+#: Module names (below the transformer) that receive LoRA.
+LORA_TARGETS = re.compile(
+    r"blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ffn\.net\.(0\.proj|2))"
+)
+#: ``base_model`` recorded in adapters trained on the tiny random pipeline.
+TINY_BASE_MODEL = "memflow-adapter/tiny-wan-random"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Where the base pipeline comes from.
+
+    Args:
+        base_model: a diffusers Wan pipeline (Hub id or local folder): its transformer is the
+            student, its text encoder, tokenizer and VAE serve prompts and validation videos.
+        tiny: use ``memflow_adapter.tiny_wan`` instead (random weights, offline, CPU-sized).
+        tiny_seed: weights seed of the tiny pipeline.
+        student_weights: optional MemFlowAdapter folder or Hub id whose full transformer weights
+            start the student (e.g. a LongLive or MemFlow ``base.pt``); they are saved with the
+            trained adapter, since its LoRA is trained on top of them.
+    """
+
+    base_model: str = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
+    tiny: bool = False
+    tiny_seed: int = 0
+    student_weights: str | None = None
+
+    @property
+    def adapter_base_model(self) -> str:
+        return TINY_BASE_MODEL if self.tiny else self.base_model
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA rank and alpha (the paper: 256 and 256)."""
+
+    rank: int = 256
+    alpha: float = 256.0
+
+    def __post_init__(self) -> None:
+        check(self.rank >= 1, "rank", "an int >= 1", self.rank)
+        check(self.alpha > 0, "alpha", "> 0", self.alpha)
+
+
+@dataclass
+class Student:
+    """The model being trained.
+
+    Attributes:
+        pipe: the base pipeline (text encoder, tokenizer and VAE stay on the CPU until used).
+        model: ``pipe.transformer`` on the training device, with LoRA and MemFlow attached.
+        attachment: its MemFlow attachment (sessions, NAM text keys).
+        weights: the full weights loaded from ``ModelConfig.student_weights``, if any.
+    """
+
+    pipe: DiffusionPipeline
+    model: nn.Module
+    attachment: MemFlowAttachment
+    weights: dict[str, torch.Tensor] | None
+
+
+def build_student(
+    config: ModelConfig,
+    lora: LoraSettings,
+    memflow: MemFlowConfig,
+    dtype: torch.dtype,
+    device: torch.device,
+    gradient_checkpointing: bool,
+) -> Student:
+    """Load the base pipeline, start its transformer from ``student_weights`` if given, add a
+    fresh LoRA and attach MemFlow."""
+    pipe = (
+        build_tiny_wan_pipeline(config.tiny_seed)
+        if config.tiny
+        else DiffusionPipeline.from_pretrained(config.base_model, dtype=dtype)
+    )
+    model = pipe.transformer.to(device)
+    weights = None
+    if config.student_weights:
+        weights = load_student_weights(model, config.student_weights)
+    add_lora(model, lora)
+    attachment = apply_memflow(model, memflow)
+    if gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    return Student(pipe, model.train(), attachment, weights)
+
+
+def load_transformer(source: str, tiny_seed: int | None, dtype: torch.dtype) -> nn.Module:
+    """A frozen Wan transformer (eval mode): the one of the tiny pipeline of ``tiny_seed`` when
+    given, else ``source``'s (a diffusers pipeline folder or Hub id with a ``transformer/``)."""
+    if tiny_seed is not None:
+        model = build_tiny_wan_pipeline(tiny_seed).transformer
+    else:
+        model = WanTransformer3DModel.from_pretrained(source, subfolder="transformer", dtype=dtype)
+    return model.requires_grad_(False).eval()
+
+
+def load_student_weights(transformer: nn.Module, source: str) -> dict[str, torch.Tensor]:
+    """Load the full weights of the adapter ``source`` into ``transformer``; returns them."""
+    weights = MemFlowAdapter.from_pretrained(source).base_weights
+    if weights is None:
+        raise ValueError(
+            f"model.student_weights={source!r} holds no full transformer weights "
+            "(transformer.safetensors or a published base.pt)"
+        )
+    check_state_dict_fits(transformer.state_dict(), weights)
+    transformer.load_state_dict(weights, strict=True)
+    return weights
+
+
+def add_lora(transformer: nn.Module, settings: LoraSettings) -> None:
+    """Freeze ``transformer`` and give it a fresh LoRA (``lora_B`` zero: it starts as the base)."""
+    targets = sorted(
+        name
+        for name, module in transformer.named_modules()
+        if LORA_TARGETS.fullmatch(name) and isinstance(module, nn.Linear)
+    )
+    if not targets:
+        raise ValueError(f"{type(transformer).__name__} has no LoRA target module")
+    transformer.requires_grad_(False)
+    transformer.add_adapter(
+        LoraConfig(r=settings.rank, lora_alpha=settings.alpha, target_modules=targets),
+        adapter_name=ADAPTER_NAME,
+    )
+    cast_training_params(transformer, torch.float32)
+
+
+def lora_parameters(transformer: nn.Module) -> list[nn.Parameter]:
+    """The trainable (LoRA) parameters."""
+    return [parameter for parameter in transformer.parameters() if parameter.requires_grad]
+
+
+def lora_state_dict(transformer: nn.Module) -> dict[str, torch.Tensor]:
+    """LoRA weights in peft layout on diffusers names (``blocks.0.attn1.to_q.lora_A.weight``),
+    as contiguous CPU copies."""
+    state = get_peft_model_state_dict(transformer, adapter_name=ADAPTER_NAME)
+    return {key: value.detach().to("cpu", copy=True).contiguous() for key, value in state.items()}
+
+
+def load_lora_state(transformer: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Overwrite the LoRA weights with ``state`` (from ``lora_state_dict``); every key must fit."""
+    result = set_peft_model_state_dict(transformer, state, adapter_name=ADAPTER_NAME)
+    missing = [key for key in result.missing_keys if f".{ADAPTER_NAME}." in key]
+    if result.unexpected_keys or missing:
+        raise ValueError(
+            f"the LoRA state does not fit: unexpected {result.unexpected_keys[:5]}, "
+            f"missing {missing[:5]}"
+        )

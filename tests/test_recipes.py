@@ -1,0 +1,211 @@
+"""The fine-tune recipes end to end on tiny random models (CPU): what trains, what stays frozen,
+NaN stops, exact resume, gradient checkpointing, the output adapter, and a 2-process run."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState
+from safetensors.torch import load_file
+
+from memflow_adapter import MemFlowAdapter, MemFlowConfig, get_memflow
+from memflow_adapter.recipes import memory_finetune, streaming_long_tuning
+from memflow_adapter.recipes.latents import VideoLatents
+from memflow_adapter.recipes.models import lora_state_dict
+from memflow_adapter.recipes.training import NonFiniteLossError, main
+from memflow_adapter.tiny_wan import build_tiny_wan_pipeline
+
+RECIPES = {"streaming_long_tuning": streaming_long_tuning, "memory_finetune": memory_finetune}
+CONFIGS = {
+    "streaming_long_tuning": streaming_long_tuning.StreamingLongTuningConfig,
+    "memory_finetune": memory_finetune.MemoryFinetuneConfig,
+}
+RECIPE_TYPES = {
+    "streaming_long_tuning": streaming_long_tuning.StreamingLongTuning,
+    "memory_finetune": memory_finetune.MemoryFinetune,
+}
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """Three videos of 8x8 latents: 10, 13 and 7 latent frames (5, 6 and 3 two-frame chunks,
+    13 leaves a tail frame), one to three prompt segments, tiny-pipeline-sized embeddings."""
+    folder = tmp_path_factory.mktemp("latents")
+    generator = torch.Generator().manual_seed(0)
+    for name, frames, starts in (("a", 10, [0, 4]), ("b", 13, [0, 3, 9]), ("c", 7, [0])):
+        VideoLatents(
+            torch.randn(16, frames, 8, 8, generator=generator),
+            torch.randn(len(starts), 16, 32, generator=generator),
+            torch.tensor(starts),
+            tuple(f"prompt {i}" for i in range(len(starts))),
+        ).save(folder / f"{name}.safetensors")
+    return folder
+
+
+def overrides(name, output_dir, dataset, *extra):
+    args = ["--tiny", f"training.output_dir={output_dir}", "validation.every_steps=0", *extra]
+    if name == "memory_finetune":
+        args.append(f"data.dataset={dataset}")
+    return args
+
+
+def run(name, argv):
+    """Run recipe ``name`` in this process; returns the recipe object (its models are the trained
+    ones) with ``initial``: each trained model's LoRA right after construction."""
+    runs = []
+
+    class Recorded(RECIPE_TYPES[name]):
+        def __init__(self, *args):
+            super().__init__(*args)
+            self.initial = {n: lora_state_dict(t.model) for n, t in self.trainables().items()}
+            runs.append(self)
+
+    main(name, CONFIGS[name], Recorded, argv)
+    return runs[0]
+
+
+def base_weights(model):
+    """The frozen weights, under the names of the model without LoRA."""
+    return {
+        key.replace(".base_layer", ""): value
+        for key, value in model.state_dict().items()
+        if "lora_" not in key
+    }
+
+
+def assert_same_weights(actual, expected):
+    assert actual.keys() == expected.keys()
+    assert all(torch.equal(actual[key], expected[key]) for key in expected)
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_a_few_steps_train_the_lora_only_and_give_a_loadable_adapter(name, dataset, tmp_path):
+    recipe = run(name, overrides(name, tmp_path, dataset, "training.max_steps=3"))
+
+    base = build_tiny_wan_pipeline(0).transformer.state_dict()
+    assert_same_weights(base_weights(recipe.student.model), base)
+    for model_name, trainable in recipe.trainables().items():
+        final = lora_state_dict(trainable.model)
+        assert final.keys() == recipe.initial[model_name].keys() and len(final) == 4 * 10 * 2
+        changed = [not torch.equal(final[k], v) for k, v in recipe.initial[model_name].items()]
+        assert all(changed), f"{model_name}: some LoRA weights did not train"
+    if name == "streaming_long_tuning":
+        assert_same_weights(base_weights(recipe.critic), base)
+        teacher = build_tiny_wan_pipeline(1).transformer.state_dict()
+        assert_same_weights(recipe.teacher.state_dict(), teacher)
+
+    adapter = MemFlowAdapter.from_pretrained(tmp_path / "adapter")
+    assert adapter.config == recipe.config.memflow and adapter.lora_alpha == 4
+    assert_same_weights(adapter.lora_state, lora_state_dict(recipe.student.model))
+    fresh = build_tiny_wan_pipeline(0).transformer
+    attachment = adapter.apply_to(fresh)
+    assert get_memflow(fresh) is attachment and attachment.config == recipe.config.memflow
+    assert_same_weights(lora_state_dict(fresh), adapter.lora_state)
+    metrics = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(metrics) == 3 and (tmp_path / "config.yaml").is_file()
+
+
+def test_a_nan_loss_stops_the_run_naming_the_step(dataset, tmp_path):
+    # A learning rate of 1e30 throws the LoRA to infinity in one step: step 2's loss is NaN.
+    with pytest.raises(NonFiniteLossError, match="student loss is not finite at step 2"):
+        run("memory_finetune", overrides(
+            "memory_finetune", tmp_path, dataset, "training.learning_rate=1e30",
+            "training.checkpoint_every=1",
+        ))
+    assert (tmp_path / "checkpoints" / "checkpoint-1").is_dir()
+    assert not (tmp_path / "checkpoints" / "checkpoint-2").exists()
+    assert not (tmp_path / "adapter").exists()
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_resuming_from_a_checkpoint_continues_bit_identically(name, dataset, tmp_path):
+    straight = run(name, overrides(name, tmp_path / "a", dataset, "training.max_steps=4"))
+    checkpoint = tmp_path / "a" / "checkpoints" / "checkpoint-2"
+    resumed = run(name, overrides(
+        name, tmp_path / "b", dataset, "training.max_steps=4", f"training.resume_from={checkpoint}"
+    ))
+    for model_name, trainable in straight.trainables().items():
+        expected = lora_state_dict(trainable.model)
+        assert_same_weights(lora_state_dict(resumed.trainables()[model_name].model), expected)
+    assert len((tmp_path / "b" / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_gradient_checkpointing_trains_the_same_weights(tmp_path):
+    name = "streaming_long_tuning"
+    plain = run(name, overrides(name, tmp_path / "a", None, "training.max_steps=2"))
+    checkpointed = run(name, overrides(
+        name, tmp_path / "b", None, "training.max_steps=2", "training.gradient_checkpointing=true"
+    ))
+    assert checkpointed.student.model.is_gradient_checkpointing
+    for model_name, trainable in plain.trainables().items():
+        expected = lora_state_dict(trainable.model)
+        actual = lora_state_dict(checkpointed.trainables()[model_name].model)
+        for key in expected:
+            torch.testing.assert_close(actual[key], expected[key], rtol=1e-5, atol=1e-6)
+
+
+def test_validation_rollouts_write_latents_video_and_memory_trace(tmp_path):
+    name = "streaming_long_tuning"
+    run(name, overrides(name, tmp_path, None, "training.max_steps=2", "validation.every_steps=2"))
+    folder = tmp_path / "validation" / "step-000002"
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "latents.safetensors", "memory_timeline.png", "report.json", "video.mp4"
+    ]
+    assert load_file(folder / "latents.safetensors")["latents"].shape == (1, 16, 8, 8, 8)
+    report = (folder / "report.json").read_text()
+    assert '"bank_frames"' in report and '"recached": true' in report
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", RECIPES)
+def test_two_processes_train_identical_weights(name, dataset, tmp_path):
+    """torchrun --nproc_per_node 2 (gloo on the CPU); the three videos of different lengths give
+    the two processes different numbers of passes, which must not desynchronise DDP."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(textwrap.dedent(f"""
+        import sys
+        from safetensors.torch import save_file
+        from memflow_adapter.recipes import {name} as module
+        from memflow_adapter.recipes.models import lora_state_dict
+        from memflow_adapter.recipes.training import main
+
+        runs = []
+
+        class Recorded(module.{RECIPE_TYPES[name].__name__}):
+            def __init__(self, *args):
+                super().__init__(*args)
+                runs.append(self)
+
+        main("{name}", module.{CONFIGS[name].__name__}, Recorded, sys.argv[1:])
+        recipe = runs[0]
+        for model_name, trainable in recipe.trainables().items():
+            save_file(
+                lora_state_dict(trainable.model),
+                f"{tmp_path}/{{model_name}}-rank{{recipe.accelerator.process_index}}.safetensors",
+            )
+    """))
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        str(worker),
+        *overrides(name, tmp_path / "out", dataset, "training.max_steps=2"),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    names = ["student", "critic"] if name == "streaming_long_tuning" else ["student"]
+    for model_name in names:
+        rank0 = load_file(tmp_path / f"{model_name}-rank0.safetensors")
+        assert_same_weights(load_file(tmp_path / f"{model_name}-rank1.safetensors"), rank0)
+    assert (tmp_path / "out" / "checkpoints" / "checkpoint-2" / "random_states_1.pkl").is_file()
+    adapter = MemFlowAdapter.from_pretrained(tmp_path / "out" / "adapter")
+    assert_same_weights(adapter.lora_state, load_file(tmp_path / "student-rank0.safetensors"))
+    assert adapter.config == MemFlowConfig.reference(
+        sink_frames=1, bank_frames=2, local_frames=4, frames_per_chunk=2, record_interval=1
+    )
