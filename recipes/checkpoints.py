@@ -56,7 +56,8 @@ class Checkpointer:
             path = Path(input_dir) / f"{name}_lora.safetensors"
             if not path.is_file():
                 raise FileNotFoundError(f"checkpoint {input_dir} has no {path.name}")
-            load_lora_state(model, load_file(path, device=str(self.accelerator.device)))
+            # read on the CPU: safetensors rejects the "cpu:0" accelerate names under its launcher
+            load_lora_state(model, load_file(path))
         models.clear()
 
     def save(self, step: int) -> Path:

@@ -2,8 +2,7 @@
 
 A recipe (a ``Recipe`` subclass) builds its models and says, per step, which of its trained models
 to update and how to compute and backpropagate their losses. The loop does the rest with
-accelerate: one process per device (``accelerate launch`` / ``torchrun``; DDP, or FSDP from an
-accelerate config), bf16 autocast on CUDA, AdamW on the LoRA weights with a diffusers LR schedule,
+accelerate: one process per device (``accelerate launch`` / ``torchrun``; DDP), bf16 autocast on CUDA, AdamW on the LoRA weights with a diffusers LR schedule,
 gradient clipping, a stop with a clear error on a non-finite loss, checkpoints with exact resume,
 validation rollouts, tqdm and logging (``metrics.jsonl``), and the final ``MemFlowAdapter`` folder.
 """
@@ -26,7 +25,7 @@ import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from diffusers.optimization import SchedulerType, get_scheduler
 from torch import nn
 from tqdm.auto import tqdm
@@ -211,6 +210,7 @@ def train(recipe_type: type[Recipe], config: RecipeConfig) -> Path:
             f"{launched} processes were launched but accelerate runs {accelerator.num_processes}: "
             "each would train alone; check the launcher's device settings"
         )
+    _refuse_fsdp(accelerator)
     set_seed(training.seed)
     recipe = recipe_type(config, accelerator)
     trainables = recipe.trainables()
@@ -302,6 +302,20 @@ def train(recipe_type: type[Recipe], config: RecipeConfig) -> Path:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return adapter_dir
+
+
+def _refuse_fsdp(accelerator: Accelerator) -> None:
+    """The recipes run DDP only. Their streaming passes (rollouts, commits, recaches, NAM's text
+    keys, the teacher and critic scores) call the unwrapped transformer, whose weights FSDP would
+    shard, and ranks run different numbers of them; the trained LoRA is small enough to
+    replicate. An FSDP config is refused rather than silently run as something else."""
+    requested = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
+    if requested or accelerator.distributed_type == DistributedType.FSDP:
+        raise RuntimeError(
+            "the recipes do not support FSDP (the streaming passes call the unsharded "
+            "transformer); launch with DDP: accelerate launch --multi_gpu (no --use_fsdp / "
+            "fsdp_config), or torchrun"
+        )
 
 
 def _finite_mean(

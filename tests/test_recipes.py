@@ -125,6 +125,14 @@ def test_a_nan_loss_stops_the_run_naming_the_step(dataset, tmp_path):
     assert not (tmp_path / "adapter").exists()
 
 
+def test_an_fsdp_launch_is_refused_not_run_as_something_else(tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    name = "streaming_long_tuning"
+    with pytest.raises(RuntimeError, match="do not support FSDP.*DDP"):
+        run(name, overrides(name, tmp_path, None, "training.max_steps=1"))
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
 @pytest.mark.parametrize("name", RECIPES)
 def test_resuming_from_a_checkpoint_continues_bit_identically(name, dataset, tmp_path):
     straight = run(name, overrides(name, tmp_path / "a", dataset, "training.max_steps=4"))
