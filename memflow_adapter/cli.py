@@ -23,7 +23,28 @@ DEMO_PROMPTS = (
 
 
 def _demo(args: argparse.Namespace) -> int:
+    sizes = {"--height": args.height, "--width": args.width,
+             "--max-sequence-length": args.max_sequence_length}
+    if args.model == "world":
+        from .world.demo import run_world_demo
+
+        fixed = [name for name, value in sizes.items() if value is not None]
+        if fixed:
+            raise SystemExit(f"memflow demo: {', '.join(fixed)} apply to --model tiny-random; "
+                             "the world model's frames are 32x32 with 16-token prompts")
+        try:
+            return run_world_demo(args.config, args.script, args.seed, Path(args.output_dir),
+                                  args.fps)
+        except ValueError as error:
+            raise SystemExit(f"memflow demo: {error}") from error
+    return _random_tiny_demo(args)
+
+
+def _random_tiny_demo(args: argparse.Namespace) -> int:
     from .tiny_wan import build_tiny_wan_pipeline
+
+    args.height, args.width = args.height or 64, args.width or 64
+    args.max_sequence_length = args.max_sequence_length or 32
 
     print(
         "memflow demo: a tiny Wan2.1-architecture transformer, VAE and text encoder with RANDOM "
@@ -115,7 +136,9 @@ def _generate_and_write(
     return 0
 
 
-def _add_common(parser: argparse.ArgumentParser, *, height: int, width: int, seq: int) -> None:
+def _add_common(
+    parser: argparse.ArgumentParser, *, height: int | None, width: int | None, seq: int | None
+) -> None:
     parser.add_argument(
         "--config", choices=PRESETS, default="reference", help="memory preset (default: reference)"
     )
@@ -137,10 +160,17 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser(
-        "demo", help="stream a 3-prompt video with an embedded tiny random-weight Wan (offline)"
+        "demo",
+        help="stream a 6-prompt story with a returning entity with the packaged narrative-world "
+        "model (offline), or a 3-prompt video with a tiny random-weight Wan (--model tiny-random)",
     )
-    _add_common(demo, height=64, width=64, seq=32)
-    demo.add_argument("--chunks", type=int, default=9, help="chunks to generate (default: 9)")
+    _add_common(demo, height=None, width=None, seq=None)
+    demo.add_argument("--model", choices=("world", "tiny-random"), default="world",
+                      help="world: the packaged trained model (default); tiny-random: plumbing")
+    demo.add_argument("--script", type=int, default=7,
+                      help="world: the held-out story's seed, 0..999 (default: 7)")
+    demo.add_argument("--chunks", type=int, default=9,
+                      help="tiny-random: chunks to generate (default: 9)")
     demo.set_defaults(handler=_demo)
 
     generate = commands.add_parser(

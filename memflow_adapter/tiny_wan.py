@@ -11,7 +11,7 @@ Components of the :class:`diffusers.WanPipeline` built by :func:`build_tiny_wan_
 * ``transformer``: a :class:`~diffusers.WanTransformer3DModel` with the Wan2.1-T2V-1.3B config
   shrunk in width and depth. Its shape rules are kept: 16 latent channels, 1x2x2 patches, RMS
   query/key norms across heads, cross-attention norm and a 3-D RoPE whose head dimension splits
-  into time/height/width parts. All its parameters are redrawn (see ``_reinitialise``).
+  into time/height/width parts. All its parameters are redrawn (see ``reinitialise``).
 * ``vae``: an :class:`~diffusers.AutoencoderKLWan` with a narrow base width but Wan's 8x spatial
   and 4x temporal compression (latents ``[B, 16, F, h, w]`` decode to ``4 * (F - 1) + 1`` frames
   of ``8h x 8w`` pixels) and the real Wan2.1 latent mean/std; diffusers' default random init.
@@ -141,7 +141,7 @@ def build_tiny_wan_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def _reinitialise(model: torch.nn.Module) -> None:
+def reinitialise(model: torch.nn.Module) -> None:
     """Redraw every parameter so that no path is zero (diffusers zero-initialises some layers).
 
     Weight matrices get N(0, 1 / fan_in), which keeps activations near unit scale at this tiny
@@ -162,7 +162,7 @@ def _reinitialise(model: torch.nn.Module) -> None:
 
 def _tiny_transformer() -> WanTransformer3DModel:
     model = WanTransformer3DModel(**TINY_TRANSFORMER)
-    _reinitialise(model)
+    reinitialise(model)
     return model
 
 

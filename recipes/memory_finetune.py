@@ -39,6 +39,7 @@ from .rollout import Conditioning, StreamingStudent, commit_clean_chunks, plan_c
 from .training import Recipe, RecipeConfig, Trainable, main
 
 NAME = "memory_finetune"
+WINDOWS = ("random", "prefix")
 
 
 @dataclass(frozen=True)
@@ -49,16 +50,22 @@ class LatentDataConfig:
         dataset: a folder of ``*.safetensors`` videos (``recipes/README.md``; ``build_dataset``).
         chunks_per_sample: chunks of one training window (its last is the loss chunk; the others
             are the memory); shorter videos use all their chunks. At least 2.
+        windows: ``random``: windows of ``chunks_per_sample`` chunks anywhere in the video;
+            ``prefix``: windows from the video's first chunk to a random chunk (at most
+            ``chunks_per_sample``), so that every chunk, the first included, learns with the whole
+            history it has at generation time (the sink holds the video's first frames).
         noise: where the loss chunk's noise level is drawn.
     """
 
     dataset: Path = Path("data/latents")
     chunks_per_sample: int = 8
+    windows: str = "random"
     noise: NoiseRange = field(default_factory=lambda: NoiseRange(0.0, 1.0))
 
     def __post_init__(self) -> None:
         check(self.chunks_per_sample >= 2, "chunks_per_sample", "an int >= 2",
               self.chunks_per_sample)
+        check(self.windows in WINDOWS, "windows", f"one of {WINDOWS}", self.windows)
 
 
 @dataclass(frozen=True)
@@ -140,7 +147,11 @@ class MemoryFinetune(Recipe):
                 f"{available} chunk(s) of {frames}; memory_finetune needs at least 2"
             )
         count = min(self.config.data.chunks_per_sample, available)
-        first = int(torch.randint(available - count + 1, (), generator=randomness.local)) * frames
+        draw = randomness.local
+        if self.config.data.windows == "prefix":
+            first, count = 0, int(torch.randint(1, count + 1, (), generator=draw))
+        else:
+            first = int(torch.randint(available - count + 1, (), generator=draw)) * frames
         stop = first + count * frames
         starts = sample.segment_starts.tolist()
         active = bisect.bisect_right(starts, first) - 1

@@ -8,6 +8,7 @@ are frozen; LoRA weights are kept in float32 whatever the base's dtype.
 
 from __future__ import annotations
 
+import importlib
 import re
 from dataclasses import dataclass
 
@@ -21,7 +22,7 @@ from memflow_adapter import MemFlowAdapter, MemFlowAttachment, MemFlowConfig, ap
 from memflow_adapter.integrations.wan_checkpoints import check_state_dict_fits
 from memflow_adapter.tiny_wan import build_tiny_wan_pipeline
 
-from .config import check
+from .config import ConfigError, check
 
 #: peft adapter name of every LoRA a recipe trains.
 ADAPTER_NAME = "memflow"
@@ -41,6 +42,9 @@ class ModelConfig:
         base_model: a diffusers Wan pipeline (Hub id or local folder): its transformer is the
             student, its text encoder, tokenizer and VAE serve prompts and validation videos.
         tiny: use ``memflow_adapter.tiny_wan`` instead (random weights, offline, CPU-sized).
+        pipeline: a ``module:function`` returning the base pipeline instead (called without
+            arguments; e.g. ``memflow_adapter.world.pipeline:build_world_pipeline``); it must
+            hold a Wan transformer and offer ``encode_prompt`` like ``WanPipeline``.
         tiny_seed: weights seed of the tiny pipeline.
         student_weights: optional MemFlowAdapter folder or Hub id whose full transformer weights
             start the student (e.g. a LongLive or MemFlow ``base.pt``); they are saved with the
@@ -51,10 +55,33 @@ class ModelConfig:
     tiny: bool = False
     tiny_seed: int = 0
     student_weights: str | None = None
+    pipeline: str | None = None
+
+    def __post_init__(self) -> None:
+        check(
+            self.pipeline is None or re.fullmatch(r"[\w.]+:\w+", self.pipeline) is not None,
+            "pipeline", "'module:function'", self.pipeline,
+        )
+        check(not (self.tiny and self.pipeline), "tiny", "false when pipeline is set", self.tiny)
 
     @property
     def adapter_base_model(self) -> str:
+        if self.pipeline:
+            return self.pipeline
         return TINY_BASE_MODEL if self.tiny else self.base_model
+
+    def build_pipeline(self, dtype: torch.dtype) -> DiffusionPipeline:
+        """The base pipeline this config names."""
+        if self.pipeline:
+            module, function = self.pipeline.split(":")
+            try:
+                factory = getattr(importlib.import_module(module), function)
+            except (ImportError, AttributeError) as error:
+                raise ConfigError(f"model.pipeline={self.pipeline!r}: {error}") from error
+            return factory()
+        if self.tiny:
+            return build_tiny_wan_pipeline(self.tiny_seed)
+        return DiffusionPipeline.from_pretrained(self.base_model, dtype=dtype)
 
 
 @dataclass(frozen=True)
@@ -96,11 +123,7 @@ def build_student(
 ) -> Student:
     """Load the base pipeline, start its transformer from ``student_weights`` if given, add a
     fresh LoRA and attach MemFlow."""
-    pipe = (
-        build_tiny_wan_pipeline(config.tiny_seed)
-        if config.tiny
-        else DiffusionPipeline.from_pretrained(config.base_model, dtype=dtype)
-    )
+    pipe = config.build_pipeline(dtype)
     model = pipe.transformer.to(device)
     weights = None
     if config.student_weights:

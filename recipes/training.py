@@ -2,8 +2,9 @@
 
 A recipe (a ``Recipe`` subclass) builds its models and says, per step, which of its trained models
 to update and how to compute and backpropagate their losses. The loop does the rest with
-accelerate: one process per device (``accelerate launch`` / ``torchrun``; DDP), bf16 autocast on CUDA, AdamW on the LoRA weights with a diffusers LR schedule,
-gradient clipping, a stop with a clear error on a non-finite loss, checkpoints with exact resume,
+accelerate: one process per device (``accelerate launch`` / ``torchrun``; DDP), bf16 autocast on
+CUDA, AdamW on the LoRA weights with a diffusers LR schedule, gradient clipping, a stop with a
+clear error on a non-finite loss, checkpoints with exact resume,
 validation rollouts, tqdm and logging (``metrics.jsonl``), and the final ``MemFlowAdapter`` folder.
 """
 

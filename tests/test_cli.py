@@ -10,7 +10,8 @@ from memflow_adapter.tiny_wan import build_tiny_wan_pipeline
 
 @pytest.mark.slow
 def test_demo_writes_the_video_the_timeline_and_the_report(tmp_path, capsys):
-    assert main(f"demo --output-dir {tmp_path} --chunks 9 --config reference_sma".split()) == 0
+    command = f"demo --model tiny-random --output-dir {tmp_path} --chunks 9 --config reference_sma"
+    assert main(command.split()) == 0
     printed = capsys.readouterr().out
     assert "RANDOM" in printed and "weights" in printed
     report = json.loads((tmp_path / "report.json").read_text())

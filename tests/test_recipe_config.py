@@ -62,11 +62,20 @@ def test_overrides_are_yaml_values_and_exponents_are_numbers():
         ("lora.rank=0", "lora.rank must be an int >= 1, got 0"),
         ("schedule.steps=[]", "schedule.steps must hold at least one timestep"),
         ("training", "overrides must look like section.key=value"),
+        ("model.pipeline=nomodule", "model.pipeline must be 'module:function'"),
+        ("model.pipeline=a.b:c", "model.tiny must be false when pipeline is set"),
     ],
 )
 def test_errors_name_the_field(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(SLT, PACKAGE / "streaming_long_tuning_tiny.yaml", [override])
+
+
+def test_memory_finetune_windows_are_random_or_prefix():
+    config = load_config(MFT, PACKAGE / "memory_finetune_tiny.yaml", ["data.windows=prefix"])
+    assert config.data.windows == "prefix"
+    with pytest.raises(ConfigError, match=r"data.windows must be one of \('random', 'prefix'\)"):
+        load_config(MFT, PACKAGE / "memory_finetune_tiny.yaml", ["data.windows=all"])
 
 
 def test_the_command_line_reports_config_errors(capsys):

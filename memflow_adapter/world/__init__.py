@@ -1,0 +1,27 @@
+"""A narrative world small enough to train on a CPU: procedural six-prompt stories in which an
+entity leaves and comes back, their deterministic rendering, exact attribute detectors, and a
+tiny streaming Wan model trained on them with the recipes (the ``make demo`` default)."""
+
+from .detect import Detection, detect
+from .grammar import Script, make_script
+from .pipeline import (
+    WORLD_MEMORY,
+    WORLD_SEQUENCE_LENGTH,
+    NarrativeWorldPipeline,
+    build_world_pipeline,
+    load_world_pipeline,
+)
+from .render import render_script
+
+__all__ = [
+    "WORLD_MEMORY",
+    "WORLD_SEQUENCE_LENGTH",
+    "Detection",
+    "NarrativeWorldPipeline",
+    "Script",
+    "build_world_pipeline",
+    "detect",
+    "load_world_pipeline",
+    "make_script",
+    "render_script",
+]

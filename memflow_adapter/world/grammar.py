@@ -1,0 +1,144 @@
+"""The narrative world's vocabulary and scripts: places, named entities, and six-prompt stories in
+which an entity leaves and comes back (A -> B -> A), in the spirit of the MemFlow / LongLive
+interactive benchmark.
+
+A script's six segments (``SEGMENT_FRAMES`` latent frames each):
+
+1. an empty place A;
+2. entity P (named, described by size, colour and shape) enters place A;
+3. P leaves place A;
+4. in place B, entity Q (named and described) walks across;
+5. Q leaves place B;
+6. back in place A, P comes back: the prompt names P but does not describe it, so what P looks
+   like is only in the video's own history (its first appearance, segment 2).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+#: Latent frames (= pixel frames: the world's autoencoder has no temporal compression) per segment.
+SEGMENT_FRAMES = 4
+NUM_SEGMENTS = 6
+
+#: Entity colours (RGB in [0, 1]); place colours below stay far from these.
+COLOURS: dict[str, tuple[float, float, float]] = {
+    "red": (0.9, 0.1, 0.1),
+    "yellow": (0.95, 0.9, 0.1),
+    "magenta": (0.85, 0.2, 0.85),
+    "white": (0.97, 0.97, 0.97),
+    "black": (0.05, 0.05, 0.05),
+    "cyan": (0.1, 0.85, 0.9),
+}
+SHAPES = ("square", "circle", "triangle")
+#: Entity side length in pixels.
+SIZES: dict[str, int] = {"small": 8, "big": 14}
+NAMES = ("bo", "kip", "zed", "mia", "tok", "lux", "rin", "pim", "dax", "nel", "oru", "vix")
+
+
+@dataclass(frozen=True)
+class Place:
+    """A background: a base colour and a texture (``plain``, ``stripes``, ``checker``, ``dots``)
+    drawn in a darker shade of it."""
+
+    name: str
+    colour: tuple[float, float, float]
+    texture: str
+
+
+PLACES: dict[str, Place] = {
+    place.name: place
+    for place in (
+        Place("room", (0.2, 0.3, 0.7), "plain"),
+        Place("field", (0.3, 0.65, 0.25), "stripes"),
+        Place("desert", (0.8, 0.6, 0.35), "plain"),
+        Place("cave", (0.45, 0.42, 0.4), "checker"),
+        Place("garden", (0.55, 0.75, 0.5), "dots"),
+    )
+}
+
+
+@dataclass(frozen=True)
+class Entity:
+    """A named entity and its looks."""
+
+    name: str
+    size: str
+    colour: str
+    shape: str
+
+    @property
+    def description(self) -> str:
+        return f"a {self.size} {self.colour} {self.shape}"
+
+
+#: What an entity does in a segment: its horizontal centre (pixels) per frame of the segment.
+ACTIONS: dict[str, tuple[int, ...]] = {
+    "enters": (-2, 5, 11, 16),
+    "leaves": (16, 22, 29, 38),
+    "walks": (10, 14, 18, 22),
+}
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One prompt's segment: the place, the entity on screen (or none) and its action."""
+
+    prompt: str
+    place: Place
+    entity: Entity | None
+    action: str | None
+
+
+@dataclass(frozen=True)
+class Script:
+    """A six-segment story. ``returning`` is P (its description appears only in segment 2)."""
+
+    segments: tuple[Segment, ...]
+    returning: Entity
+    first_appearance: int = 1
+    return_segment: int = 5
+
+    @property
+    def prompts(self) -> list[str]:
+        return [segment.prompt for segment in self.segments]
+
+    @property
+    def segment_starts(self) -> list[int]:
+        return [index * SEGMENT_FRAMES for index in range(len(self.segments))]
+
+    @property
+    def num_frames(self) -> int:
+        return len(self.segments) * SEGMENT_FRAMES
+
+
+def random_entity(rng: random.Random, name: str) -> Entity:
+    return Entity(name, rng.choice(list(SIZES)), rng.choice(list(COLOURS)), rng.choice(SHAPES))
+
+
+def make_script(seed: int) -> Script:
+    """The script of ``seed`` (the same seed always gives the same script)."""
+    rng = random.Random(seed)
+    first_place, second_place = (PLACES[name] for name in rng.sample(sorted(PLACES), 2))
+    first_name, second_name = rng.sample(NAMES, 2)
+    p, q = random_entity(rng, first_name), random_entity(rng, second_name)
+    a, b = first_place.name, second_place.name
+    segments = (
+        Segment(f"an empty {a}", first_place, None, None),
+        Segment(f"{p.name} , {p.description} , enters the {a}", first_place, p, "enters"),
+        Segment(f"{p.name} leaves the {a}", first_place, p, "leaves"),
+        Segment(f"in a {b} , {q.name} , {q.description} , walks", second_place, q, "walks"),
+        Segment(f"{q.name} leaves the {b}", second_place, q, "leaves"),
+        Segment(f"back in the {a} , {p.name} comes back", first_place, p, "enters"),
+    )
+    return Script(segments, p)
+
+
+def vocabulary() -> list[str]:
+    """Every word the grammar writes, in a fixed order."""
+    words = [
+        "an", "empty", "a", ",", "enters", "the", "leaves", "in", "walks", "back", "comes",
+        *SIZES, *COLOURS, *SHAPES, *PLACES, *NAMES,
+    ]
+    return list(dict.fromkeys(words))

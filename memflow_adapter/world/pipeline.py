@@ -1,0 +1,126 @@
+"""The narrative world's diffusers pipeline: a tiny Wan transformer over the world's pixel
+autoencoder and text encoder, and the trained model shipped with the package.
+
+``NarrativeWorldPipeline`` offers what ``MemFlowStreamingPipeline`` uses of a Wan pipeline
+(``transformer``, ``vae``, ``encode_prompt``, ``vae_scale_factor_spatial``, ``video_processor``),
+so the world streams through the same code as a real Wan model::
+
+    pipe = load_world_pipeline()                       # the trained weights in the package
+    streaming = MemFlowStreamingPipeline(pipe, WORLD_MEMORY)
+    video = streaming(script.prompts, num_latent_frames=24, height=32, width=32,
+                      frames_per_prompt=4, max_sequence_length=WORLD_SEQUENCE_LENGTH)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from diffusers import DiffusionPipeline, WanTransformer3DModel
+from diffusers.video_processor import VideoProcessor
+
+from ..config import MemFlowConfig
+from ..tiny_wan import reinitialise
+from .components import PixelAutoencoder, WorldTextEncoder, WorldTokenizer
+
+#: The tiny Wan2.1-architecture transformer (about 1.6M parameters): 12 latent channels (2x2
+#: pixel patches), 1x2x2 token patches, 6 blocks of width 128 (4 heads of 32).
+WORLD_TRANSFORMER = {
+    "patch_size": (1, 2, 2),
+    "num_attention_heads": 4,
+    "attention_head_dim": 32,
+    "in_channels": 12,
+    "out_channels": 12,
+    "text_dim": 64,
+    "freq_dim": 64,
+    "ffn_dim": 384,
+    "num_layers": 6,
+    "cross_attn_norm": True,
+    "qk_norm": "rms_norm_across_heads",
+    "eps": 1e-6,
+    "rope_max_seq_len": 1024,
+}
+#: Prompt length in tokens (the grammar's longest prompt has 11 words).
+WORLD_SEQUENCE_LENGTH = 16
+#: The memory layout the world model is trained and demonstrated with (latent frames): a
+#: 2-frame sink (the first chunk), a 4-frame NAM bank, a 4-frame local window, 2-frame chunks.
+WORLD_MEMORY = MemFlowConfig.reference(
+    sink_frames=2, bank_frames=4, local_frames=4, frames_per_chunk=2, record_interval=1
+)
+#: The trained model: a diffusers transformer folder (LoRA merged) in the package.
+PRETRAINED = Path(__file__).with_name("pretrained")
+
+
+class NarrativeWorldPipeline(DiffusionPipeline):
+    """Transformer + ``PixelAutoencoder`` + ``WorldTextEncoder`` (+ its tokenizer)."""
+
+    model_cpu_offload_seq = "text_encoder->transformer->vae"
+
+    def __init__(
+        self,
+        transformer: WanTransformer3DModel,
+        vae: PixelAutoencoder,
+        text_encoder: WorldTextEncoder,
+    ) -> None:
+        super().__init__()
+        self.register_modules(transformer=transformer, vae=vae, text_encoder=text_encoder)
+        self.tokenizer = WorldTokenizer()
+        self.vae_scale_factor_spatial = vae.config.patch
+        self.vae_scale_factor_temporal = 1
+        self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_factor_spatial)
+
+    @torch.no_grad()
+    def encode_prompt(
+        self,
+        prompt: str | Sequence[str],
+        negative_prompt: str | Sequence[str] | None = None,
+        do_classifier_free_guidance: bool = False,
+        num_videos_per_prompt: int = 1,
+        max_sequence_length: int = WORLD_SEQUENCE_LENGTH,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Prompt embeddings ``[B * num_videos_per_prompt, max_sequence_length, 64]`` (and those
+        of ``negative_prompt`` with classifier-free guidance, else ``None``), as Wan's."""
+        def embed(texts: str | Sequence[str]) -> torch.Tensor:
+            texts = [texts] if isinstance(texts, str) else list(texts)
+            ids, mask = self.tokenizer(texts, max_sequence_length)
+            embeds = self.text_encoder(ids.to(self.text_encoder.device), mask.to(ids.device))
+            embeds = embeds.repeat_interleave(num_videos_per_prompt, dim=0)
+            return embeds.to(device or self.text_encoder.device, dtype or embeds.dtype)
+
+        positive = embed(prompt)
+        if not do_classifier_free_guidance:
+            return positive, None
+        negative = negative_prompt if negative_prompt is not None else ""
+        if isinstance(negative, str):
+            negative = [negative] * (1 if isinstance(prompt, str) else len(prompt))
+        return positive, embed(negative)
+
+
+def build_world_pipeline(seed: int = 0) -> NarrativeWorldPipeline:
+    """The world pipeline with a RANDOM transformer of seed ``seed`` (the base the recipes train
+    LoRA on); the global torch RNG is left untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = WanTransformer3DModel(**WORLD_TRANSFORMER)
+        reinitialise(transformer)
+    return _assemble(transformer)
+
+
+def load_world_pipeline(folder: str | Path = PRETRAINED) -> NarrativeWorldPipeline:
+    """The world pipeline with the trained transformer of ``folder`` (default: the packaged
+    one, trained with the commands of ``memflow_adapter/world/README.md``)."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{folder} holds no trained world transformer (config.json + safetensors)"
+        )
+    return _assemble(WanTransformer3DModel.from_pretrained(folder))
+
+
+def _assemble(transformer: WanTransformer3DModel) -> NarrativeWorldPipeline:
+    text_encoder = WorldTextEncoder(len(WorldTokenizer()), WORLD_TRANSFORMER["text_dim"])
+    pipe = NarrativeWorldPipeline(transformer.eval(), PixelAutoencoder(), text_encoder.eval())
+    return pipe

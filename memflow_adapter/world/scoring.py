@@ -1,0 +1,139 @@
+"""Generation and scoring of narrative-world scripts under memory layouts.
+
+Scores of one generated script (frames read by the exact detectors of ``detect.py``):
+
+* ``adherence``: the fraction of the script's checks the video passes: each frame shows the
+  segment's place; the empty opening shows no entity; P, fully entered at the end of segment 2,
+  and Q, in every frame of segment 4, look as their prompts describe them (size, colour, shape);
+  after each "leaves", the last frame shows no entity.
+* ``return_looks``: P, back at the end of segment 6, looks as it did at its first appearance
+  (end of segment 2) in the same video (``return_colour`` / ``_size`` / ``_shape`` per attribute;
+  false when no entity was fully in view at the first appearance), the consistency memory is
+  for: segment 6's prompt names P but does not describe it.
+* ``return_truth``: P is back looking as the script describes it.
+* ``return_place``: segment 6 shows the place of the opening (also from the video itself).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..config import MemFlowConfig
+from ..hooks import get_memflow, remove_memflow
+from ..pipeline import MemFlowStreamingPipeline
+from .detect import Detection, detect
+from .grammar import SEGMENT_FRAMES, Entity, Script
+from .pipeline import WORLD_MEMORY, WORLD_SEQUENCE_LENGTH, NarrativeWorldPipeline
+from .render import HEIGHT, WIDTH
+
+#: The layouts compared: MemFlow (NAM bank), MemFlow with SMA, LongLive (sink + window), and the
+#: local window alone.
+WORLD_LAYOUTS: dict[str, MemFlowConfig] = {
+    "reference": WORLD_MEMORY,
+    "reference_sma": dataclasses.replace(WORLD_MEMORY, sma=True, sma_top_k=3),
+    "longlive": dataclasses.replace(WORLD_MEMORY, bank_frames=0, nam=False),
+    "window_only": dataclasses.replace(WORLD_MEMORY, sink_frames=0, bank_frames=0, nam=False),
+}
+
+
+@dataclass(frozen=True)
+class ScriptScores:
+    adherence: float
+    return_looks: bool
+    return_colour: bool
+    return_size: bool
+    return_shape: bool
+    return_truth: bool
+    return_place: bool
+    seconds_per_chunk: float
+
+
+@dataclass(frozen=True)
+class Generated:
+    """A generated script: ``video`` ``[F, 3, H, W]`` in ``[-1, 1]``, per-chunk seconds, and the
+    pipeline's output (latents, memory trace, chunk reports)."""
+
+    video: torch.Tensor
+    chunk_seconds: list[float]
+    output: object
+
+
+def generate_script(
+    streaming: MemFlowStreamingPipeline, script: Script, seed: int
+) -> Generated:
+    """Stream ``script``'s six prompts (``SEGMENT_FRAMES`` latent frames each)."""
+    output = streaming(
+        script.prompts,
+        num_latent_frames=script.num_frames,
+        height=HEIGHT,
+        width=WIDTH,
+        frames_per_prompt=SEGMENT_FRAMES,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="pt",
+        max_sequence_length=WORLD_SEQUENCE_LENGTH,
+        progress=False,
+    )
+    video = output.frames[0] * 2.0 - 1.0  # "pt" frames are [F, 3, H, W] in [0, 1]
+    return Generated(video, [chunk.seconds for chunk in output.chunks], output)
+
+
+def streaming_world(pipe: NarrativeWorldPipeline, layout: str) -> MemFlowStreamingPipeline:
+    """``pipe`` streamed with ``WORLD_LAYOUTS[layout]`` (any previous attachment removed)."""
+    if layout not in WORLD_LAYOUTS:
+        raise ValueError(f"layout must be one of {sorted(WORLD_LAYOUTS)}, got {layout!r}")
+    if get_memflow(pipe.transformer) is not None:
+        remove_memflow(pipe.transformer)
+    return MemFlowStreamingPipeline(pipe, WORLD_LAYOUTS[layout], device="cpu")
+
+
+def _frame(segment: int, frame: int) -> int:
+    return segment * SEGMENT_FRAMES + frame
+
+
+def _looks(entity: Entity) -> tuple[str, str, str]:
+    return entity.colour, entity.size, entity.shape
+
+
+def score_script(script: Script, video: torch.Tensor, chunk_seconds: Sequence[float]
+                 ) -> ScriptScores:
+    """Score a video ``[F, 3, H, W]`` in ``[-1, 1]`` of ``script`` (see the module docstring)."""
+    detections = [detect(frame) for frame in video]
+    checks: list[bool] = []
+    for index, segment in enumerate(script.segments[:-1]):
+        frames = detections[_frame(index, 0) : _frame(index + 1, 0)]
+        checks += [found.place == segment.place.name for found in frames]
+        if segment.entity is None:
+            checks += [found.colour is None for found in frames]
+        elif segment.action == "enters":
+            checks.append(frames[-1].looks == _looks(segment.entity))
+        elif segment.action == "walks":
+            checks += [found.looks == _looks(segment.entity) for found in frames]
+        elif segment.action == "leaves":
+            checks.append(frames[-1].colour is None)
+    first: Detection = detections[_frame(script.first_appearance, SEGMENT_FRAMES - 1)]
+    back: Detection = detections[_frame(script.return_segment, SEGMENT_FRAMES - 1)]
+    # an entity fully in view (a noise frame reads as one colour touching every edge)
+    seen_first = first.shape is not None
+    return ScriptScores(
+        adherence=sum(checks) / len(checks),
+        return_looks=seen_first and back.looks == first.looks,
+        return_colour=seen_first and back.colour == first.colour,
+        return_size=seen_first and back.size == first.size,
+        return_shape=seen_first and back.shape == first.shape,
+        return_truth=back.looks == _looks(script.returning),
+        return_place=back.place == detections[0].place,
+        seconds_per_chunk=statistics.mean(chunk_seconds),
+    )
+
+
+def mean_scores(scores: Sequence[ScriptScores]) -> dict[str, float]:
+    """Each field averaged over scripts (booleans as rates)."""
+    return {
+        field.name: statistics.mean(float(getattr(s, field.name)) for s in scores)
+        for field in dataclasses.fields(ScriptScores)
+    }

@@ -1,0 +1,145 @@
+"""The narrative world: scripts, rendering, exact detectors, the fixed autoencoder and text
+encoder, the pipeline streaming through MemFlow, scoring, and the training dataset."""
+
+import dataclasses
+import itertools
+
+import pytest
+import torch
+
+from memflow_adapter import MemFlowStreamingPipeline
+from memflow_adapter.integrations.wan import WanIntegration
+from memflow_adapter.recipes.latents import LatentVideoDataset
+from memflow_adapter.world import (
+    WORLD_MEMORY,
+    WORLD_SEQUENCE_LENGTH,
+    build_world_pipeline,
+    detect,
+    make_script,
+    render_script,
+)
+from memflow_adapter.world.components import PixelAutoencoder, WorldTokenizer
+from memflow_adapter.world.dataset import script_sample, write_dataset
+from memflow_adapter.world.grammar import (
+    COLOURS,
+    PLACES,
+    SEGMENT_FRAMES,
+    SHAPES,
+    SIZES,
+    Entity,
+    Segment,
+)
+from memflow_adapter.world.render import entity_mask, place_background
+from memflow_adapter.world.scoring import generate_script, score_script, streaming_world
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return build_world_pipeline(seed=0)
+
+
+def test_a_script_is_fixed_by_its_seed_and_its_entity_returns_undescribed():
+    script = make_script(11)
+    assert script == make_script(11) and script != make_script(12)
+    assert len(script.prompts) == 6 and script.num_frames == 6 * SEGMENT_FRAMES
+    returning = script.returning
+    described = [i for i, p in enumerate(script.prompts) if returning.description in p]
+    named = [i for i, p in enumerate(script.prompts) if p.split()[0] == returning.name
+             or f", {returning.name} " in p]
+    assert described == [1]
+    assert named == [1, 2, 5] and script.segments[5].place == script.segments[0].place
+
+
+def test_the_detectors_read_every_place_and_entity_exactly():
+    for place, colour, size, shape in itertools.product(PLACES, COLOURS, SIZES, SHAPES):
+        background = place_background(PLACES[place])
+        entity = Entity("bo", size, colour, shape)
+        frame = torch.where(entity_mask(entity, 16), torch.tensor(COLOURS[colour])[:, None, None],
+                            background)
+        assert detect(frame * 2 - 1).looks == (colour, size, shape), (place, entity)
+        assert detect(frame * 2 - 1).place == place
+        assert detect(background * 2 - 1).colour is None
+
+
+def test_an_entity_cut_by_the_frame_edge_has_a_colour_but_no_size_or_shape():
+    background = place_background(PLACES["room"])
+    entity = Entity("bo", "big", "red", "square")
+    frame = torch.where(entity_mask(entity, 3), torch.tensor(COLOURS["red"])[:, None, None],
+                        background)
+    assert detect(frame * 2 - 1).looks == ("red", None, None)
+
+
+def test_the_autoencoder_is_lossless_through_the_wan_integration(pipe):
+    video = render_script(make_script(3)).transpose(0, 1)[None]
+    latents = pipe.vae.encode_normalised(video)
+    assert latents.shape == (1, 12, 24, 16, 16)
+    decoded = WanIntegration(pipe.transformer).decode_latents(pipe.vae, latents)
+    torch.testing.assert_close(decoded, video, rtol=0, atol=1e-6)
+    assert isinstance(pipe.vae, PixelAutoencoder) and pipe.vae_scale_factor_spatial == 2
+
+
+def test_prompt_embeddings_are_fixed_zero_padded_and_know_the_grammar(pipe):
+    prompt = make_script(0).prompts[1]
+    embeds, negative = pipe.encode_prompt(prompt, max_sequence_length=WORLD_SEQUENCE_LENGTH)
+    again, _ = build_world_pipeline(seed=5).encode_prompt(prompt)
+    assert negative is None and embeds.shape == (1, WORLD_SEQUENCE_LENGTH, 64)
+    torch.testing.assert_close(embeds, again, rtol=0, atol=0)
+    words = len(prompt.split())
+    assert embeds[0, :words].abs().sum(dim=1).min() > 0 and not embeds[0, words:].any()
+    tokenizer = WorldTokenizer()
+    ids, _ = tokenizer([prompt + " zebra"], WORLD_SEQUENCE_LENGTH)
+    assert 1 not in ids[0, :words].tolist() and ids[0, words] == 1  # "zebra" is unknown
+
+
+def test_rendered_stories_score_perfectly_and_a_changed_return_is_caught():
+    script = make_script(4)
+    perfect = score_script(script, render_script(script), [0.01])
+    assert perfect.adherence == 1.0 and perfect.return_looks and perfect.return_truth
+    assert perfect.return_place
+    other_colour = next(c for c in COLOURS if c != script.returning.colour)
+    changed = dataclasses.replace(script.returning, colour=other_colour)
+    segments = list(script.segments)
+    segments[5] = dataclasses.replace(segments[5], entity=changed)
+    wrong = render_script(dataclasses.replace(script, segments=tuple(segments)))
+    scores = score_script(script, wrong, [0.01])
+    assert scores.adherence == 1.0 and not scores.return_looks and not scores.return_colour
+    assert scores.return_size and scores.return_shape and not scores.return_truth
+
+
+def test_the_world_streams_through_the_memflow_pipeline_under_every_layout(pipe):
+    script = make_script(2)
+    for layout in ("reference", "longlive", "window_only"):
+        streaming = streaming_world(pipe, layout)
+        assert isinstance(streaming, MemFlowStreamingPipeline)
+        generated = generate_script(streaming, script, seed=0)
+        assert generated.video.shape == (24, 3, 32, 32)
+        assert len(generated.chunk_seconds) == 12
+        recached = [chunk.recached for chunk in generated.output.chunks]
+        assert recached == [i > 0 and i % 2 == 0 for i in range(12)]
+    assert streaming.config.sink_frames == 0 and streaming.config.bank_frames == 0
+    reference = streaming_world(pipe, "reference")
+    assert reference.config == WORLD_MEMORY
+    with pytest.raises(ValueError, match="layout must be one of"):
+        streaming_world(pipe, "memflow")
+
+
+def test_the_training_dataset_holds_the_rendered_scripts(pipe, tmp_path):
+    write_dataset(tmp_path, videos=2, first_seed=1000)
+    dataset = LatentVideoDataset(tmp_path)
+    assert len(dataset) == 2
+    sample = dataset[1]
+    script = make_script(1001)
+    assert list(sample.prompts) == script.prompts
+    assert sample.segment_starts.tolist() == script.segment_starts
+    video = render_script(script).transpose(0, 1)[None]
+    torch.testing.assert_close(sample.latents, pipe.vae.encode_normalised(video)[0])
+    assert sample.prompt_embeds.shape == (6, WORLD_SEQUENCE_LENGTH, 64)
+    torch.testing.assert_close(sample.latents, script_sample(pipe, 1001).latents)
+    with pytest.raises(ValueError, match="first_seed must be >= 1000"):
+        write_dataset(tmp_path, videos=1, first_seed=3)
+
+
+def test_segments_carry_the_place_entity_and_action():
+    segment = make_script(0).segments[3]
+    assert isinstance(segment, Segment) and segment.action == "walks"
+    assert segment.entity.description in segment.prompt
