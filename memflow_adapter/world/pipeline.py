@@ -106,7 +106,25 @@ def build_world_pipeline(seed: int = 0) -> NarrativeWorldPipeline:
         torch.manual_seed(seed)
         transformer = WanTransformer3DModel(**WORLD_TRANSFORMER)
         reinitialise(transformer)
+    calm_modulation(transformer)
     return _assemble(transformer)
+
+
+@torch.no_grad()
+def calm_modulation(transformer: WanTransformer3DModel, time_scale: float = 0.1) -> None:
+    """Make a random Wan transformer a trainable base for LoRA: its blocks start as plain
+    residual blocks (gates 1, shifts and scales 0) and the timestep's embedding is scaled by
+    ``time_scale``, so the timestep modulates every block a little instead of gating channels
+    on and off at random (LoRA cannot retrain the modulation: it sits outside the blocks'
+    Linear layers)."""
+    time_embedder = transformer.condition_embedder.time_embedder
+    time_embedder.linear_2.weight.mul_(time_scale)
+    time_embedder.linear_2.bias.zero_()
+    transformer.scale_shift_table.zero_()
+    for block in transformer.blocks:
+        block.scale_shift_table.zero_()
+        block.scale_shift_table[:, 2].fill_(1.0)  # gate of self-attention
+        block.scale_shift_table[:, 5].fill_(1.0)  # gate of the feed-forward
 
 
 def load_world_pipeline(folder: str | Path = PRETRAINED) -> NarrativeWorldPipeline:
