@@ -107,6 +107,7 @@ def build_world_pipeline(seed: int = 0) -> NarrativeWorldPipeline:
         transformer = WanTransformer3DModel(**WORLD_TRANSFORMER)
         reinitialise(transformer)
     calm_modulation(transformer)
+    pass_input_through(transformer)
     return _assemble(transformer)
 
 
@@ -125,6 +126,21 @@ def calm_modulation(transformer: WanTransformer3DModel, time_scale: float = 0.1)
         block.scale_shift_table.zero_()
         block.scale_shift_table[:, 2].fill_(1.0)  # gate of self-attention
         block.scale_shift_table[:, 5].fill_(1.0)  # gate of the feed-forward
+
+
+@torch.no_grad()
+def pass_input_through(transformer: WanTransformer3DModel) -> None:
+    """Give a random Wan transformer a skip path from its input to its output: ``proj_out`` is
+    set to the pseudo-inverse of the patch embedding (in the unpatchify order), the patch bias to
+    zero, so that with quiet blocks the model returns its (per-token normalised) input. The flow
+    target ``noise - clean`` is close to the input at high noise; a frozen random ``proj_out``
+    would leave LoRA to learn that identity through the blocks."""
+    embedding = transformer.patch_embedding
+    # [dim, C, pt, ph, pw] -> [dim, pt * ph * pw * C]: proj_out's features are (pt, ph, pw, C)
+    forward = embedding.weight.permute(0, 2, 3, 4, 1).flatten(1).double()
+    transformer.proj_out.weight.copy_(torch.linalg.pinv(forward).to(embedding.weight.dtype))
+    transformer.proj_out.bias.zero_()
+    embedding.bias.zero_()
 
 
 def load_world_pipeline(folder: str | Path = PRETRAINED) -> NarrativeWorldPipeline:
