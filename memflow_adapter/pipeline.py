@@ -307,7 +307,10 @@ class MemFlowStreamingPipeline:
             clean = self.schedule.predict_clean(noisy, flow, self.schedule.sigma_at(timestep))
             if step + 1 < len(timesteps):
                 next_sigma = self.schedule.sigma_at(timesteps[step + 1])
-                eps = step_noise(chunk_index, step, noise.shape).to(self.device)
+                if self.schedule.stochastic:
+                    eps = step_noise(chunk_index, step, noise.shape).to(self.device)
+                else:
+                    eps = self.schedule.predict_noise(clean, flow)
                 noisy = self.schedule.renoise(clean, eps, next_sigma)
         return clean.float()
 

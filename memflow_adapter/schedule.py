@@ -22,10 +22,16 @@ class FlowMatchSchedule:
     Args:
         steps: configured timesteps, each in ``1..1000`` (reference: 1000, 750, 500, 250).
         shift: the flow-matching shift (reference: 5).
+        stochastic: between steps, re-noise the clean estimate with fresh noise (the few-step
+            sampler of Self-Forcing / LongLive / MemFlow, for distilled models); ``False``
+            re-noises it with the model's own noise estimate ``x0 + v`` instead, the
+            deterministic flow-matching (DDIM, eta 0) step that models trained by plain flow
+            matching sample best with.
     """
 
     steps: tuple[int, ...] = (1000, 750, 500, 250)
     shift: float = 5.0
+    stochastic: bool = True
 
     def __post_init__(self) -> None:
         if not self.steps:
@@ -58,6 +64,11 @@ class FlowMatchSchedule:
     def predict_clean(noisy: torch.Tensor, flow: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """``x0 = x_t - sigma * v``, computed in float64."""
         return noisy.double() - sigma * flow.double()
+
+    @staticmethod
+    def predict_noise(clean: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
+        """``eps = x0 + v`` (the flow is ``v = eps - x0``), computed in float64."""
+        return clean.double() + flow.double()
 
     @staticmethod
     def renoise(clean: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:

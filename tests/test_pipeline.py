@@ -150,6 +150,39 @@ def test_the_loop_is_exactly_the_documented_schedule(tiny_pipe):
     assert torch.equal(result.latents, torch.cat(clean_video, 2))
 
 
+def test_deterministic_sampling_steps_along_the_models_own_noise_estimate(tiny_pipe):
+    """With ``stochastic=False`` no re-noising noise is drawn: the run depends on the initial
+    noise only, and two steps from 1000 to 500 land where one flow-matching Euler step from
+    1000 to 500 then one x0 estimate would."""
+    config = MemFlowConfig.reference()
+    schedule = FlowMatchSchedule((1000, 500), shift=1.0, stochastic=False)
+    latents = torch.randn(1, 16, 3, 4, 4, generator=torch.Generator().manual_seed(4))
+
+    def unused(chunk, step, shape):
+        raise AssertionError("a deterministic schedule drew re-noising noise")
+
+    pipe = streaming(tiny_pipe, config)
+    pipe.schedule = schedule
+    result = pipe(PROMPTS[0], num_latent_frames=3, height=SIZE, width=SIZE, latents=latents,
+                  step_noise=unused, output_type="latent", max_sequence_length=16,
+                  progress=False)
+
+    attachment, model = pipe.attachment, tiny_pipe.transformer
+    embeds = tiny_pipe.encode_prompt(PROMPTS[0], do_classifier_free_guidance=False,
+                                     max_sequence_length=16, device="cpu")[0]
+    session = attachment.create_session(4, 4)
+    with attachment.bind(session):
+        session.begin_chunk(attachment.text_keys(embeds))
+        x = latents.double()
+        with session.denoise_pass():
+            v = model(x.float(), torch.full((1,), 1000.0), embeds, return_dict=False)[0]
+        x = x - 0.5 * v.double()  # Euler from sigma 1 to sigma 0.5
+        with session.denoise_pass():
+            v = model(x.float(), torch.full((1,), 500.0), embeds, return_dict=False)[0]
+        expected = (x - 0.5 * v.double()).float()
+    torch.testing.assert_close(result.latents, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_any_length_works_including_a_short_last_chunk(tiny_pipe):
     result = generate(
         tiny_pipe,

@@ -39,6 +39,12 @@ def test_x0_and_renoising_follow_the_flow_matching_identities(generator):
     noisy = FlowMatchSchedule.renoise(clean, noise, sigma)
     flow = noise.double() - clean.double()  # the exact velocity of the straight path
     torch.testing.assert_close(FlowMatchSchedule.predict_clean(noisy, flow, sigma), clean.double())
+    torch.testing.assert_close(FlowMatchSchedule.predict_noise(clean, flow), noise.double())
+
+
+def test_sampling_is_stochastic_by_default_as_in_self_forcing():
+    assert FlowMatchSchedule().stochastic
+    assert not FlowMatchSchedule(stochastic=False).stochastic
 
 
 @pytest.mark.parametrize(
