@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,11 +36,18 @@ from .flow import (
     seeded_generator,
 )
 from .latents import DatasetError, LatentVideoDataset, VideoLatents
-from .rollout import Conditioning, StreamingStudent, commit_clean_chunks, plan_chunks
+from .rollout import (
+    ChunkPlan,
+    Conditioning,
+    StreamingStudent,
+    commit_clean_chunks,
+    plan_chunks,
+)
 from .training import Recipe, RecipeConfig, Trainable, main
 
 NAME = "memory_finetune"
 WINDOWS = ("random", "prefix")
+LOSS_CHUNKS = ("last", "all")
 
 
 @dataclass(frozen=True)
@@ -54,18 +62,25 @@ class LatentDataConfig:
             ``prefix``: windows from the video's first chunk to a random chunk (at most
             ``chunks_per_sample``), so that every chunk, the first included, learns with the whole
             history it has at generation time (the sink holds the video's first frames).
+        loss_chunks: ``last``: the window's last chunk is the loss chunk, the others only fill
+            the memory; ``all``: every chunk is one in turn (noised and denoised with the memory
+            of the chunks before it, its loss backpropagated, then committed clean), the loss
+            being their mean: a window's worth of signal for the cost of one rollout.
         noise: where the loss chunk's noise level is drawn.
     """
 
     dataset: Path = Path("data/latents")
     chunks_per_sample: int = 8
     windows: str = "random"
+    loss_chunks: str = "last"
     noise: NoiseRange = field(default_factory=lambda: NoiseRange(0.0, 1.0))
 
     def __post_init__(self) -> None:
         check(self.chunks_per_sample >= 2, "chunks_per_sample", "an int >= 2",
               self.chunks_per_sample)
         check(self.windows in WINDOWS, "windows", f"one of {WINDOWS}", self.windows)
+        check(self.loss_chunks in LOSS_CHUNKS, "loss_chunks", f"one of {LOSS_CHUNKS}",
+              self.loss_chunks)
 
 
 @dataclass(frozen=True)
@@ -108,21 +123,38 @@ class MemoryFinetune(Recipe):
             student = StreamingStudent(
                 self.student.model, self.prepared["student"], session, self.dtype
             )
-            commit_clean_chunks(student, chunks[:-1], conditions, video)
-            target = chunks[-1]
-            cond = conditions[target.segment]
-            student.open_chunk(target, cond, video)
-            clean = video[:, :, target.start : target.stop]
-            sigmas = sample_sigmas(
-                self.config.schedule, self.config.data.noise, 1, randomness.local
-            )
-            sigma = per_sample(sigmas.to(self.device))
-            noise = randomness.randn(tuple(clean.shape), self.device)
-            noisy = self.config.schedule.renoise(clean, noise, sigma)
-            flow = student.flow(noisy, TABLE_SIZE * sigma.flatten(), cond, grad=True)
-            loss = flow_matching_loss(flow, noise, clean)
-            student.backward(self.accelerator, loss)
-        return loss.detach()
+            trained = chunks if self.config.data.loss_chunks == "all" else chunks[-1:]
+            commit_clean_chunks(student, chunks[: len(chunks) - len(trained)], conditions, video)
+            total = torch.zeros((), device=self.device)
+            for chunk in trained:
+                last = chunk is chunks[-1]
+                cond = conditions[chunk.segment]
+                student.open_chunk(chunk, cond, video)
+                # Gradients are all-reduced once, after the last chunk's backward.
+                with nullcontext() if last else self.accelerator.no_sync(student.trained):
+                    loss = self._chunk_loss(student, chunk, cond, video, randomness)
+                    student.backward(self.accelerator, loss / len(trained))
+                total += loss.detach() / len(trained)
+                if not last:
+                    student.commit(video[:, :, chunk.start : chunk.stop], cond)
+        return total
+
+    def _chunk_loss(
+        self,
+        student: StreamingStudent,
+        chunk: ChunkPlan,
+        cond: Conditioning,
+        video: torch.Tensor,
+        randomness: StepRandomness,
+    ) -> torch.Tensor:
+        """Flow matching on ``chunk`` of ``video`` noised at a random level (the chunk is open)."""
+        clean = video[:, :, chunk.start : chunk.stop]
+        sigmas = sample_sigmas(self.config.schedule, self.config.data.noise, 1, randomness.local)
+        sigma = per_sample(sigmas.to(self.device))
+        noise = randomness.randn(tuple(clean.shape), self.device)
+        noisy = self.config.schedule.renoise(clean, noise, sigma)
+        flow = student.flow(noisy, TABLE_SIZE * sigma.flatten(), cond, grad=True)
+        return flow_matching_loss(flow, noise, clean)
 
     def _video_index(self, step: int) -> int:
         """Each process takes its own video per step; every epoch visits the dataset in a new

@@ -76,6 +76,8 @@ def test_memory_finetune_windows_are_random_or_prefix():
     assert config.data.windows == "prefix"
     with pytest.raises(ConfigError, match=r"data.windows must be one of \('random', 'prefix'\)"):
         load_config(MFT, PACKAGE / "memory_finetune_tiny.yaml", ["data.windows=all"])
+    with pytest.raises(ConfigError, match=r"data.loss_chunks must be one of \('last', 'all'\)"):
+        load_config(MFT, PACKAGE / "memory_finetune_tiny.yaml", ["data.loss_chunks=first"])
 
 
 def test_the_command_line_reports_config_errors(capsys):

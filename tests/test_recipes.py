@@ -14,6 +14,7 @@ from memflow_adapter import MemFlowAdapter, MemFlowConfig, get_memflow
 from memflow_adapter.recipes import memory_finetune, streaming_long_tuning
 from memflow_adapter.recipes.latents import VideoLatents
 from memflow_adapter.recipes.models import lora_state_dict
+from memflow_adapter.recipes.rollout import StreamingStudent
 from memflow_adapter.recipes.training import NonFiniteLossError, main
 from memflow_adapter.tiny_wan import build_tiny_wan_pipeline
 
@@ -113,6 +114,29 @@ def test_a_few_steps_train_the_lora_only_and_give_a_loadable_adapter(name, datas
     assert len(metrics) == 3 and (tmp_path / "config.yaml").is_file()
 
 
+def test_memory_finetune_can_take_its_loss_on_every_chunk_of_a_window(
+    dataset, tmp_path, monkeypatch
+):
+    """``data.loss_chunks=all``: each chunk of the window is denoised with gradient once, with the
+    memory of the chunks before it; the tiny config's 5-chunk windows over videos of 5, 6 and 3
+    chunks make 5 + 5 + 3 gradient passes in the first three steps (one epoch)."""
+    gradient_passes = []
+    flow = StreamingStudent.flow
+
+    def counted(self, noisy, timestep, cond, grad):
+        if grad:
+            gradient_passes.append(noisy.shape[2])
+        return flow(self, noisy, timestep, cond, grad)
+
+    monkeypatch.setattr(StreamingStudent, "flow", counted)
+    recipe = run("memory_finetune", overrides(
+        "memory_finetune", tmp_path, dataset, "training.max_steps=3", "data.loss_chunks=all"
+    ))
+    assert len(gradient_passes) == 13 and set(gradient_passes) == {2}
+    final = lora_state_dict(recipe.student.model)
+    assert all(not torch.equal(final[k], v) for k, v in recipe.initial["student"].items())
+
+
 def test_a_nan_loss_stops_the_run_naming_the_step(dataset, tmp_path):
     # A learning rate of 1e30 throws the LoRA to infinity in one step: step 2's loss is NaN.
     with pytest.raises(NonFiniteLossError, match="student loss is not finite at step 2"):
@@ -183,6 +207,7 @@ def test_two_processes_train_identical_weights(name, dataset, tmp_path):
         from safetensors.torch import save_file
         from memflow_adapter.recipes import {name} as module
         from memflow_adapter.recipes.models import lora_state_dict
+from memflow_adapter.recipes.rollout import StreamingStudent
         from memflow_adapter.recipes.training import main
 
         runs = []
