@@ -29,7 +29,6 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/attention_overhead.py --heads 2
 	$(PY) bench/streaming_scaling.py
-	$(PY) bench/narrative_eval.py --scripts 50
 
 clean:
 	rm -rf $(VENV) .pytest_cache outputs

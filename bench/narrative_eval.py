@@ -1,13 +1,13 @@
 """Narrative-world quality benchmark: does memory keep a returning entity consistent?
 
-For N held-out scripts (seeds 0 .. N-1; training used seeds >= 1000), the packaged world model
+For N held-out scripts (seeds 0 .. N-1; training used seeds >= 1000), a trained world model
 generates each six-prompt story under four memory layouts, side by side in one run: MemFlow
 (`reference`: sink + NAM bank + window), MemFlow with SMA, LongLive (sink + window) and the local
 window alone. The exact detectors score prompt adherence, the consistency of the returning entity
 and place with their first appearance, and the time per chunk (see memflow_adapter/world/
 scoring.py).
 
-    .venv/bin/python bench/narrative_eval.py --scripts 50
+    .venv/bin/python bench/narrative_eval.py --model outputs/world/model --scripts 50
 """
 
 from __future__ import annotations
@@ -42,15 +42,15 @@ COLUMNS = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scripts", type=int, default=50, help="held-out scripts (seeds 0..N-1)")
-    parser.add_argument("--weights", type=Path, help="a world transformer folder "
-                        "(default: the packaged one)")
+    parser.add_argument("--model", type=Path, required=True,
+                        help="a trained world transformer folder (memflow_adapter.world.export)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, help="also write the table as JSON")
     args = parser.parse_args()
     if not 1 <= args.scripts <= 1000:
         parser.error(f"--scripts must be in 1..1000 (held-out seeds), got {args.scripts}")
     torch.set_num_threads(args.threads)
-    pipe = load_world_pipeline(args.weights) if args.weights else load_world_pipeline()
+    pipe = load_world_pipeline(args.model)
     scripts = [make_script(seed) for seed in range(args.scripts)]
     table = {}
     for layout in WORLD_LAYOUTS:

@@ -29,13 +29,16 @@ def _demo(args: argparse.Namespace) -> int:
         from .world.demo import run_world_demo
 
         fixed = [name for name, value in sizes.items() if value is not None]
+        if not args.world_model:
+            raise SystemExit("memflow demo: --model world needs --world-model DIR, a trained "
+                             "world transformer (memflow_adapter/world/README.md)")
         if fixed:
             raise SystemExit(f"memflow demo: {', '.join(fixed)} apply to --model tiny-random; "
                              "the world model's frames are 32x32 with 16-token prompts")
         try:
-            return run_world_demo(args.config, args.script, args.seed, Path(args.output_dir),
-                                  args.fps)
-        except ValueError as error:
+            return run_world_demo(Path(args.world_model), args.config, args.script, args.seed,
+                                  Path(args.output_dir), args.fps)
+        except (ValueError, FileNotFoundError) as error:
             raise SystemExit(f"memflow demo: {error}") from error
     return _random_tiny_demo(args)
 
@@ -161,12 +164,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser(
         "demo",
-        help="stream a 6-prompt story with a returning entity with the packaged narrative-world "
-        "model (offline), or a 3-prompt video with a tiny random-weight Wan (--model tiny-random)",
+        help="stream a 3-prompt video with an embedded tiny random-weight Wan (offline), or a "
+        "6-prompt narrative-world story with a returning entity (--model world)",
     )
     _add_common(demo, height=None, width=None, seq=None)
-    demo.add_argument("--model", choices=("world", "tiny-random"), default="world",
-                      help="world: the packaged trained model (default); tiny-random: plumbing")
+    demo.add_argument("--model", choices=("tiny-random", "world"), default="tiny-random",
+                      help="tiny-random: plumbing only (default); world: a trained world model")
+    demo.add_argument("--world-model", help="world: a trained world transformer folder")
     demo.add_argument("--script", type=int, default=7,
                       help="world: the held-out story's seed, 0..999 (default: 7)")
     demo.add_argument("--chunks", type=int, default=9,

@@ -78,7 +78,7 @@ def test_a_short_run_trains_prefix_windows_and_exports_a_loadable_model(world_da
     assert any(value.abs().sum() > 0 for key, value in lora_state_dict(trained).items()
                if "lora_B" in key)
 
-    folder = export(out / "adapter", tmp_path / "pretrained")
+    folder = export(out / "adapter", tmp_path / "model")
     curve = plot_training_curve(out / "metrics.jsonl", tmp_path / "curve.png")
     assert curve.read_bytes()[:4] == b"\x89PNG"
     merged = world.load_world_pipeline(folder).transformer

@@ -1,6 +1,6 @@
 """A narrative world small enough to train on a CPU: procedural six-prompt stories in which an
-entity leaves and comes back, their deterministic rendering, exact attribute detectors, and a
-tiny streaming Wan model trained on them with the recipes (the ``make demo`` default)."""
+entity leaves and comes back, their deterministic rendering, exact attribute detectors, and the
+pipeline of a tiny streaming Wan model the recipes train on them (see README.md)."""
 
 from .detect import Detection, detect
 from .grammar import Script, make_script

@@ -1,5 +1,5 @@
-"""``memflow demo`` with the packaged narrative-world model: a six-prompt story in which an entity
-leaves and comes back, streamed with a memory layout; writes the mp4 (frames enlarged for
+"""``memflow demo --model world``: a trained narrative-world model streams a six-prompt story in
+which an entity leaves and comes back, with a memory layout; writes the mp4 (frames enlarged for
 viewing), the memory timeline and a report with the detectors' scores, and prints the scores of
 the same story under every layout for comparison."""
 
@@ -19,7 +19,9 @@ from .scoring import WORLD_LAYOUTS, generate_script, score_script, streaming_wor
 VIDEO_SCALE = 8
 
 
-def run_world_demo(layout: str, script_seed: int, seed: int, output_dir: Path, fps: int) -> int:
+def run_world_demo(
+    model: Path, layout: str, script_seed: int, seed: int, output_dir: Path, fps: int
+) -> int:
     if layout not in WORLD_LAYOUTS:
         raise ValueError(
             f"--config must be one of {sorted(WORLD_LAYOUTS)} for the world model, got {layout!r}"
@@ -27,12 +29,12 @@ def run_world_demo(layout: str, script_seed: int, seed: int, output_dir: Path, f
     if not 0 <= script_seed < 1000:
         raise ValueError(f"--script must be a held-out script seed in 0..999, got {script_seed}")
     script = make_script(script_seed)
-    print("memflow demo: the packaged narrative-world model (a 1.6M-parameter Wan transformer "
-          "trained on CPU with the memory_finetune recipe). Held-out story "
-          f"{script_seed}, streamed with the {layout!r} memory layout:")
+    print(f"memflow demo: the narrative-world model {model} (a 1.6M-parameter Wan transformer "
+          f"trained with the memory_finetune recipe). Held-out story {script_seed}, streamed "
+          f"with the {layout!r} memory layout:")
     for index, prompt in enumerate(script.prompts, start=1):
         print(f"  {index}. {prompt}")
-    pipe = load_world_pipeline()
+    pipe = load_world_pipeline(model)
     scores = {}
     for name in [layout, *(other for other in WORLD_LAYOUTS if other != layout)]:
         generated = generate_script(streaming_world(pipe, name), script, seed)
@@ -41,7 +43,7 @@ def run_world_demo(layout: str, script_seed: int, seed: int, output_dir: Path, f
             shown, config = generated, WORLD_LAYOUTS[name]
     result = dataclasses.replace(shown.output, frames=_enlarged(shown.video)[None])
     paths = write_outputs(
-        result, config, output_dir, fps, _report(script, script_seed, layout, scores)
+        result, config, output_dir, fps, _report(model, script, script_seed, layout, scores)
     )
     print(f"returning entity: {script.returning.name} = {script.returning.description}")
     print("| layout | adherence % | return = first look | return = script | place back |")
@@ -59,9 +61,9 @@ def _enlarged(video) -> np.ndarray:
     return frames.repeat(VIDEO_SCALE, axis=1).repeat(VIDEO_SCALE, axis=2)
 
 
-def _report(script: Script, script_seed: int, layout: str, scores: dict) -> dict:
+def _report(model: Path, script: Script, script_seed: int, layout: str, scores: dict) -> dict:
     return {
-        "model": "narrative world (packaged, trained)",
+        "model": f"narrative world ({model})",
         "random_weights": False,
         "script_seed": script_seed,
         "layout": layout,

@@ -1,8 +1,8 @@
 """Merge a trained world adapter (the ``memory_finetune`` output) into the world's base
-transformer and write it as the packaged model (a diffusers transformer folder)::
+transformer and write it as a diffusers transformer folder that ``load_world_pipeline`` loads::
 
     python -m memflow_adapter.world.export --adapter outputs/world/adapter \\
-        --metrics outputs/world/metrics.jsonl
+        --output outputs/world/model --metrics outputs/world/metrics.jsonl
 """
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ from pathlib import Path
 
 from ..hooks import remove_memflow
 from ..hub import MemFlowAdapter
-from .pipeline import PRETRAINED, WORLD_MEMORY, build_world_pipeline
+from .pipeline import WORLD_MEMORY, build_world_pipeline
 
 #: Steps averaged per point of the training curve.
 CURVE_WINDOW = 100
 
 
-def export(adapter_dir: Path, output: Path = PRETRAINED) -> Path:
+def export(adapter_dir: Path, output: Path) -> Path:
     adapter = MemFlowAdapter.from_pretrained(adapter_dir)
     if adapter.config != WORLD_MEMORY:
         raise ValueError(
@@ -63,7 +63,7 @@ def plot_training_curve(metrics: Path, output: Path) -> Path:
 def main(argv: Sequence[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(prog="python -m memflow_adapter.world.export")
     parser.add_argument("--adapter", type=Path, required=True, help="the recipe's adapter folder")
-    parser.add_argument("--output", type=Path, default=PRETRAINED)
+    parser.add_argument("--output", type=Path, required=True, help="the model folder to write")
     parser.add_argument("--metrics", type=Path, help="metrics.jsonl: also draw the curve PNG")
     args = parser.parse_args(argv)
     folder = export(args.adapter, args.output)

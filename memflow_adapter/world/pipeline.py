@@ -5,7 +5,7 @@ autoencoder and text encoder, and the trained model shipped with the package.
 (``transformer``, ``vae``, ``encode_prompt``, ``vae_scale_factor_spatial``, ``video_processor``),
 so the world streams through the same code as a real Wan model::
 
-    pipe = load_world_pipeline()                       # the trained weights in the package
+    pipe = load_world_pipeline("outputs/world/model")  # a trained, exported transformer
     streaming = MemFlowStreamingPipeline(pipe, WORLD_MEMORY)
     video = streaming(script.prompts, num_latent_frames=24, height=32, width=32,
                       frames_per_prompt=4, max_sequence_length=WORLD_SEQUENCE_LENGTH)
@@ -21,6 +21,7 @@ from diffusers import DiffusionPipeline, WanTransformer3DModel
 from diffusers.video_processor import VideoProcessor
 
 from ..config import MemFlowConfig
+from ..schedule import FlowMatchSchedule
 from ..tiny_wan import reinitialise
 from .components import PixelAutoencoder, WorldTextEncoder, WorldTokenizer
 
@@ -48,8 +49,9 @@ WORLD_SEQUENCE_LENGTH = 16
 WORLD_MEMORY = MemFlowConfig.reference(
     sink_frames=2, bank_frames=4, local_frames=4, frames_per_chunk=2, record_interval=1
 )
-#: The trained model: a diffusers transformer folder (LoRA merged) in the package.
-PRETRAINED = Path(__file__).with_name("pretrained")
+#: How the world model samples: it is trained by plain flow matching (not distilled), so it
+#: takes deterministic flow-matching steps (chosen on validation stories 900..; see README.md).
+WORLD_SCHEDULE = FlowMatchSchedule(tuple(range(1000, 0, -100)), shift=2.0, stochastic=False)
 
 
 class NarrativeWorldPipeline(DiffusionPipeline):
@@ -143,9 +145,9 @@ def pass_input_through(transformer: WanTransformer3DModel) -> None:
     embedding.bias.zero_()
 
 
-def load_world_pipeline(folder: str | Path = PRETRAINED) -> NarrativeWorldPipeline:
-    """The world pipeline with the trained transformer of ``folder`` (default: the packaged
-    one, trained with the commands of ``memflow_adapter/world/README.md``)."""
+def load_world_pipeline(folder: str | Path) -> NarrativeWorldPipeline:
+    """The world pipeline with the trained transformer of ``folder`` (a diffusers transformer
+    folder written by ``python -m memflow_adapter.world.export``; see ``README.md``)."""
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(

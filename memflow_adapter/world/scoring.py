@@ -28,7 +28,12 @@ from ..hooks import get_memflow, remove_memflow
 from ..pipeline import MemFlowStreamingPipeline
 from .detect import Detection, detect
 from .grammar import SEGMENT_FRAMES, Entity, Script
-from .pipeline import WORLD_MEMORY, WORLD_SEQUENCE_LENGTH, NarrativeWorldPipeline
+from .pipeline import (
+    WORLD_MEMORY,
+    WORLD_SCHEDULE,
+    WORLD_SEQUENCE_LENGTH,
+    NarrativeWorldPipeline,
+)
 from .render import HEIGHT, WIDTH
 
 #: The layouts compared: MemFlow (NAM bank), MemFlow with SMA, LongLive (sink + window), and the
@@ -83,12 +88,13 @@ def generate_script(
 
 
 def streaming_world(pipe: NarrativeWorldPipeline, layout: str) -> MemFlowStreamingPipeline:
-    """``pipe`` streamed with ``WORLD_LAYOUTS[layout]`` (any previous attachment removed)."""
+    """``pipe`` streamed with ``WORLD_LAYOUTS[layout]`` and ``WORLD_SCHEDULE`` (any previous
+    attachment removed)."""
     if layout not in WORLD_LAYOUTS:
         raise ValueError(f"layout must be one of {sorted(WORLD_LAYOUTS)}, got {layout!r}")
     if get_memflow(pipe.transformer) is not None:
         remove_memflow(pipe.transformer)
-    return MemFlowStreamingPipeline(pipe, WORLD_LAYOUTS[layout], device="cpu")
+    return MemFlowStreamingPipeline(pipe, WORLD_LAYOUTS[layout], WORLD_SCHEDULE, device="cpu")
 
 
 def _frame(segment: int, frame: int) -> int:
