@@ -207,7 +207,6 @@ def test_two_processes_train_identical_weights(name, dataset, tmp_path):
         from safetensors.torch import save_file
         from memflow_adapter.recipes import {name} as module
         from memflow_adapter.recipes.models import lora_state_dict
-from memflow_adapter.recipes.rollout import StreamingStudent
         from memflow_adapter.recipes.training import main
 
         runs = []
