@@ -35,11 +35,17 @@ def _demo(args: argparse.Namespace) -> int:
         if fixed:
             raise SystemExit(f"memflow demo: {', '.join(fixed)} apply to --model tiny-random; "
                              "the world model's frames are 32x32 with 16-token prompts")
+        if args.chunks is not None:
+            raise SystemExit("memflow demo: --chunks applies to --model tiny-random; a world "
+                             "story has 12 chunks")
+        script = 7 if args.script is None else args.script
         try:
-            return run_world_demo(Path(args.world_model), args.config, args.script, args.seed,
+            return run_world_demo(Path(args.world_model), args.config, script, args.seed,
                                   Path(args.output_dir), args.fps)
         except (ValueError, FileNotFoundError) as error:
             raise SystemExit(f"memflow demo: {error}") from error
+    if args.world_model is not None or args.script is not None:
+        raise SystemExit("memflow demo: --world-model and --script apply to --model world")
     return _random_tiny_demo(args)
 
 
@@ -48,6 +54,7 @@ def _random_tiny_demo(args: argparse.Namespace) -> int:
 
     args.height, args.width = args.height or 64, args.width or 64
     args.max_sequence_length = args.max_sequence_length or 32
+    args.chunks = 9 if args.chunks is None else args.chunks
 
     print(
         "memflow demo: a tiny Wan2.1-architecture transformer, VAE and text encoder with RANDOM "
@@ -171,9 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", choices=("tiny-random", "world"), default="tiny-random",
                       help="tiny-random: plumbing only (default); world: a trained world model")
     demo.add_argument("--world-model", help="world: a trained world transformer folder")
-    demo.add_argument("--script", type=int, default=7,
+    demo.add_argument("--script", type=int,
                       help="world: the held-out story's seed, 0..999 (default: 7)")
-    demo.add_argument("--chunks", type=int, default=9,
+    demo.add_argument("--chunks", type=int,
                       help="tiny-random: chunks to generate (default: 9)")
     demo.set_defaults(handler=_demo)
 

@@ -65,11 +65,17 @@ def test_the_world_demo_streams_a_story_and_scores_every_layout(world_model, tmp
         (["--world-model", "x", "--config", "full_history"], "--config must be one of"),
         (["--world-model", "x", "--script", "1000"], "--script must be a held-out script seed"),
         (["--world-model", "nowhere"], "holds no trained world transformer"),
+        (["--world-model", "x", "--chunks", "4"], "--chunks applies to --model tiny-random"),
     ],
 )
 def test_the_world_demo_refuses_what_does_not_apply(argv, message, tmp_path):
     with pytest.raises(SystemExit, match=message):
         main(["demo", "--model", "world", "--output-dir", str(tmp_path), *argv])
+
+
+def test_world_options_are_refused_for_the_random_demo(tmp_path):
+    with pytest.raises(SystemExit, match="--world-model and --script apply to --model world"):
+        main(["demo", "--script", "3", "--output-dir", str(tmp_path)])
 
 
 def test_the_benchmark_prints_a_row_per_memory_layout(world_model, tmp_path):
