@@ -178,7 +178,6 @@ class Recipe(ABC):
         return run_validation(
             self.config.validation,
             self.student.pipe,
-            self.student.model,
             self.config.memflow,
             self.config.schedule,
             folder,

@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 from diffusers import DiffusionPipeline
 from safetensors.torch import save_file
-from torch import nn
 
 from memflow_adapter import MemFlowConfig, MemFlowStreamingPipeline
 from memflow_adapter.outputs import memory_report, write_outputs
@@ -60,23 +59,14 @@ class ValidationConfig:
 def run_validation(
     config: ValidationConfig,
     pipe: DiffusionPipeline,
-    student: nn.Module,
     memflow: MemFlowConfig,
     schedule: FlowMatchSchedule,
     folder: Path,
     device: torch.device,
 ) -> Path:
-    """Generate with ``student`` (MemFlow attached with ``memflow``) and ``pipe``'s text encoder,
-    tokenizer and VAE; write the artefacts into ``folder``."""
-    streaming = MemFlowStreamingPipeline.from_components(
-        memflow,
-        transformer=student,
-        vae=pipe.vae,
-        text_encoder=pipe.text_encoder,
-        tokenizer=pipe.tokenizer,
-        schedule=schedule,
-        device=device,
-    )
+    """Generate with ``pipe`` (its transformer is the student, MemFlow attached with
+    ``memflow``); write the artefacts into ``folder``."""
+    streaming = MemFlowStreamingPipeline(pipe, memflow, schedule, device=device)
     result = streaming(
         list(config.prompts),
         num_latent_frames=config.num_latent_frames,
