@@ -12,3 +12,12 @@ import torch  # noqa: E402
 @pytest.fixture
 def generator() -> torch.Generator:
     return torch.Generator().manual_seed(1234)
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Forget accelerate's process-wide state after a test that ran a recipe."""
+    from accelerate.state import AcceleratorState
+
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)

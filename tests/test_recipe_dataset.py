@@ -6,7 +6,6 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
-from accelerate.state import AcceleratorState
 from safetensors.torch import save_file
 
 from memflow_adapter.recipes import build_dataset, memory_finetune
@@ -23,6 +22,7 @@ def pipeline_dir(tmp_path):
     return folder
 
 
+@pytest.mark.usefixtures("fresh_accelerate_state")
 def test_build_dataset_from_a_local_pipeline_and_an_mp4(pipeline_dir, tmp_path):
     frames = np.random.default_rng(0).integers(0, 256, (45, 72, 88, 3), dtype=np.uint8)
     iio.imwrite(tmp_path / "clip.mp4", frames, plugin="pyav", fps=12, codec="libx264")
@@ -51,7 +51,6 @@ def test_build_dataset_from_a_local_pipeline_and_an_mp4(pipeline_dir, tmp_path):
         "--tiny", f"data.dataset={tmp_path / 'data'}", f"training.output_dir={tmp_path / 'run'}",
         "training.max_steps=1", "validation.every_steps=0",
     ])
-    AcceleratorState._reset_state(reset_partial_state=True)
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
 
 

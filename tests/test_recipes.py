@@ -7,7 +7,6 @@ import textwrap
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 
 from memflow_adapter import MemFlowAdapter, MemFlowConfig, get_memflow
@@ -18,6 +17,8 @@ from memflow_adapter.recipes.rollout import StreamingStudent
 from memflow_adapter.recipes.training import NonFiniteLossError, main
 from memflow_adapter.tiny_wan import build_tiny_wan_pipeline
 
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
+
 RECIPES = {"streaming_long_tuning": streaming_long_tuning, "memory_finetune": memory_finetune}
 CONFIGS = {
     "streaming_long_tuning": streaming_long_tuning.StreamingLongTuningConfig,
@@ -27,12 +28,6 @@ RECIPE_TYPES = {
     "streaming_long_tuning": streaming_long_tuning.StreamingLongTuning,
     "memory_finetune": memory_finetune.MemoryFinetune,
 }
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState
 
 import memflow_adapter.world as world
 from memflow_adapter import MemFlowAdapter, remove_memflow
@@ -17,14 +16,10 @@ from memflow_adapter.recipes.training import main
 from memflow_adapter.world.dataset import write_dataset
 from memflow_adapter.world.export import export, plot_training_curve
 
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
+
 TRAIN_YAML = Path(world.__file__).with_name("train.yaml")
 FACTORY = "memflow_adapter.world.pipeline:build_world_pipeline"
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 @pytest.fixture(scope="module")
