@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +39,7 @@ from .rollout import (
     ChunkPlan,
     Conditioning,
     StreamingStudent,
+    backward_chunk_by_chunk,
     commit_clean_chunks,
     plan_chunks,
 )
@@ -125,19 +125,14 @@ class MemoryFinetune(Recipe):
             )
             trained = chunks if self.config.data.loss_chunks == "all" else chunks[-1:]
             commit_clean_chunks(student, chunks[: len(chunks) - len(trained)], conditions, video)
-            total = torch.zeros((), device=self.device)
-            for chunk in trained:
-                last = chunk is chunks[-1]
-                cond = conditions[chunk.segment]
-                student.open_chunk(chunk, cond, video)
-                # Gradients are all-reduced once, after the last chunk's backward.
-                with nullcontext() if last else self.accelerator.no_sync(student.trained):
-                    loss = self._chunk_loss(student, chunk, cond, video, randomness)
-                    student.backward(self.accelerator, loss / len(trained))
-                total += loss.detach() / len(trained)
-                if not last:
-                    student.commit(video[:, :, chunk.start : chunk.stop], cond)
-        return total
+
+            def mean_share(index: int, chunk: ChunkPlan, cond: Conditioning) -> torch.Tensor:
+                loss = self._chunk_loss(student, chunk, cond, video, randomness)
+                return loss / len(trained)
+
+            return backward_chunk_by_chunk(
+                student, self.accelerator, list(enumerate(trained)), conditions, video, mean_share
+            )
 
     def _chunk_loss(
         self,

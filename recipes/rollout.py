@@ -221,20 +221,44 @@ def replay_with_gradient(
         raise ValueError("the rollout has no gradient chunk to replay")
     student.session.load_state_dict(rollout.replay_state)
     indices = sorted(rollout.exit_inputs)
-    total = torch.zeros((), dtype=torch.float64, device=rollout.video.device)
-    for index in indices:
-        chunk, last = chunks[index], index == indices[-1]
+
+    def exit_step_loss(index: int, chunk: ChunkPlan, cond: Conditioning) -> torch.Tensor:
+        timestep = schedule.timesteps[chunk.exit_step]
+        noisy = rollout.exit_inputs[index]
+        flow = student.flow(noisy, timestep, cond, True)
+        return chunk_loss(index, schedule.predict_clean(noisy, flow, schedule.sigma_at(timestep)))
+
+    return backward_chunk_by_chunk(
+        student, accelerator, [(i, chunks[i]) for i in indices], conditions, rollout.video,
+        exit_step_loss,
+    )
+
+
+def backward_chunk_by_chunk(
+    student: StreamingStudent,
+    accelerator: Accelerator,
+    chunks: Sequence[tuple[int, ChunkPlan]],
+    conditions: Sequence[Conditioning],
+    video: torch.Tensor,
+    loss_of: Callable[[int, ChunkPlan, Conditioning], torch.Tensor],
+) -> torch.Tensor:
+    """Open each of ``chunks`` (``(index, plan)``, in order) in turn, backpropagate
+    ``loss_of(index, plan, conditioning)`` (a loss of the open chunk's gradient pass), then commit
+    the chunk's clean frames of ``video`` ``[B, C, F, h, w]`` before the next.
+
+    Returns:
+        The detached sum of the losses.
+    """
+    losses = []
+    for position, (index, chunk) in enumerate(chunks):
+        last = position == len(chunks) - 1
         cond = conditions[chunk.segment]
-        student.open_chunk(chunk, cond, rollout.video)
+        student.open_chunk(chunk, cond, video)
         # Gradients are all-reduced once, after the last chunk's backward.
         with nullcontext() if last else accelerator.no_sync(student.trained):
-            timestep = schedule.timesteps[chunk.exit_step]
-            noisy = rollout.exit_inputs[index]
-            flow = student.flow(noisy, timestep, cond, True)
-            clean = schedule.predict_clean(noisy, flow, schedule.sigma_at(timestep))
-            loss = chunk_loss(index, clean)
+            loss = loss_of(index, chunk, cond)
             student.backward(accelerator, loss)
-        total += loss.detach()
+        losses.append(loss.detach())
         if not last:
-            student.commit(rollout.video[:, :, chunk.start : chunk.stop], cond)
-    return total
+            student.commit(video[:, :, chunk.start : chunk.stop], cond)
+    return sum(losses[1:], start=losses[0])
