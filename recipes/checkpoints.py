@@ -3,7 +3,8 @@
 ``output_dir/checkpoints/checkpoint-<step>/`` holds the optimizer, LR scheduler and RNG states
 (accelerate's files, one RNG file per process), ``<model>_lora.safetensors`` per trained model
 (the LoRA only: accelerate's full-model files are replaced through its state hooks, since the base
-weights are frozen and come from the base model) and ``training_state.json`` (the step). Loading
+weights are frozen and come from the base model; ``<model>_weights.safetensors`` for a model
+trained in full) and ``training_state.json`` (the step). Loading
 one restores everything a run needs to continue bit-identically (the recipes draw their randomness
 from the step number).
 """
@@ -20,7 +21,7 @@ from accelerate.logging import get_logger
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .models import load_lora_state, lora_state_dict
+from .models import has_lora, load_trained_state, trained_state_dict
 
 logger = get_logger(__name__)
 
@@ -42,22 +43,22 @@ class Checkpointer:
         self.models = models
         self.directory = directory
         self.total_limit = total_limit
-        accelerator.register_save_state_pre_hook(self._save_lora)
-        accelerator.register_load_state_pre_hook(self._load_lora)
+        accelerator.register_save_state_pre_hook(self._save_trained)
+        accelerator.register_load_state_pre_hook(self._load_trained)
 
-    def _save_lora(self, models: list, weights: list, output_dir: str) -> None:
+    def _save_trained(self, models: list, weights: list, output_dir: str) -> None:
         if self.accelerator.is_main_process:
             for name, model in self.models.items():
-                save_file(lora_state_dict(model), Path(output_dir) / f"{name}_lora.safetensors")
+                save_file(trained_state_dict(model), Path(output_dir) / _file_name(name, model))
         weights.clear()
 
-    def _load_lora(self, models: list, input_dir: str) -> None:
+    def _load_trained(self, models: list, input_dir: str) -> None:
         for name, model in self.models.items():
-            path = Path(input_dir) / f"{name}_lora.safetensors"
+            path = Path(input_dir) / _file_name(name, model)
             if not path.is_file():
                 raise FileNotFoundError(f"checkpoint {input_dir} has no {path.name}")
             # read on the CPU: safetensors rejects the "cpu:0" accelerate names under its launcher
-            load_lora_state(model, load_file(path))
+            load_trained_state(model, load_file(path))
         models.clear()
 
     def save(self, step: int) -> Path:
@@ -109,3 +110,7 @@ class Checkpointer:
             return
         for folder in self._checkpoints()[: -self.total_limit]:
             shutil.rmtree(folder)
+
+
+def _file_name(name: str, model: nn.Module) -> str:
+    return f"{name}_lora.safetensors" if has_lora(model) else f"{name}_weights.safetensors"

@@ -1,7 +1,8 @@
 """Memory fine-tuning: teach a streaming model to use its memory on real long videos, cheaply.
 
-One training step (per process) takes one video of the latent dataset (``latents.py``), a random
-window of ``data.chunks_per_sample`` chunks of it, and:
+One training step (per process) takes one video of the latent dataset (``latents.py``; or a batch
+of ``data.videos_per_step`` videos of one layout), a random window of ``data.chunks_per_sample``
+chunks of it, and:
 
 1. commits its clean chunks but the last into a fresh MemFlow session, each in its own chunk
    lifecycle (NAM fills and refreshes the bank, prompt switches recache the window, context
@@ -67,6 +68,11 @@ class LatentDataConfig:
             of the chunks before it, its loss backpropagated, then committed clean), the loss
             being their mean: a window's worth of signal for the cost of one rollout.
         noise: where the loss chunk's noise level is drawn.
+        videos_per_step: videos per step and process, trained as one batch through one window
+            (the same chunks of each, each with its own noise level); they must share their
+            layout (latent size, frame count and segment starts), as the narrative world's
+            scripts do. More than 1 mainly pays off for small models, whose passes cost about
+            the same for one video as for a few.
     """
 
     dataset: Path = Path("data/latents")
@@ -74,10 +80,12 @@ class LatentDataConfig:
     windows: str = "random"
     loss_chunks: str = "last"
     noise: NoiseRange = field(default_factory=lambda: NoiseRange(0.0, 1.0))
+    videos_per_step: int = 1
 
     def __post_init__(self) -> None:
         check(self.chunks_per_sample >= 2, "chunks_per_sample", "an int >= 2",
               self.chunks_per_sample)
+        check(self.videos_per_step >= 1, "videos_per_step", "an int >= 1", self.videos_per_step)
         check(self.windows in WINDOWS, "windows", f"one of {WINDOWS}", self.windows)
         check(self.loss_chunks in LOSS_CHUNKS, "loss_chunks", f"one of {LOSS_CHUNKS}",
               self.loss_chunks)
@@ -108,12 +116,12 @@ class MemoryFinetune(Recipe):
         return ["student"]
 
     def train_phase(self, name: str, step: int, randomness: StepRandomness) -> torch.Tensor:
-        index = self._video_index(step)
-        video, segment_starts, segments = self._window(self.dataset[index], index, randomness)
+        indices = [self._video_index(step, j) for j in range(self.config.data.videos_per_step)]
+        video, segment_starts, segments = self._window(indices, randomness)
         frames = self.config.memflow.frames_per_chunk
         chunks = plan_chunks(video.shape[2] // frames, frames, segment_starts)
         conditions = [
-            Conditioning.of(self.student.attachment, embeds[None].to(self.device, self.dtype))
+            Conditioning.of(self.student.attachment, embeds.to(self.device, self.dtype))
             for embeds in segments
         ]
         session = self.student.attachment.create_session(
@@ -144,17 +152,21 @@ class MemoryFinetune(Recipe):
     ) -> torch.Tensor:
         """Flow matching on ``chunk`` of ``video`` noised at a random level (the chunk is open)."""
         clean = video[:, :, chunk.start : chunk.stop]
-        sigmas = sample_sigmas(self.config.schedule, self.config.data.noise, 1, randomness.local)
+        sigmas = sample_sigmas(
+            self.config.schedule, self.config.data.noise, clean.shape[0], randomness.local
+        )
         sigma = per_sample(sigmas.to(self.device))
         noise = randomness.randn(tuple(clean.shape), self.device)
         noisy = self.config.schedule.renoise(clean, noise, sigma)
         flow = student.flow(noisy, TABLE_SIZE * sigma.flatten(), cond, grad=True)
         return flow_matching_loss(flow, noise, clean)
 
-    def _video_index(self, step: int) -> int:
-        """Each process takes its own video per step; every epoch visits the dataset in a new
-        order seeded by the epoch, so the order follows from the step alone."""
-        position = step * self.accelerator.num_processes + self.accelerator.process_index
+    def _video_index(self, step: int, slot: int) -> int:
+        """Each process takes its own videos per step (``slot`` of ``data.videos_per_step``);
+        every epoch visits the dataset in a new order seeded by the epoch, so the order follows
+        from the step alone."""
+        process = step * self.accelerator.num_processes + self.accelerator.process_index
+        position = process * self.config.data.videos_per_step + slot
         epoch, offset = divmod(position, len(self.dataset))
         order = torch.randperm(
             len(self.dataset), generator=seeded_generator(self.config.training.seed, epoch)
@@ -162,15 +174,19 @@ class MemoryFinetune(Recipe):
         return int(order[offset])
 
     def _window(
-        self, sample: VideoLatents, index: int, randomness: StepRandomness
-    ) -> tuple[torch.Tensor, list[int], Sequence[torch.Tensor]]:
-        """A random chunk-aligned window of the video: latents ``[1, C, n * F_c, h, w]``, the
-        window's segment starts (relative, the first 0) and those segments' embeddings."""
+        self, indices: Sequence[int], randomness: StepRandomness
+    ) -> tuple[torch.Tensor, list[int], list[torch.Tensor]]:
+        """A random chunk-aligned window of the videos ``indices`` (one layout): latents
+        ``[B, C, n * F_c, h, w]``, the window's segment starts (relative, the first 0) and those
+        segments' embeddings ``[B, L, D]``."""
+        samples = [self.dataset[index] for index in indices]
+        sample = samples[0]
+        self._check_same_layout(samples, indices)
         frames = self.config.memflow.frames_per_chunk
         available = sample.latents.shape[1] // frames
         if available < 2:
             raise DatasetError(
-                f"{self.dataset.files[index]}: {sample.latents.shape[1]} latent frames make "
+                f"{self.dataset.files[indices[0]]}: {sample.latents.shape[1]} latent frames make "
                 f"{available} chunk(s) of {frames}; memory_finetune needs at least 2"
             )
         count = min(self.config.data.chunks_per_sample, available)
@@ -183,10 +199,35 @@ class MemoryFinetune(Recipe):
         starts = sample.segment_starts.tolist()
         active = bisect.bisect_right(starts, first) - 1
         later = [i for i, start in enumerate(starts) if first < start < stop]
-        segments = [active, *later]
-        latents = sample.latents[None, :, first:stop].to(self.device, torch.float32)
+        latents = torch.stack([s.latents[:, first:stop] for s in samples])
+        embeds = [torch.stack([s.prompt_embeds[i] for s in samples]) for i in [active, *later]]
         relative = [0, *(starts[i] - first for i in later)]
-        return latents, relative, [sample.prompt_embeds[i] for i in segments]
+        return latents.to(self.device, torch.float32), relative, embeds
+
+    def _check_same_layout(self, samples: Sequence[VideoLatents], indices: Sequence[int]) -> None:
+        """Videos trained as one batch must have the same latent and embedding shapes and
+        segment starts."""
+        first = samples[0]
+        for sample, index in zip(samples[1:], indices[1:], strict=True):
+            same = (
+                sample.latents.shape == first.latents.shape
+                and sample.prompt_embeds.shape == first.prompt_embeds.shape
+                and torch.equal(sample.segment_starts, first.segment_starts)
+            )
+            if not same:
+                raise DatasetError(
+                    f"data.videos_per_step={len(samples)} needs videos of one layout, but "
+                    f"{self.dataset.files[index]} ({_layout(sample)}) differs from "
+                    f"{self.dataset.files[indices[0]]} ({_layout(first)}); use "
+                    "data.videos_per_step=1"
+                )
+
+
+def _layout(sample: VideoLatents) -> str:
+    return (
+        f"latents {list(sample.latents.shape)}, embeddings {list(sample.prompt_embeds.shape)}, "
+        f"segment starts {sample.segment_starts.tolist()}"
+    )
 
 
 def cli(argv: Sequence[str] | None = None) -> Path:

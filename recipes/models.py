@@ -1,4 +1,5 @@
-"""The models a recipe trains: the base Wan pipeline, LoRA on its transformer, full-weight starts.
+"""The models a recipe trains: the base Wan pipeline, LoRA on its transformer (or all of its
+weights), full-weight starts.
 
 LoRA goes, through diffusers' peft integration, on every ``nn.Linear`` of the transformer blocks:
 ``attn1`` / ``attn2`` ``to_q``, ``to_k``, ``to_v``, ``to_out.0``, and ``ffn.net.0.proj``,
@@ -32,6 +33,8 @@ LORA_TARGETS = re.compile(
 )
 #: ``base_model`` recorded in adapters trained on the tiny random pipeline.
 TINY_BASE_MODEL = "memflow-adapter/tiny-wan-random"
+#: What of the student a recipe can train (``model.train``).
+TRAINED_WEIGHTS = ("lora", "full")
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,10 @@ class ModelConfig:
         student_weights: optional MemFlowAdapter folder or Hub id whose full transformer weights
             start the student (e.g. a LongLive or MemFlow ``base.pt``); they are saved with the
             trained adapter, since its LoRA is trained on top of them.
+        train: what of the student learns: ``lora`` (a fresh LoRA on the frozen base, the
+            ``lora`` section; the default) or ``full`` (every transformer weight, saved as the
+            adapter's full weights; for small models trained from scratch, such as the narrative
+            world's, where a LoRA on random weights learns far slower).
     """
 
     base_model: str = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
@@ -56,8 +63,10 @@ class ModelConfig:
     tiny_seed: int = 0
     student_weights: str | None = None
     pipeline: str | None = None
+    train: str = "lora"
 
     def __post_init__(self) -> None:
+        check(self.train in TRAINED_WEIGHTS, "train", f"one of {TRAINED_WEIGHTS}", self.train)
         check(
             self.pipeline is None or re.fullmatch(r"[\w.]+:\w+", self.pipeline) is not None,
             "pipeline", "'module:function'", self.pipeline,
@@ -122,13 +131,17 @@ def build_student(
     gradient_checkpointing: bool,
 ) -> Student:
     """Load the base pipeline, start its transformer from ``student_weights`` if given, add a
-    fresh LoRA and attach MemFlow."""
+    fresh LoRA (or make every weight trainable, ``config.train == "full"``) and attach MemFlow."""
     pipe = config.build_pipeline(dtype)
     model = pipe.transformer.to(device)
     weights = None
     if config.student_weights:
         weights = load_student_weights(model, config.student_weights)
-    add_lora(model, lora)
+    if config.train == "lora":
+        add_lora(model, lora)
+    else:
+        model.requires_grad_(True)
+        cast_training_params(model, torch.float32)
     attachment = apply_memflow(model, memflow)
     if gradient_checkpointing:
         model.enable_gradient_checkpointing()
@@ -175,9 +188,34 @@ def add_lora(transformer: nn.Module, settings: LoraSettings) -> None:
     cast_training_params(transformer, torch.float32)
 
 
-def lora_parameters(transformer: nn.Module) -> list[nn.Parameter]:
-    """The trainable (LoRA) parameters."""
+def trainable_parameters(transformer: nn.Module) -> list[nn.Parameter]:
+    """The trainable parameters (the LoRA's, or every weight when trained in full)."""
     return [parameter for parameter in transformer.parameters() if parameter.requires_grad]
+
+
+def has_lora(transformer: nn.Module) -> bool:
+    """Whether ``transformer`` carries the recipes' LoRA (``add_lora``)."""
+    return ADAPTER_NAME in getattr(transformer, "peft_config", {})
+
+
+def trained_state_dict(transformer: nn.Module) -> dict[str, torch.Tensor]:
+    """What a recipe trains of ``transformer``: its LoRA (``lora_state_dict``) when it has one,
+    else every weight (diffusers names), as contiguous CPU copies."""
+    if has_lora(transformer):
+        return lora_state_dict(transformer)
+    return {
+        key: value.detach().to("cpu", copy=True).contiguous()
+        for key, value in transformer.state_dict().items()
+    }
+
+
+def load_trained_state(transformer: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Overwrite what a recipe trains of ``transformer`` with ``state`` (``trained_state_dict``)."""
+    if has_lora(transformer):
+        load_lora_state(transformer, state)
+        return
+    check_state_dict_fits(transformer.state_dict(), state)
+    transformer.load_state_dict(state, strict=True)
 
 
 def lora_state_dict(transformer: nn.Module) -> dict[str, torch.Tensor]:

@@ -3,9 +3,9 @@
 A recipe (a ``Recipe`` subclass) builds its models and says, per step, which of its trained models
 to update and how to compute and backpropagate their losses. The loop does the rest with
 accelerate: one process per device (``accelerate launch`` / ``torchrun``; DDP), bf16 autocast on
-CUDA, AdamW on the LoRA weights with a diffusers LR schedule, gradient clipping, a stop with a
-clear error on a non-finite loss, checkpoints with exact resume,
-validation rollouts, tqdm and logging (``metrics.jsonl``), and the final ``MemFlowAdapter`` folder.
+CUDA, AdamW on the LoRA (or full) weights with a diffusers LR schedule, gradient clipping, a stop
+with a clear error on a non-finite loss, checkpoints with exact resume, validation rollouts, tqdm
+and logging (``metrics.jsonl``), and the final ``MemFlowAdapter`` folder.
 """
 
 from __future__ import annotations
@@ -38,7 +38,14 @@ from memflow_adapter.schedule import FlowMatchSchedule
 from .checkpoints import Checkpointer
 from .config import ConfigError, check, load_config, to_dict
 from .flow import StepRandomness
-from .models import LoraSettings, ModelConfig, build_student, lora_parameters, lora_state_dict
+from .models import (
+    LoraSettings,
+    ModelConfig,
+    build_student,
+    has_lora,
+    trainable_parameters,
+    trained_state_dict,
+)
 from .validation import ValidationConfig, run_validation
 
 logger = get_logger(__name__)
@@ -128,7 +135,8 @@ class RecipeConfig:
 
 @dataclass(frozen=True)
 class Trainable:
-    """A trained model (unwrapped; its trainable parameters are its LoRA), its learning rate and
+    """A trained model (unwrapped; its trainable parameters are its LoRA, or all of its weights
+    with ``model.train: full``), its learning rate and
     how many optimizer steps it takes over the whole run (for the LR schedule)."""
 
     model: nn.Module
@@ -185,15 +193,18 @@ class Recipe(ABC):
         )
 
     def adapter(self) -> MemFlowAdapter:
-        """The trained student as a MemFlow adapter (its LoRA, and its starting weights if they
-        replaced the base model's)."""
+        """The trained student as a MemFlow adapter: its LoRA, and its starting weights if they
+        replaced the base model's; or, trained in full, all of its weights."""
+        model = self.student.model
+        trained = trained_state_dict(model)
+        lora = has_lora(model)
         return MemFlowAdapter.for_model(
-            self.student.model,
+            model,
             self.config.memflow,
             self.config.model.adapter_base_model,
-            lora_state=lora_state_dict(self.student.model),
-            lora_alpha=self.config.lora.alpha,
-            base_weights=self.student.weights,
+            lora_state=trained if lora else None,
+            lora_alpha=self.config.lora.alpha if lora else None,
+            base_weights=self.student.weights if lora else trained,
         )
 
 
@@ -217,7 +228,7 @@ def train(recipe_type: type[Recipe], config: RecipeConfig) -> Path:
     optimizers, schedulers = {}, {}
     for name, trainable in trainables.items():
         optimizers[name] = torch.optim.AdamW(
-            lora_parameters(trainable.model),
+            trainable_parameters(trainable.model),
             lr=trainable.learning_rate,
             betas=(training.adam_beta1, training.adam_beta2),
             weight_decay=training.adam_weight_decay,
@@ -269,7 +280,7 @@ def train(recipe_type: type[Recipe], config: RecipeConfig) -> Path:
             metrics[f"{name}_loss"] = _finite_mean(accelerator, name, loss, step + 1, checkpointer)
             if training.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(
-                    lora_parameters(trainables[name].model), training.max_grad_norm
+                    trainable_parameters(trainables[name].model), training.max_grad_norm
                 )
             optimizers[name].step()
             schedulers[name].step()

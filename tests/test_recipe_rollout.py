@@ -8,7 +8,7 @@ from accelerate.state import AcceleratorState
 from memflow_adapter import MemFlowConfig, apply_memflow
 from memflow_adapter.recipes.dmd import dmd_loss
 from memflow_adapter.recipes.flow import StepRandomness
-from memflow_adapter.recipes.models import LoraSettings, add_lora, lora_parameters
+from memflow_adapter.recipes.models import LoraSettings, add_lora, trainable_parameters
 from memflow_adapter.recipes.rollout import (
     Conditioning,
     StreamingStudent,
@@ -32,7 +32,7 @@ def setup():
     model = pipe.transformer
     add_lora(model, LoraSettings(rank=2, alpha=2))
     with torch.no_grad():  # a LoRA that is not zero, so that every LoRA weight gets gradient
-        for parameter in lora_parameters(model):
+        for parameter in trainable_parameters(model):
             parameter.normal_(0.0, 0.1, generator=torch.Generator().manual_seed(parameter.numel()))
     attachment = apply_memflow(model, CONFIG)
     with torch.no_grad():
@@ -74,7 +74,7 @@ def one_graph_gradient(model, attachment, conditions, chunks, noise, target, gra
             video[:, :, chunk.start : chunk.stop] = clean.detach().float()
             student.commit(video[:, :, chunk.start : chunk.stop], cond)
     loss.backward()
-    return video, [parameter.grad.clone() for parameter in lora_parameters(model)]
+    return video, [parameter.grad.clone() for parameter in trainable_parameters(model)]
 
 
 def test_the_replay_gives_the_gradient_of_one_graph_over_the_rollout(setup):
@@ -107,7 +107,7 @@ def test_the_replay_gives_the_gradient_of_one_graph_over_the_rollout(setup):
         )
     assert torch.equal(rollout.video, expected_video)
     assert torch.equal(torch.cat(replayed, dim=2), rollout.video[:, :, 6:])
-    actual = [parameter.grad for parameter in lora_parameters(model)]
+    actual = [parameter.grad for parameter in trainable_parameters(model)]
     assert all(grad.abs().sum() > 0 for grad in expected)
     for got, want in zip(actual, expected, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)

@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 
 from memflow_adapter import MemFlowAdapter, MemFlowConfig, get_memflow
 from memflow_adapter.recipes import memory_finetune, streaming_long_tuning
-from memflow_adapter.recipes.latents import VideoLatents
-from memflow_adapter.recipes.models import lora_state_dict
+from memflow_adapter.recipes.latents import DatasetError, VideoLatents
+from memflow_adapter.recipes.models import has_lora, lora_state_dict, trained_state_dict
 from memflow_adapter.recipes.rollout import StreamingStudent
 from memflow_adapter.recipes.training import NonFiniteLossError, main
 from memflow_adapter.tiny_wan import build_tiny_wan_pipeline
@@ -55,13 +55,14 @@ def overrides(name, output_dir, dataset, *extra):
 
 def run(name, argv):
     """Run recipe ``name`` in this process; returns the recipe object (its models are the trained
-    ones) with ``initial``: each trained model's LoRA right after construction."""
+    ones) with ``initial``: what each trained model trains (its LoRA, or all of its weights)
+    right after construction."""
     runs = []
 
     class Recorded(RECIPE_TYPES[name]):
         def __init__(self, *args):
             super().__init__(*args)
-            self.initial = {n: lora_state_dict(t.model) for n, t in self.trainables().items()}
+            self.initial = {n: trained_state_dict(t.model) for n, t in self.trainables().items()}
             runs.append(self)
 
     main(name, CONFIGS[name], Recorded, argv)
@@ -130,6 +131,108 @@ def test_memory_finetune_can_take_its_loss_on_every_chunk_of_a_window(
     assert len(gradient_passes) == 13 and set(gradient_passes) == {2}
     final = lora_state_dict(recipe.student.model)
     assert all(not torch.equal(final[k], v) for k, v in recipe.initial["student"].items())
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_model_train_full_trains_every_student_weight_and_ships_them_in_the_adapter(
+    name, dataset, tmp_path
+):
+    recipe = run(name, overrides(
+        name, tmp_path, dataset, "training.max_steps=2", "model.train=full"
+    ))
+    student = recipe.student.model
+    assert not has_lora(student)
+    final, initial = trained_state_dict(student), recipe.initial["student"]
+    assert final.keys() == build_tiny_wan_pipeline(0).transformer.state_dict().keys()
+    assert_same_weights(initial, build_tiny_wan_pipeline(0).transformer.state_dict())
+    trained = [key for key, parameter in student.named_parameters() if parameter.requires_grad]
+    assert len(trained) == len(final)
+    changed = [key for key in final if not torch.equal(final[key], initial[key])]
+    assert len(changed) == len(final), f"unchanged: {sorted(final.keys() - set(changed))[:5]}"
+    if name == "streaming_long_tuning":  # the critic still learns a LoRA, the teacher nothing
+        assert has_lora(recipe.critic)
+        teacher = build_tiny_wan_pipeline(1).transformer.state_dict()
+        assert_same_weights(recipe.teacher.state_dict(), teacher)
+
+    adapter = MemFlowAdapter.from_pretrained(tmp_path / "adapter")
+    assert adapter.lora_state is None
+    assert_same_weights(adapter.base_weights, final)
+    fresh = build_tiny_wan_pipeline(0).transformer
+    adapter.apply_to(fresh)
+    assert_same_weights(fresh.state_dict(), final)
+    checkpoint = tmp_path / "checkpoints" / "checkpoint-2"
+    assert (checkpoint / "student_weights.safetensors").is_file()
+    assert not (checkpoint / "student_lora.safetensors").exists()
+
+
+def test_resuming_a_full_weight_run_continues_bit_identically(dataset, tmp_path):
+    name = "memory_finetune"
+    full = "model.train=full"
+    straight = run(name, overrides(name, tmp_path / "a", dataset, "training.max_steps=4", full))
+    checkpoint = tmp_path / "a" / "checkpoints" / "checkpoint-2"
+    resumed = run(name, overrides(
+        name, tmp_path / "b", dataset, "training.max_steps=4", full,
+        f"training.resume_from={checkpoint}",
+    ))
+    assert_same_weights(
+        trained_state_dict(resumed.student.model), trained_state_dict(straight.student.model)
+    )
+
+
+@pytest.fixture(scope="module")
+def one_layout_dataset(tmp_path_factory):
+    """Three videos of one layout: 10 latent frames of 8x8, prompt segments starting at 0 and 4."""
+    folder = tmp_path_factory.mktemp("one_layout")
+    generator = torch.Generator().manual_seed(1)
+    for name in "abc":
+        VideoLatents(
+            torch.randn(16, 10, 8, 8, generator=generator),
+            torch.randn(2, 16, 32, generator=generator),
+            torch.tensor([0, 4]),
+            ("prompt 0", "prompt 1"),
+        ).save(folder / f"{name}.safetensors")
+    return folder
+
+
+def test_memory_finetune_trains_videos_per_step_videos_as_one_batch(
+    one_layout_dataset, tmp_path, monkeypatch
+):
+    """``data.videos_per_step=2``: every pass carries the two videos' rows, and three steps visit
+    the three videos twice (two epochs, each in its own order)."""
+    windows, batch_sizes = [], []
+    window, flow = memory_finetune.MemoryFinetune._window, StreamingStudent.flow
+
+    def recorded_window(self, indices, randomness):
+        result = window(self, indices, randomness)
+        windows.append((list(indices), result[0]))
+        return result
+
+    def recorded_flow(self, noisy, timestep, cond, grad):
+        batch_sizes.append((noisy.shape[0], timestep.shape[0], cond.embeds.shape[0]))
+        return flow(self, noisy, timestep, cond, grad)
+
+    monkeypatch.setattr(memory_finetune.MemoryFinetune, "_window", recorded_window)
+    monkeypatch.setattr(StreamingStudent, "flow", recorded_flow)
+    recipe = run("memory_finetune", overrides(
+        "memory_finetune", tmp_path, one_layout_dataset, "training.max_steps=3",
+        "data.videos_per_step=2",
+    ))
+    assert set(batch_sizes) == {(2, 2, 2)}
+    visits = sorted(index for indices, _ in windows for index in indices)
+    assert visits == [0, 0, 1, 1, 2, 2]
+    for indices, latents in windows:
+        for row, index in enumerate(indices):
+            expected = recipe.dataset[index].latents[:, : latents.shape[2]]
+            assert torch.equal(latents[row], expected)
+
+
+def test_videos_of_different_layouts_in_one_step_are_refused_naming_the_option(
+    dataset, tmp_path
+):
+    with pytest.raises(DatasetError, match=r"data.videos_per_step=3 needs videos of one layout"):
+        run("memory_finetune", overrides(
+            "memory_finetune", tmp_path, dataset, "training.max_steps=1", "data.videos_per_step=3"
+        ))
 
 
 def test_a_nan_loss_stops_the_run_naming_the_step(dataset, tmp_path):
