@@ -1,6 +1,6 @@
 """Training the narrative-world model with the recipes: the world pipeline as the recipe's base
-(``model.pipeline``), prefix windows, and the export of the trained adapter as the packaged
-model."""
+(``model.pipeline``), every weight trained on batches of whole scripts, and the export of the
+trained adapter as the packaged model."""
 
 from pathlib import Path
 
@@ -11,7 +11,6 @@ import memflow_adapter.world as world
 from memflow_adapter import MemFlowAdapter, remove_memflow
 from memflow_adapter.recipes.config import ConfigError, load_config
 from memflow_adapter.recipes.memory_finetune import MemoryFinetune, MemoryFinetuneConfig
-from memflow_adapter.recipes.models import lora_state_dict
 from memflow_adapter.recipes.training import main
 from memflow_adapter.world.dataset import write_dataset
 from memflow_adapter.world.export import export, plot_training_curve
@@ -31,7 +30,10 @@ def test_the_packaged_training_config_trains_the_world_model_with_memory():
     config = load_config(MemoryFinetuneConfig, TRAIN_YAML)
     assert config.model.pipeline == FACTORY and not config.model.tiny
     assert config.memflow == world.WORLD_MEMORY
-    assert config.data.windows == "prefix" and config.data.chunks_per_sample == 12
+    assert config.model.train == "full"
+    # whole scripts (12 chunks), the loss on each chunk with the memory of the chunks before it
+    assert config.data.windows == "random" and config.data.chunks_per_sample == 12
+    assert config.data.loss_chunks == "all" and config.data.videos_per_step == 4
 
 
 def test_an_unknown_pipeline_factory_is_a_config_error(world_dataset, tmp_path):
@@ -42,7 +44,9 @@ def test_an_unknown_pipeline_factory_is_a_config_error(world_dataset, tmp_path):
         ])
 
 
-def test_a_short_run_trains_prefix_windows_and_exports_a_loadable_model(world_dataset, tmp_path):
+def test_a_short_run_trains_every_weight_on_whole_scripts_and_exports_the_model(
+    world_dataset, tmp_path
+):
     windows, runs = [], []
 
     class Recorded(MemoryFinetune):
@@ -50,28 +54,25 @@ def test_a_short_run_trains_prefix_windows_and_exports_a_loadable_model(world_da
             super().__init__(*args)
             runs.append(self)
 
-        def _window(self, sample, index, randomness):
-            latents, starts, segments = super()._window(sample, index, randomness)
-            windows.append((latents.shape[2], starts))
+        def _window(self, indices, randomness):
+            latents, starts, segments = super()._window(indices, randomness)
+            windows.append((tuple(latents.shape), starts))
             return latents, starts, segments
 
     out = tmp_path / "run"
     main("memory_finetune", MemoryFinetuneConfig, Recorded, [
         "--config", str(TRAIN_YAML), f"data.dataset={world_dataset}",
-        f"training.output_dir={out}", "training.max_steps=6", "training.lr_warmup_steps=0",
-        "training.checkpoint_every=6", "lora.rank=4", "lora.alpha=4",
+        f"training.output_dir={out}", "training.max_steps=2", "training.lr_warmup_steps=0",
+        "training.checkpoint_every=2",
     ])
-    # prefix windows start at the first chunk: segment starts are the script's, cut to length
-    for frames, starts in windows:
-        assert frames % 2 == 0 and 2 <= frames <= 24
-        assert starts == [s for s in (0, 4, 8, 12, 16, 20) if s < frames]
-    assert len({frames for frames, _ in windows}) > 1
+    assert windows == [((4, 12, 24, 16, 16), [0, 4, 8, 12, 16, 20])] * 2
 
     adapter = MemFlowAdapter.from_pretrained(out / "adapter")
     assert adapter.base_model == FACTORY and adapter.config == world.WORLD_MEMORY
+    assert adapter.lora_state is None
     trained = runs[0].student.model
-    assert any(value.abs().sum() > 0 for key, value in lora_state_dict(trained).items()
-               if "lora_B" in key)
+    base = world.build_world_pipeline().transformer.state_dict()
+    assert all(not torch.equal(value, base[key]) for key, value in adapter.base_weights.items())
 
     folder = export(out / "adapter", tmp_path / "model")
     curve = plot_training_curve(out / "metrics.jsonl", tmp_path / "curve.png")

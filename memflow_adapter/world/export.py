@@ -1,8 +1,9 @@
-"""Merge a trained world adapter (the ``memory_finetune`` output) into the world's base
-transformer and write it as a diffusers transformer folder that ``load_world_pipeline`` loads::
+"""Write a trained world adapter (the ``memory_finetune`` output: full weights, or a LoRA merged
+into the world's base transformer) as the diffusers transformer folder ``load_world_pipeline``
+loads (the packaged model is written this way)::
 
     python -m memflow_adapter.world.export --adapter outputs/world/adapter \\
-        --output outputs/world/model --metrics outputs/world/metrics.jsonl
+        --output memflow_adapter/world/model --metrics outputs/world/metrics.jsonl
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def plot_training_curve(metrics: Path, output: Path) -> Path:
     axis.plot(steps, losses)
     axis.set_xlabel("step")
     axis.set_ylabel(f"flow-matching loss (mean of {CURVE_WINDOW} steps)")
-    axis.set_title("narrative world: memory_finetune (LoRA, memory active)")
+    axis.set_title("narrative world: memory_finetune (memory active)")
     axis.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(output)
