@@ -6,8 +6,8 @@ A script's six segments (``SEGMENT_FRAMES`` latent frames each):
 
 1. an empty place A;
 2. entity P (named, described by size, colour and shape) enters place A;
-3. P leaves place A;
-4. in place B, entity Q (named and described) walks across;
+3. P leaves place A (it is gone);
+4. in place B, entity Q (named and described) walks;
 5. Q leaves place B;
 6. back in place A, P comes back: the prompt names P but does not describe it, so what P looks
    like is only in the video's own history (its first appearance, segment 2).
@@ -73,11 +73,15 @@ class Entity:
         return f"a {self.size} {self.colour} {self.shape}"
 
 
-#: What an entity does in a segment: its horizontal centre (pixels) per frame of the segment.
-ACTIONS: dict[str, tuple[int, ...]] = {
-    "enters": (-2, 5, 11, 16),
-    "leaves": (16, 22, 29, 38),
-    "walks": (10, 14, 18, 22),
+#: What an entity does in a segment: its horizontal centre (pixels) per frame of the segment,
+#: ``None`` where it is off screen. Entities stand still in the centre while on screen, so that
+#: what a frame shows follows from its prompt and the video's history alone (a model with
+#: relative position codes cannot tell how far into a segment a frame is, which moving entities
+#: would need).
+ACTIONS: dict[str, tuple[int | None, ...]] = {
+    "enters": (16,) * SEGMENT_FRAMES,
+    "leaves": (None,) * SEGMENT_FRAMES,
+    "walks": (16,) * SEGMENT_FRAMES,
 }
 
 

@@ -3,9 +3,9 @@
 Scores of one generated script (frames read by the exact detectors of ``detect.py``):
 
 * ``adherence``: the fraction of the script's checks the video passes: each frame shows the
-  segment's place; the empty opening shows no entity; P, fully entered at the end of segment 2,
-  and Q, in every frame of segment 4, look as their prompts describe them (size, colour, shape);
-  after each "leaves", the last frame shows no entity.
+  segment's place; P, in every frame of segment 2, and Q, in every frame of segment 4, look as
+  their prompts describe them (size, colour, shape); the frames of the empty opening and of each
+  "leaves" segment show no entity.
 * ``return_looks``: P, back at the end of segment 6, looks as it did at its first appearance
   (end of segment 2) in the same video (``return_colour`` / ``_size`` / ``_shape`` per attribute;
   false when no entity was fully in view at the first appearance), the consistency memory is
@@ -113,14 +113,10 @@ def score_script(script: Script, video: torch.Tensor, chunk_seconds: Sequence[fl
     for index, segment in enumerate(script.segments[:-1]):
         frames = detections[_frame(index, 0) : _frame(index + 1, 0)]
         checks += [found.place == segment.place.name for found in frames]
-        if segment.entity is None:
+        if segment.entity is None or segment.action == "leaves":
             checks += [found.colour is None for found in frames]
-        elif segment.action == "enters":
-            checks.append(frames[-1].looks == _looks(segment.entity))
-        elif segment.action == "walks":
+        else:
             checks += [found.looks == _looks(segment.entity) for found in frames]
-        elif segment.action == "leaves":
-            checks.append(frames[-1].colour is None)
     first: Detection = detections[_frame(script.first_appearance, SEGMENT_FRAMES - 1)]
     back: Detection = detections[_frame(script.return_segment, SEGMENT_FRAMES - 1)]
     # an entity fully in view (a noise frame reads as one colour touching every edge)
