@@ -7,6 +7,7 @@ window alone. The exact detectors score prompt adherence, the consistency of the
 and place with their first appearance, and the time per chunk (see memflow_adapter/world/
 scoring.py).
 
+    .venv/bin/python bench/narrative_eval.py --scripts 20          # the packaged model
     .venv/bin/python bench/narrative_eval.py --model outputs/world/model --scripts 50
 """
 
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 
 from memflow_adapter.world import load_world_pipeline, make_script
+from memflow_adapter.world.pipeline import WORLD_MODEL_DIR
 from memflow_adapter.world.scoring import (
     WORLD_LAYOUTS,
     generate_script,
@@ -42,8 +44,9 @@ COLUMNS = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scripts", type=int, default=50, help="held-out scripts (seeds 0..N-1)")
-    parser.add_argument("--model", type=Path, required=True,
-                        help="a trained world transformer folder (memflow_adapter.world.export)")
+    parser.add_argument("--model", type=Path, default=WORLD_MODEL_DIR,
+                        help="a trained world transformer folder (memflow_adapter.world.export; "
+                        "default: the packaged model)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, help="also write the table as JSON")
     args = parser.parse_args()

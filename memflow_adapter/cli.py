@@ -27,11 +27,9 @@ def _demo(args: argparse.Namespace) -> int:
              "--max-sequence-length": args.max_sequence_length}
     if args.model == "world":
         from .world.demo import run_world_demo
+        from .world.pipeline import WORLD_MODEL_DIR
 
         fixed = [name for name, value in sizes.items() if value is not None]
-        if not args.world_model:
-            raise SystemExit("memflow demo: --model world needs --world-model DIR, a trained "
-                             "world transformer (memflow_adapter/world/README.md)")
         if fixed:
             raise SystemExit(f"memflow demo: {', '.join(fixed)} apply to --model tiny-random; "
                              "the world model's frames are 32x32 with 16-token prompts")
@@ -40,8 +38,9 @@ def _demo(args: argparse.Namespace) -> int:
                              "story has 12 chunks")
         script = 7 if args.script is None else args.script
         try:
-            return run_world_demo(Path(args.world_model), args.config, script, args.seed,
-                                  Path(args.output_dir), args.fps)
+            model = Path(args.world_model) if args.world_model else WORLD_MODEL_DIR
+            return run_world_demo(model, args.config, script, args.seed, Path(args.output_dir),
+                                  args.fps)
         except (ValueError, FileNotFoundError) as error:
             raise SystemExit(f"memflow demo: {error}") from error
     if args.world_model is not None or args.script is not None:
@@ -171,13 +170,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser(
         "demo",
-        help="stream a 3-prompt video with an embedded tiny random-weight Wan (offline), or a "
-        "6-prompt narrative-world story with a returning entity (--model world)",
+        help="stream a 6-prompt narrative-world story with a returning entity with the packaged "
+        "trained world model (offline), or a 3-prompt video with a tiny random-weight Wan "
+        "(--model tiny-random)",
     )
     _add_common(demo, height=None, width=None, seq=None)
-    demo.add_argument("--model", choices=("tiny-random", "world"), default="tiny-random",
-                      help="tiny-random: plumbing only (default); world: a trained world model")
-    demo.add_argument("--world-model", help="world: a trained world transformer folder")
+    demo.add_argument("--model", choices=("world", "tiny-random"), default="world",
+                      help="world: the trained narrative-world model (default); tiny-random: "
+                      "random weights, plumbing only")
+    demo.add_argument("--world-model",
+                      help="world: a trained world transformer folder (default: the packaged one)")
     demo.add_argument("--script", type=int,
                       help="world: the held-out story's seed, 0..999 (default: 7)")
     demo.add_argument("--chunks", type=int,

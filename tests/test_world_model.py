@@ -16,6 +16,7 @@ from memflow_adapter.recipes.memory_finetune import cli as memory_finetune
 from memflow_adapter.world import WORLD_MEMORY, load_world_pipeline, make_script
 from memflow_adapter.world.dataset import write_dataset
 from memflow_adapter.world.export import export
+from memflow_adapter.world.pipeline import WORLD_MODEL_DIR
 from memflow_adapter.world.scoring import WORLD_LAYOUTS
 
 TRAIN_YAML = Path(world.__file__).with_name("train.yaml")
@@ -24,12 +25,12 @@ BENCH = Path(__file__).parents[1] / "bench" / "narrative_eval.py"
 
 @pytest.fixture(scope="module")
 def world_model(tmp_path_factory):
-    """The world model after 2 steps of the packaged training config (rank-4 LoRA), exported."""
+    """The world model after 2 steps of the packaged training config, exported."""
     root = tmp_path_factory.mktemp("world-model")
     dataset = write_dataset(root / "data", videos=2)
     adapter = memory_finetune([
         "--config", str(TRAIN_YAML), f"data.dataset={dataset}", f"training.output_dir={root}",
-        "training.max_steps=2", "lora.rank=4", "lora.alpha=4",
+        "training.max_steps=2",
     ])
     AcceleratorState._reset_state(reset_partial_state=True)
     return export(adapter, root / "model")
@@ -57,10 +58,22 @@ def test_the_world_demo_streams_a_story_and_scores_every_layout(world_model, tmp
     assert (tmp_path / "memory_timeline.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_make_demo_streams_a_held_out_story_with_the_packaged_trained_model(tmp_path, capsys):
+    """``make demo`` runs ``memflow demo`` without options."""
+    assert main(["demo", "--output-dir", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["model"] == f"narrative world ({WORLD_MODEL_DIR})"
+    assert report["random_weights"] is False and report["script_seed"] == 7
+    assert report["prompts"] == make_script(7).prompts
+    assert (tmp_path / "video.mp4").stat().st_size > 1000
+    # a trained model: it follows the story's places and most of its checks (it scores 0.8)
+    reference = report["scores"]["reference"]
+    assert reference["return_place"] and reference["adherence"] >= 0.7
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        ([], "--model world needs --world-model DIR"),
         (["--world-model", "x", "--height", "64"], "--height apply to --model tiny-random"),
         (["--world-model", "x", "--config", "full_history"], "--config must be one of"),
         (["--world-model", "x", "--script", "1000"], "--script must be a held-out script seed"),
@@ -75,7 +88,7 @@ def test_the_world_demo_refuses_what_does_not_apply(argv, message, tmp_path):
 
 def test_world_options_are_refused_for_the_random_demo(tmp_path):
     with pytest.raises(SystemExit, match="--world-model and --script apply to --model world"):
-        main(["demo", "--script", "3", "--output-dir", str(tmp_path)])
+        main(["demo", "--model", "tiny-random", "--script", "3", "--output-dir", str(tmp_path)])
 
 
 def test_the_benchmark_prints_a_row_per_memory_layout(world_model, tmp_path):

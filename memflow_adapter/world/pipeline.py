@@ -5,7 +5,7 @@ autoencoder and text encoder, and the trained model shipped with the package.
 (``transformer``, ``vae``, ``encode_prompt``, ``vae_scale_factor_spatial``, ``video_processor``),
 so the world streams through the same code as a real Wan model::
 
-    pipe = load_world_pipeline("outputs/world/model")  # a trained, exported transformer
+    pipe = load_world_pipeline()  # the packaged trained model (or a folder of your own)
     streaming = MemFlowStreamingPipeline(pipe, WORLD_MEMORY)
     video = streaming(script.prompts, num_latent_frames=24, height=32, width=32,
                       frames_per_prompt=4, max_sequence_length=WORLD_SEQUENCE_LENGTH)
@@ -44,6 +44,8 @@ WORLD_TRANSFORMER = {
 }
 #: Prompt length in tokens (the grammar's longest prompt has 11 words).
 WORLD_SEQUENCE_LENGTH = 16
+#: The trained world transformer shipped with the package (``train.yaml``, ``export.py``).
+WORLD_MODEL_DIR = Path(__file__).with_name("model")
 #: The memory layout the world model is trained and demonstrated with (latent frames): a
 #: 2-frame sink (the first chunk), a 4-frame NAM bank, a 4-frame local window, 2-frame chunks.
 WORLD_MEMORY = MemFlowConfig.reference(
@@ -145,9 +147,10 @@ def pass_input_through(transformer: WanTransformer3DModel) -> None:
     embedding.bias.zero_()
 
 
-def load_world_pipeline(folder: str | Path) -> NarrativeWorldPipeline:
+def load_world_pipeline(folder: str | Path = WORLD_MODEL_DIR) -> NarrativeWorldPipeline:
     """The world pipeline with the trained transformer of ``folder`` (a diffusers transformer
-    folder written by ``python -m memflow_adapter.world.export``; see ``README.md``)."""
+    folder written by ``python -m memflow_adapter.world.export``; by default the packaged one;
+    see ``README.md``)."""
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(
