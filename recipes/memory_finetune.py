@@ -71,8 +71,8 @@ class LatentDataConfig:
         videos_per_step: videos per step and process, trained as one batch through one window
             (the same chunks of each, each with its own noise level); they must share their
             layout (latent size, frame count and segment starts), as the narrative world's
-            scripts do. More than 1 mainly pays off for small models, whose passes cost about
-            the same for one video as for a few.
+            scripts do. More than 1 mainly pays off for small models, whose passes cost little
+            more for a few videos than for one.
     """
 
     dataset: Path = Path("data/latents")
