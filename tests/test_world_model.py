@@ -1,6 +1,7 @@
 """A trained, exported narrative-world model in use: ``memflow demo --model world`` and the
-scoring harness of ``bench/narrative_eval.py``. The model here is a few recipe steps old: these
-tests check the plumbing, not its quality (the closing notes of the world issue report that)."""
+scoring harness of ``bench/narrative_eval.py``. Most tests use a model a few recipe steps old and
+check the plumbing; the ``make demo`` test streams the packaged trained model (its benchmark
+scores are in the world README)."""
 
 import json
 import subprocess
