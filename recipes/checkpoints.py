@@ -4,9 +4,8 @@
 (accelerate's files, one RNG file per process), ``<model>_lora.safetensors`` per trained model
 (the LoRA only: accelerate's full-model files are replaced through its state hooks, since the base
 weights are frozen and come from the base model; ``<model>_weights.safetensors`` for a model
-trained in full) and ``training_state.json`` (the step). Loading
-one restores everything a run needs to continue bit-identically (the recipes draw their randomness
-from the step number).
+trained in full) and ``training_state.json`` (the step). Loading one restores everything a run
+needs to continue bit-identically (the recipes draw their randomness from the step number).
 """
 
 from __future__ import annotations

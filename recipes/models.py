@@ -166,9 +166,14 @@ def load_student_weights(transformer: nn.Module, source: str) -> dict[str, torch
             f"model.student_weights={source!r} holds no full transformer weights "
             "(transformer.safetensors or a published base.pt)"
         )
+    load_full_weights(transformer, weights)
+    return weights
+
+
+def load_full_weights(transformer: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Load a full state dict (diffusers names) into ``transformer``, every key checked first."""
     check_state_dict_fits(transformer.state_dict(), weights)
     transformer.load_state_dict(weights, strict=True)
-    return weights
 
 
 def add_lora(transformer: nn.Module, settings: LoraSettings) -> None:
@@ -213,9 +218,8 @@ def load_trained_state(transformer: nn.Module, state: dict[str, torch.Tensor]) -
     """Overwrite what a recipe trains of ``transformer`` with ``state`` (``trained_state_dict``)."""
     if has_lora(transformer):
         load_lora_state(transformer, state)
-        return
-    check_state_dict_fits(transformer.state_dict(), state)
-    transformer.load_state_dict(state, strict=True)
+    else:
+        load_full_weights(transformer, state)
 
 
 def lora_state_dict(transformer: nn.Module) -> dict[str, torch.Tensor]:

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 #: Latent frames (= pixel frames: the world's autoencoder has no temporal compression) per segment.
 SEGMENT_FRAMES = 4
-NUM_SEGMENTS = 6
 
 #: Entity colours (RGB in [0, 1]); place colours below stay far from these.
 COLOURS: dict[str, tuple[float, float, float]] = {
