@@ -47,6 +47,10 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=WORLD_MODEL_DIR,
                         help="a trained world transformer folder (memflow_adapter.world.export; "
                         "default: the packaged model)")
+    parser.add_argument("--guidance-scale", type=float, default=1.0,
+                        help="classifier-free guidance (above 1; negative: the empty prompt)")
+    parser.add_argument("--layouts", nargs="+", choices=sorted(WORLD_LAYOUTS),
+                        default=list(WORLD_LAYOUTS), help="the memory layouts to compare")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, help="also write the table as JSON")
     args = parser.parse_args()
@@ -56,15 +60,15 @@ def main() -> None:
     pipe = load_world_pipeline(args.model)
     scripts = [make_script(seed) for seed in range(args.scripts)]
     table = {}
-    for layout in WORLD_LAYOUTS:
+    for layout in args.layouts:
         streaming = streaming_world(pipe, layout)
         scores = []
         for seed, script in enumerate(scripts):
-            generated = generate_script(streaming, script, seed)
+            generated = generate_script(streaming, script, seed, args.guidance_scale)
             scores.append(score_script(script, generated.video, generated.chunk_seconds))
         table[layout] = mean_scores(scores)
-    print(f"{args.scripts} held-out scripts, 24 latent frames (12 chunks) each, "
-          f"{args.threads} CPU threads; rates in %")
+    print(f"{args.scripts} held-out scripts, 24 latent frames (12 chunks) each, guidance scale "
+          f"{args.guidance_scale:g}, {args.threads} CPU threads; rates in %")
     print("| layout | " + " | ".join(COLUMNS.values()) + " |")
     print("| --- " * (len(COLUMNS) + 1) + "|")
     for layout, row in table.items():

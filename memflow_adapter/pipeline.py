@@ -198,6 +198,8 @@ class MemFlowStreamingPipeline:
         output_type: str = "np",
         max_sequence_length: int = 512,
         fps: int = 16,
+        guidance_scale: float = 1.0,
+        negative_prompt: str | None = None,
         progress: bool = True,
     ) -> StreamingVideoOutput:
         """Generate ``num_latent_frames`` latent frames chunk by chunk.
@@ -213,6 +215,15 @@ class MemFlowStreamingPipeline:
             output_type: ``"np"``, ``"pil"``, ``"pt"`` or ``"latent"`` (no decoding).
             fps: the frame rate the video is meant for; only families conditioned on it
                 (SkyReels-V2-DF-1.3B's fps embedding) use it.
+            guidance_scale: classifier-free guidance: above 1, every denoising step also runs
+                the transformer on the negative prompt (reading the same memory) and uses
+                ``negative + guidance_scale * (prompt - negative)``; 1 (the default, as for
+                distilled streaming models) runs the prompt only. Costs a second pass per step.
+            negative_prompt: the unconditional input of guidance: ``None`` (default) is a zero
+                embedding, what ``memory_finetune``'s ``data.prompt_dropout`` trains; a string
+                is encoded like the prompts (``""`` for diffusers' Wan base models, trained with
+                the encoded empty prompt). Memory (NAM scores, recaches, context passes) always
+                uses the prompt.
         """
         schedule = _as_schedule(prompt, frames_per_prompt)
         if num_latent_frames < 1:
@@ -235,8 +246,13 @@ class MemFlowStreamingPipeline:
             )
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+        if not guidance_scale >= 1.0:
+            raise ValueError(
+                f"guidance_scale must be >= 1 (1 disables guidance), got {guidance_scale}"
+            )
         step_noise = step_noise or _drawn_noise(generator, self.device)
         prompts = self._encode_prompts(schedule.prompts, num_videos, max_sequence_length)
+        guidance = self._guidance(guidance_scale, negative_prompt, num_videos, max_sequence_length)
         conditioning = self.attachment.integration.conditioning_inputs(num_videos, fps)
 
         session = self.attachment.create_session(latent_height, latent_width)
@@ -266,6 +282,7 @@ class MemFlowStreamingPipeline:
                     conditioning,
                     chunk_index,
                     step_noise,
+                    None if guidance is None else guidance.for_prompt(embeds),
                 )
                 with session.context_pass():
                     self._run(output[:, :, start:stop], 0.0, embeds, conditioning)
@@ -297,13 +314,20 @@ class MemFlowStreamingPipeline:
         conditioning: dict[str, Any],
         chunk_index: int,
         step_noise: StepNoise,
+        guidance: tuple[float, torch.Tensor] | None,
     ) -> torch.Tensor:
-        """Few-step denoising of one chunk in read-only passes; returns the clean chunk."""
+        """Few-step denoising of one chunk in read-only passes; returns the clean chunk.
+        ``guidance``: the scale and the negative embeddings of classifier-free guidance."""
         timesteps = self.schedule.timesteps
         noisy = noise.double()
         for step, timestep in enumerate(timesteps):
             with session.denoise_pass():
                 flow = self._run(noisy, float(timestep), embeds, conditioning)
+            if guidance is not None:
+                scale, negative = guidance
+                with session.denoise_pass():
+                    unconditional = self._run(noisy, float(timestep), negative, conditioning)
+                flow = unconditional + scale * (flow - unconditional)
             clean = self.schedule.predict_clean(noisy, flow, self.schedule.sigma_at(timestep))
             if step + 1 < len(timesteps):
                 next_sigma = self.schedule.sigma_at(timesteps[step + 1])
@@ -352,6 +376,23 @@ class MemFlowStreamingPipeline:
             encoded[text] = (embeds, self.attachment.text_keys(embeds))
         return encoded
 
+    def _guidance(
+        self,
+        scale: float,
+        negative_prompt: str | None,
+        num_videos: int,
+        max_sequence_length: int,
+    ) -> Guidance | None:
+        """Classifier-free guidance's negative embeddings, or ``None`` at scale 1."""
+        if scale == 1.0:
+            return None
+        if negative_prompt is None:
+            return Guidance(scale, None)
+        embeds, _ = self._encode_prompts([negative_prompt], num_videos, max_sequence_length)[
+            negative_prompt
+        ]
+        return Guidance(scale, embeds)
+
     def _latent_size(self, height: int, width: int) -> tuple[int, int]:
         factor = self.pipe.vae_scale_factor_spatial
         if height % factor or width % factor:
@@ -360,6 +401,18 @@ class MemFlowStreamingPipeline:
                 f"got {height}x{width}"
             )
         return height // factor, width // factor
+
+
+@dataclass(frozen=True)
+class Guidance:
+    """Classifier-free guidance: its scale and the negative embeddings ``[B, L, D]``
+    (``None``: zeros shaped like each prompt's)."""
+
+    scale: float
+    negative: torch.Tensor | None
+
+    def for_prompt(self, embeds: torch.Tensor) -> tuple[float, torch.Tensor]:
+        return self.scale, torch.zeros_like(embeds) if self.negative is None else self.negative
 
 
 def _default_device() -> str:

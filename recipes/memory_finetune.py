@@ -8,7 +8,9 @@ chunks of it, and:
    lifecycle (NAM fills and refreshes the bank, prompt switches recache the window, context
    passes write the frames), without gradient;
 2. noises the last chunk at a random level and trains the student, with the memory active, to
-   predict the flow ``noise - clean`` (flow matching); only its LoRA weights learn.
+   predict the flow ``noise - clean`` (flow matching; with ``data.prompt_dropout``, sometimes
+   without its prompt, for classifier-free guidance); only its LoRA weights learn (all of
+   them with ``model.train: full``).
 
 Run with ``python -m memflow_adapter.recipes.memory_finetune --config FILE`` (or ``--tiny
 data.dataset=FOLDER``), ``accelerate launch`` or ``torchrun``.
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -73,6 +75,13 @@ class LatentDataConfig:
             layout (latent size, frame count and segment starts), as the narrative world's
             scripts do. More than 1 mainly pays off for small models, whose passes cost little
             more for a few videos than for one.
+        prompt_dropout: the probability that a loss chunk of one video is denoised with an
+            empty prompt (zero embeddings) instead of its own, drawn per video and chunk, so that
+            the model also learns the unconditional prediction that classifier-free guidance
+            needs (``MemFlowStreamingPipeline(guidance_scale=...)``, whose default negative
+            prompt is these zero embeddings). The memory keeps the real prompt, as at generation:
+            NAM scores, recaches and context passes use it. 0 (the default) trains text-
+            conditioned only, as distilled streaming models are.
     """
 
     dataset: Path = Path("data/latents")
@@ -81,11 +90,14 @@ class LatentDataConfig:
     loss_chunks: str = "last"
     noise: NoiseRange = field(default_factory=lambda: NoiseRange(0.0, 1.0))
     videos_per_step: int = 1
+    prompt_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         check(self.chunks_per_sample >= 2, "chunks_per_sample", "an int >= 2",
               self.chunks_per_sample)
         check(self.videos_per_step >= 1, "videos_per_step", "an int >= 1", self.videos_per_step)
+        check(0.0 <= self.prompt_dropout < 1.0, "prompt_dropout", "a probability in [0, 1)",
+              self.prompt_dropout)
         check(self.windows in WINDOWS, "windows", f"one of {WINDOWS}", self.windows)
         check(self.loss_chunks in LOSS_CHUNKS, "loss_chunks", f"one of {LOSS_CHUNKS}",
               self.loss_chunks)
@@ -158,8 +170,19 @@ class MemoryFinetune(Recipe):
         sigma = per_sample(sigmas.to(self.device))
         noise = randomness.randn(tuple(clean.shape), self.device)
         noisy = self.config.schedule.renoise(clean, noise, sigma)
-        flow = student.flow(noisy, TABLE_SIZE * sigma.flatten(), cond, grad=True)
+        flow = student.flow(noisy, TABLE_SIZE * sigma.flatten(), self._dropped(cond, randomness),
+                            grad=True)
         return flow_matching_loss(flow, noise, clean)
+
+    def _dropped(self, cond: Conditioning, randomness: StepRandomness) -> Conditioning:
+        """``cond`` with each video's embeddings zeroed with probability
+        ``data.prompt_dropout`` (NAM's text keys are kept: they were used before this pass)."""
+        probability = self.config.data.prompt_dropout
+        if probability == 0.0:
+            return cond
+        kept = torch.rand(cond.embeds.shape[0], generator=randomness.local) >= probability
+        mask = kept.to(cond.embeds.device, cond.embeds.dtype)[:, None, None]
+        return replace(cond, embeds=cond.embeds * mask)
 
     def _video_index(self, step: int, slot: int) -> int:
         """Each process takes its own videos per step (``slot`` of ``data.videos_per_step``);

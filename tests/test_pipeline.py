@@ -183,6 +183,29 @@ def test_deterministic_sampling_steps_along_the_models_own_noise_estimate(tiny_p
     torch.testing.assert_close(result.latents, expected, rtol=1e-5, atol=1e-5)
 
 
+def one_step_chunk(pipe, **kwargs):
+    """One chunk denoised in one step from sigma 1: its clean estimate is ``noise - flow``."""
+    streamed = streaming(pipe, MemFlowConfig.reference())
+    streamed.schedule = FlowMatchSchedule((1000,), shift=1.0)
+    latents = torch.randn(1, 16, 3, 4, 4, generator=torch.Generator().manual_seed(5))
+    return streamed(PROMPTS[0], num_latent_frames=3, height=SIZE, width=SIZE, latents=latents,
+                    output_type="latent", max_sequence_length=16, progress=False, **kwargs).latents
+
+
+def test_guidance_extrapolates_from_the_negative_prediction_by_its_scale(tiny_pipe):
+    """Classifier-free guidance uses ``negative + scale * (prompt - negative)``: with one step
+    the output moves linearly in the scale, scale 1 is the unguided run, and a negative equal
+    to the prompt changes nothing."""
+    unguided = one_step_chunk(tiny_pipe)
+    guided = {scale: one_step_chunk(tiny_pipe, guidance_scale=scale) for scale in (2.0, 3.0)}
+    assert torch.equal(one_step_chunk(tiny_pipe, guidance_scale=1.0), unguided)
+    assert not torch.allclose(guided[2.0], unguided, atol=1e-3)
+    torch.testing.assert_close(guided[3.0] - guided[2.0], guided[2.0] - unguided,
+                               rtol=1e-4, atol=1e-5)
+    same = one_step_chunk(tiny_pipe, guidance_scale=4.0, negative_prompt=PROMPTS[0])
+    torch.testing.assert_close(same, unguided, rtol=1e-5, atol=1e-6)
+
+
 def test_any_length_works_including_a_short_last_chunk(tiny_pipe):
     result = generate(
         tiny_pipe,
@@ -217,6 +240,7 @@ def test_decoded_output_and_mp4_export(tiny_pipe, tmp_path):
         ({"num_latent_frames": 0}, "num_latent_frames must be >= 1"),
         ({"latents": torch.zeros(1, 16, 2, 4, 4)}, r"latents must have shape \(1, 16, 15, 4, 4\)"),
         ({"frames_per_prompt": None}, "frames_per_prompt is required"),
+        ({"guidance_scale": 0.5}, r"guidance_scale must be >= 1 \(1 disables guidance\)"),
     ],
 )
 def test_bad_arguments_are_rejected(tiny_pipe, kwargs, message):

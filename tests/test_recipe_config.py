@@ -78,6 +78,8 @@ def test_memory_finetune_windows_are_random_or_prefix():
         load_config(MFT, PACKAGE / "memory_finetune_tiny.yaml", ["data.windows=all"])
     with pytest.raises(ConfigError, match=r"data.loss_chunks must be one of \('last', 'all'\)"):
         load_config(MFT, PACKAGE / "memory_finetune_tiny.yaml", ["data.loss_chunks=first"])
+    with pytest.raises(ConfigError, match=r"data.prompt_dropout must be a probability in \[0, 1\)"):
+        load_config(MFT, PACKAGE / "memory_finetune_tiny.yaml", ["data.prompt_dropout=1"])
 
 
 def test_the_command_line_reports_config_errors(capsys):

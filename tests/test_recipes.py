@@ -133,6 +133,41 @@ def test_memory_finetune_can_take_its_loss_on_every_chunk_of_a_window(
     assert all(not torch.equal(final[k], v) for k, v in recipe.initial["student"].items())
 
 
+def test_prompt_dropout_denoises_some_loss_chunks_without_their_prompt(
+    dataset, tmp_path, monkeypatch
+):
+    """``data.prompt_dropout``: a gradient pass sees zero embeddings with that probability, so
+    the model learns the unconditional prediction of classifier-free guidance; the memory keeps
+    the prompt (context and recache passes, and NAM's text keys, are those of the prompt)."""
+    gradient_prompts, memory_prompts = [], []
+    flow, open_chunk = StreamingStudent.flow, StreamingStudent.open_chunk
+    commit = StreamingStudent.commit
+
+    def spied_flow(self, noisy, timestep, cond, grad):
+        if grad:
+            gradient_prompts.append(bool(cond.embeds.any()))
+        return flow(self, noisy, timestep, cond, grad)
+
+    def spied_open(self, chunk, cond, video):
+        memory_prompts.append(bool(cond.embeds.any()) and all(k.any() for k in cond.text_keys))
+        return open_chunk(self, chunk, cond, video)
+
+    def spied_commit(self, clean, cond):
+        memory_prompts.append(bool(cond.embeds.any()))
+        return commit(self, clean, cond)
+
+    monkeypatch.setattr(StreamingStudent, "flow", spied_flow)
+    monkeypatch.setattr(StreamingStudent, "open_chunk", spied_open)
+    monkeypatch.setattr(StreamingStudent, "commit", spied_commit)
+    run("memory_finetune", overrides(
+        "memory_finetune", tmp_path, dataset, "training.max_steps=6", "data.loss_chunks=all",
+        "data.prompt_dropout=0.5",
+    ))
+    assert len(gradient_prompts) == 26
+    assert 0 < gradient_prompts.count(False) < 26
+    assert memory_prompts and all(memory_prompts)
+
+
 @pytest.mark.parametrize("name", RECIPES)
 def test_model_train_full_trains_every_student_weight_and_ships_them_in_the_adapter(
     name, dataset, tmp_path

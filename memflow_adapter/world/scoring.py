@@ -69,9 +69,10 @@ class Generated:
 
 
 def generate_script(
-    streaming: MemFlowStreamingPipeline, script: Script, seed: int
+    streaming: MemFlowStreamingPipeline, script: Script, seed: int, guidance_scale: float = 1.0
 ) -> Generated:
-    """Stream ``script``'s six prompts (``SEGMENT_FRAMES`` latent frames each)."""
+    """Stream ``script``'s six prompts (``SEGMENT_FRAMES`` latent frames each), with
+    classifier-free guidance above scale 1 (negative: the empty prompt)."""
     output = streaming(
         script.prompts,
         num_latent_frames=script.num_frames,
@@ -81,6 +82,7 @@ def generate_script(
         generator=torch.Generator().manual_seed(seed),
         output_type="pt",
         max_sequence_length=WORLD_SEQUENCE_LENGTH,
+        guidance_scale=guidance_scale,
         progress=False,
     )
     video = output.frames[0] * 2.0 - 1.0  # "pt" frames are [F, 3, H, W] in [0, 1]
