@@ -85,7 +85,10 @@ def _generate(args: argparse.Namespace) -> int:
         PromptSchedule.from_prompts(args.prompt, args.frames_per_prompt),
         args,
         num_latent_frames=args.num_latent_frames,
-        extra={"model": args.model, "random_weights": False},
+        extra={"model": args.model, "random_weights": False,
+               "guidance_scale": args.guidance_scale, "negative_prompt": args.negative_prompt},
+        guidance_scale=args.guidance_scale,
+        negative_prompt=args.negative_prompt,
     )
 
 
@@ -119,6 +122,8 @@ def _generate_and_write(
     args: argparse.Namespace,
     num_latent_frames: int,
     extra: dict,
+    guidance_scale: float = 1.0,
+    negative_prompt: str | None = None,
 ) -> int:
     from .outputs import write_outputs
 
@@ -130,6 +135,8 @@ def _generate_and_write(
         width=args.width,
         generator=generator,
         max_sequence_length=args.max_sequence_length,
+        guidance_scale=guidance_scale,
+        negative_prompt=negative_prompt,
     )
     paths = write_outputs(
         result,
@@ -206,6 +213,15 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--num-latent-frames", type=int, default=120)
     generate.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     generate.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto")
+    generate.add_argument(
+        "--guidance-scale", type=float, default=1.0,
+        help="classifier-free guidance; 1 (default) for distilled streaming checkpoints",
+    )
+    generate.add_argument(
+        "--negative-prompt", default=None,
+        help="guidance's negative prompt (default: a zero embedding, what memory_finetune's "
+        "data.prompt_dropout trains; \"\" for diffusers' Wan base models)",
+    )
     generate.set_defaults(handler=_generate)
 
     convert = commands.add_parser(

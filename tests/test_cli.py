@@ -40,6 +40,14 @@ def test_generate_runs_a_local_diffusers_folder_offline(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["model"] == str(model_dir) and report["num_chunks"] == 4
     assert report["config"]["bank_frames"] == 0
+    assert report["guidance_scale"] == 1.0 and report["negative_prompt"] is None
+
+    guided = ["--guidance-scale", "3", "--negative-prompt", "", "--output-dir", str(out / "g")]
+    assert main(["generate", *prompts, *options.split(), *guided]) == 0
+    report = json.loads((out / "g" / "report.json").read_text())
+    assert report["guidance_scale"] == 3.0 and report["negative_prompt"] == ""
+    with pytest.raises(ValueError, match=r"guidance_scale must be >= 1 \(1 disables guidance\)"):
+        main(["generate", *prompts, *options.split(), "--guidance-scale", "0.5"])
 
 
 def test_an_unknown_preset_is_refused(capsys):
