@@ -412,6 +412,7 @@ class Guidance:
     negative: torch.Tensor | None
 
     def for_prompt(self, embeds: torch.Tensor) -> tuple[float, torch.Tensor]:
+        """The scale and the negative embeddings to pair with prompt embeddings ``embeds``."""
         return self.scale, torch.zeros_like(embeds) if self.negative is None else self.negative
 
 

@@ -9,8 +9,8 @@ chunks of it, and:
    passes write the frames), without gradient;
 2. noises the last chunk at a random level and trains the student, with the memory active, to
    predict the flow ``noise - clean`` (flow matching; with ``data.prompt_dropout``, sometimes
-   without its prompt, for classifier-free guidance); only its LoRA weights learn (all of
-   them with ``model.train: full``).
+   without its prompt, for classifier-free guidance); only its LoRA weights learn (every
+   weight with ``model.train: full``).
 
 Run with ``python -m memflow_adapter.recipes.memory_finetune --config FILE`` (or ``--tiny
 data.dataset=FOLDER``), ``accelerate launch`` or ``torchrun``.
