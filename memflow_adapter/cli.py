@@ -7,6 +7,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -85,10 +86,8 @@ def _generate(args: argparse.Namespace) -> int:
         PromptSchedule.from_prompts(args.prompt, args.frames_per_prompt),
         args,
         num_latent_frames=args.num_latent_frames,
-        extra={"model": args.model, "random_weights": False,
-               "guidance_scale": args.guidance_scale, "negative_prompt": args.negative_prompt},
-        guidance_scale=args.guidance_scale,
-        negative_prompt=args.negative_prompt,
+        extra={"model": args.model, "random_weights": False},
+        guidance={"guidance_scale": args.guidance_scale, "negative_prompt": args.negative_prompt},
     )
 
 
@@ -122,11 +121,13 @@ def _generate_and_write(
     args: argparse.Namespace,
     num_latent_frames: int,
     extra: dict,
-    guidance_scale: float = 1.0,
-    negative_prompt: str | None = None,
+    guidance: dict[str, Any] | None = None,
 ) -> int:
+    """Generate and write the outputs; ``guidance`` (the pipeline's ``guidance_scale`` and
+    ``negative_prompt``) goes to the pipeline and into report.json."""
     from .outputs import write_outputs
 
+    guidance = guidance or {}
     generator = torch.Generator(device=streaming.device).manual_seed(args.seed)
     result = streaming(
         schedule,
@@ -135,15 +136,14 @@ def _generate_and_write(
         width=args.width,
         generator=generator,
         max_sequence_length=args.max_sequence_length,
-        guidance_scale=guidance_scale,
-        negative_prompt=negative_prompt,
+        **guidance,
     )
     paths = write_outputs(
         result,
         streaming.config,
         args.output_dir,
         args.fps,
-        {**extra, "prompts": [list(entry) for entry in schedule.entries]},
+        {**extra, **guidance, "prompts": [list(entry) for entry in schedule.entries]},
     )
     seconds = [chunk.seconds for chunk in result.chunks]
     print(f"{len(seconds)} chunks, {sum(seconds) / len(seconds):.3f} s per chunk on average")

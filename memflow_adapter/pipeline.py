@@ -365,16 +365,21 @@ class MemFlowStreamingPipeline:
         """Per distinct prompt: its embeddings and every layer's NAM text keys, computed once."""
         encoded = {}
         for text in dict.fromkeys(prompts):
-            embeds, _ = self.pipe.encode_prompt(
-                text,
-                do_classifier_free_guidance=False,
-                num_videos_per_prompt=num_videos,
-                max_sequence_length=max_sequence_length,
-                device=self.device,
-                dtype=self.dtype,
-            )
+            embeds = self._embed(text, num_videos, max_sequence_length)
             encoded[text] = (embeds, self.attachment.text_keys(embeds))
         return encoded
+
+    def _embed(self, text: str, num_videos: int, max_sequence_length: int) -> torch.Tensor:
+        """The text encoder's embeddings of ``text``, ``[num_videos, L, D]``."""
+        embeds, _ = self.pipe.encode_prompt(
+            text,
+            do_classifier_free_guidance=False,
+            num_videos_per_prompt=num_videos,
+            max_sequence_length=max_sequence_length,
+            device=self.device,
+            dtype=self.dtype,
+        )
+        return embeds
 
     def _guidance(
         self,
@@ -388,10 +393,7 @@ class MemFlowStreamingPipeline:
             return None
         if negative_prompt is None:
             return Guidance(scale, None)
-        embeds, _ = self._encode_prompts([negative_prompt], num_videos, max_sequence_length)[
-            negative_prompt
-        ]
-        return Guidance(scale, embeds)
+        return Guidance(scale, self._embed(negative_prompt, num_videos, max_sequence_length))
 
     def _latent_size(self, height: int, width: int) -> tuple[int, int]:
         factor = self.pipe.vae_scale_factor_spatial
