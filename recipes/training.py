@@ -208,6 +208,17 @@ class Recipe(ABC):
         )
 
 
+def _forget_metrics_after(metrics: Path, step: int) -> None:
+    """Drop the rows of ``metrics`` (``metrics.jsonl``) past ``step``: those of a run interrupted
+    after its last checkpoint, which the resumed run logs again."""
+    if not metrics.is_file():
+        return
+    rows = metrics.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = [row for row in rows if json.loads(row)["step"] <= step]
+    if len(kept) < len(rows):
+        metrics.write_text("".join(kept), encoding="utf-8")
+
+
 def train(recipe_type: type[Recipe], config: RecipeConfig) -> Path:
     """Run (or resume) a recipe; returns the output adapter folder."""
     training = config.training
@@ -262,6 +273,7 @@ def train(recipe_type: type[Recipe], config: RecipeConfig) -> Path:
     start = checkpointer.resume(training.resume_from)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
+        _forget_metrics_after(output_dir / "metrics.jsonl", start)
         (output_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
 
     progress = tqdm(

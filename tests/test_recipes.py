@@ -1,6 +1,7 @@
 """The fine-tune recipes end to end on tiny random models (CPU): what trains, what stays frozen,
 NaN stops, exact resume, gradient checkpointing, the output adapter, and a 2-process run."""
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -301,6 +302,22 @@ def test_resuming_from_a_checkpoint_continues_bit_identically(name, dataset, tmp
         expected = lora_state_dict(trainable.model)
         assert_same_weights(lora_state_dict(resumed.trainables()[model_name].model), expected)
     assert len((tmp_path / "b" / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_resuming_in_the_same_folder_logs_each_step_once(dataset, tmp_path):
+    """A run resumed from an earlier checkpoint of its own folder (as after an interruption past
+    the checkpoint) replaces the metrics rows of the steps it repeats."""
+    name = "memory_finetune"
+    run(name, overrides(name, tmp_path, dataset, "training.max_steps=4"))
+    metrics = tmp_path / "metrics.jsonl"
+    first = [json.loads(row) for row in metrics.read_text().splitlines()]
+    checkpoint = tmp_path / "checkpoints" / "checkpoint-2"
+    run(name, overrides(
+        name, tmp_path, dataset, "training.max_steps=4", f"training.resume_from={checkpoint}"
+    ))
+    again = [json.loads(row) for row in metrics.read_text().splitlines()]
+    assert [row["step"] for row in again] == [1, 2, 3, 4]
+    assert [row["student_loss"] for row in again] == [row["student_loss"] for row in first]
 
 
 def test_gradient_checkpointing_trains_the_same_weights(tmp_path):
