@@ -75,8 +75,10 @@ def test_a_short_run_trains_every_weight_on_whole_scripts_and_exports_the_model(
     assert all(not torch.equal(value, base[key]) for key, value in adapter.base_weights.items())
 
     folder = export(out / "adapter", tmp_path / "model")
-    curve = plot_training_curve(out / "metrics.jsonl", tmp_path / "curve.png")
+    curve = plot_training_curve([out / "metrics.jsonl"], tmp_path / "curve.png")
     assert curve.read_bytes()[:4] == b"\x89PNG"
+    stages = plot_training_curve([out / "metrics.jsonl"] * 2, tmp_path / "stages.png")
+    assert stages.read_bytes()[:4] == b"\x89PNG"
     merged = world.load_world_pipeline(folder).transformer
     remove_memflow(trained)
     trained.eval()

@@ -36,21 +36,28 @@ def export(adapter_dir: Path, output: Path) -> Path:
     return output
 
 
-def plot_training_curve(metrics: Path, output: Path) -> Path:
-    """The flow-matching loss (mean over ``CURVE_WINDOW`` steps) against the step, as a PNG."""
+def plot_training_curve(stages: Sequence[Path], output: Path) -> Path:
+    """The flow-matching loss (mean over ``CURVE_WINDOW`` steps) against the step, as a PNG, of
+    one training run or of runs that continue each other (``stages``: their ``metrics.jsonl``,
+    in order; drawn end to end, a dashed line where a stage starts)."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot
 
-    rows = [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines()]
-    steps, losses = [], []
-    for first in range(0, len(rows) - CURVE_WINDOW + 1, CURVE_WINDOW):
-        window = rows[first : first + CURVE_WINDOW]
-        steps.append(window[-1]["step"])
-        losses.append(statistics.mean(row["student_loss"] for row in window))
     figure, axis = pyplot.subplots(figsize=(6, 3.5), dpi=100)
-    axis.plot(steps, losses)
+    offset = 0
+    for index, metrics in enumerate(stages):
+        rows = [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines()]
+        steps, losses = [], []
+        for first in range(0, len(rows) - CURVE_WINDOW + 1, CURVE_WINDOW):
+            window = rows[first : first + CURVE_WINDOW]
+            steps.append(offset + window[-1]["step"])
+            losses.append(statistics.mean(row["student_loss"] for row in window))
+        if index:
+            axis.axvline(offset, color="grey", linestyle="--", linewidth=0.8)
+        axis.plot(steps, losses, color="C0")
+        offset += rows[-1]["step"] if rows else 0
     axis.set_xlabel("step")
     axis.set_ylabel(f"flow-matching loss (mean of {CURVE_WINDOW} steps)")
     axis.set_title("narrative world: memory_finetune (memory active)")
@@ -65,7 +72,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(prog="python -m memflow_adapter.world.export")
     parser.add_argument("--adapter", type=Path, required=True, help="the recipe's adapter folder")
     parser.add_argument("--output", type=Path, required=True, help="the model folder to write")
-    parser.add_argument("--metrics", type=Path, help="metrics.jsonl: also draw the curve PNG")
+    parser.add_argument("--metrics", type=Path, nargs="+",
+                        help="metrics.jsonl (one per stage of a chained training, in order): "
+                        "also draw the curve PNG")
     args = parser.parse_args(argv)
     folder = export(args.adapter, args.output)
     if args.metrics:
