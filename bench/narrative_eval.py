@@ -5,7 +5,9 @@ generates each six-prompt story under four memory layouts, side by side in one r
 (`reference`: sink + NAM bank + window), MemFlow with SMA, LongLive (sink + window) and the local
 window alone. The exact detectors score prompt adherence, the consistency of the returning entity
 and place with their first appearance, and the time per chunk (see memflow_adapter/world/
-scoring.py).
+scoring.py), then, story by story against the window alone, how often the returning entity
+matches its first look (and its colour) only with memory or only without it, with an exact sign
+test.
 
     .venv/bin/python bench/narrative_eval.py --scripts 20          # the packaged model
     .venv/bin/python bench/narrative_eval.py --model outputs/world/model --scripts 50
@@ -14,15 +16,17 @@ scoring.py).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
 import torch
 
 from memflow_adapter.world import load_world_pipeline, make_script
-from memflow_adapter.world.pipeline import WORLD_MODEL_DIR
+from memflow_adapter.world.pipeline import WORLD_GUIDANCE_SCALE, WORLD_MODEL_DIR
 from memflow_adapter.world.scoring import (
     WORLD_LAYOUTS,
+    compare_paired,
     generate_script,
     mean_scores,
     score_script,
@@ -39,6 +43,10 @@ COLUMNS = {
     "return_place": "place back",
     "seconds_per_chunk": "ms / chunk",
 }
+#: The memory-free layout every other one is compared with story by story.
+BASELINE = "window_only"
+#: The per-story checks compared: the returning entity as first seen, and its colour.
+PAIRED_CHECKS = ("return_looks", "return_colour")
 
 
 def main() -> None:
@@ -47,26 +55,30 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=WORLD_MODEL_DIR,
                         help="a trained world transformer folder (memflow_adapter.world.export; "
                         "default: the packaged model)")
-    parser.add_argument("--guidance-scale", type=float, default=1.0,
-                        help="classifier-free guidance (above 1; negative: the empty prompt)")
+    parser.add_argument("--guidance-scale", type=float, default=WORLD_GUIDANCE_SCALE,
+                        help="classifier-free guidance (negative: the zero embedding; default: "
+                        "%(default)g, the world model's setting; 1 disables it)")
     parser.add_argument("--layouts", nargs="+", choices=sorted(WORLD_LAYOUTS),
                         default=list(WORLD_LAYOUTS), help="the memory layouts to compare")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--json", type=Path, help="also write the table as JSON")
+    parser.add_argument("--json", type=Path,
+                        help="also write the tables and every story's scores as JSON")
     args = parser.parse_args()
     if not 1 <= args.scripts <= 1000:
         parser.error(f"--scripts must be in 1..1000 (held-out seeds), got {args.scripts}")
     torch.set_num_threads(args.threads)
     pipe = load_world_pipeline(args.model)
     scripts = [make_script(seed) for seed in range(args.scripts)]
-    table = {}
+    per_story = {}
     for layout in args.layouts:
         streaming = streaming_world(pipe, layout)
-        scores = []
+        per_story[layout] = []
         for seed, script in enumerate(scripts):
             generated = generate_script(streaming, script, seed, args.guidance_scale)
-            scores.append(score_script(script, generated.video, generated.chunk_seconds))
-        table[layout] = mean_scores(scores)
+            per_story[layout].append(
+                score_script(script, generated.video, generated.chunk_seconds)
+            )
+    table = {layout: mean_scores(scores) for layout, scores in per_story.items()}
     print(f"{args.scripts} held-out scripts, 24 latent frames (12 chunks) each, guidance scale "
           f"{args.guidance_scale:g}, {args.threads} CPU threads; rates in %")
     print("| layout | " + " | ".join(COLUMNS.values()) + " |")
@@ -77,8 +89,38 @@ def main() -> None:
             for key in COLUMNS
         ]
         print(f"| {layout} | " + " | ".join(cells) + " |")
+    paired = _print_paired(per_story)
     if args.json:
-        args.json.write_text(json.dumps(table, indent=2) + "\n", encoding="utf-8")
+        stories = {layout: [dataclasses.asdict(score) for score in scores]
+                   for layout, scores in per_story.items()}
+        result = {"scripts": args.scripts, "guidance_scale": args.guidance_scale,
+                  "layouts": table, f"paired_against_{BASELINE}": paired, "stories": stories}
+        args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+
+
+def _print_paired(per_story: dict) -> dict:
+    """Print (and return) each layout's story-by-story comparison with ``BASELINE``."""
+    if BASELINE not in per_story or len(per_story) == 1:
+        return {}
+    print(f"\nStory by story against {BASELINE}: stories where the check holds only with the "
+          f"layout / only with {BASELINE}, and the exact two-sided sign test's p")
+    print("| layout | " + " | ".join(COLUMNS[check] for check in PAIRED_CHECKS) + " |")
+    print("| --- " * (len(PAIRED_CHECKS) + 1) + "|")
+    paired = {}
+    for layout, scores in per_story.items():
+        if layout == BASELINE:
+            continue
+        comparisons = {
+            check: compare_paired(scores, per_story[BASELINE], check) for check in PAIRED_CHECKS
+        }
+        cells = [f"{c.only_layout} / {c.only_baseline}, p = {c.p_value:.2g}"
+                 for c in comparisons.values()]
+        print(f"| {layout} | " + " | ".join(cells) + " |")
+        paired[layout] = {
+            check: {**dataclasses.asdict(c), "p_value": c.p_value}
+            for check, c in comparisons.items()
+        }
+    return paired
 
 
 if __name__ == "__main__":

@@ -30,7 +30,12 @@ from memflow_adapter.world.grammar import (
     Segment,
 )
 from memflow_adapter.world.render import entity_mask, place_background
-from memflow_adapter.world.scoring import generate_script, score_script, streaming_world
+from memflow_adapter.world.scoring import (
+    compare_paired,
+    generate_script,
+    score_script,
+    streaming_world,
+)
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +74,22 @@ def test_an_entity_cut_by_the_frame_edge_has_a_colour_but_no_size_or_shape():
     assert detect(frame * 2 - 1).looks == ("red", None, None)
 
 
+def test_scattered_specks_are_no_entity_and_do_not_change_one():
+    """A viewer names a blob, not noise: 32 pixels of speckle spread over the frame (each 2x2
+    speck apart from the others) are no entity, and beside an entity they change nothing."""
+    background = place_background(PLACES["cave"])
+    specks = torch.zeros(32, 32, dtype=torch.bool)
+    for row, col in [(2, 2), (2, 26), (8, 14), (14, 2), (20, 26), (26, 8), (28, 20), (26, 28)]:
+        specks[row : row + 2, col : col + 2] = True
+    white = torch.tensor(COLOURS["white"])[:, None, None]
+    assert detect(torch.where(specks, white, background) * 2 - 1).colour is None
+    entity = Entity("bo", "small", "magenta", "circle")
+    frame = torch.where(entity_mask(entity, 16), torch.tensor(COLOURS["magenta"])[:, None, None],
+                        background)
+    with_specks = torch.where(specks & ~entity_mask(entity, 16), white, frame)
+    assert detect(with_specks * 2 - 1).looks == ("magenta", "small", "circle")
+
+
 def test_the_autoencoder_is_lossless_through_the_wan_integration(pipe):
     video = render_script(make_script(3)).transpose(0, 1)[None]
     latents = pipe.vae.encode_normalised(video)
@@ -104,6 +125,21 @@ def test_rendered_stories_score_perfectly_and_a_changed_return_is_caught():
     scores = score_script(script, wrong, [0.01])
     assert scores.adherence == 1.0 and not scores.return_looks and not scores.return_colour
     assert scores.return_size and scores.return_shape and not scores.return_truth
+
+
+def test_a_paired_comparison_counts_the_stories_only_one_layout_gets_right():
+    script = make_script(4)
+    right = score_script(script, render_script(script), [0.01])
+    wrong = dataclasses.replace(right, return_looks=False)
+    layout = [right, right, right, wrong, right, right, right, right]
+    baseline = [wrong, right, wrong, right, wrong, wrong, wrong, wrong]
+    paired = compare_paired(layout, baseline, "return_looks")
+    assert (paired.only_layout, paired.only_baseline) == (6, 1)
+    assert paired.p_value == pytest.approx(2 * (1 + 7) / 2**7)  # exact two-sided sign test
+    assert compare_paired(layout, layout, "return_looks").p_value == 1.0
+    assert compare_paired([], [], "return_looks").p_value == 1.0
+    with pytest.raises(ValueError, match="the same stories, got 8 and 7"):
+        compare_paired(layout, baseline[:7], "return_looks")
 
 
 def test_the_world_streams_through_the_memflow_pipeline_under_every_layout(pipe):

@@ -5,6 +5,7 @@ pipeline of a tiny streaming Wan model the recipes train on them (see README.md)
 from .detect import Detection, detect
 from .grammar import Script, make_script
 from .pipeline import (
+    WORLD_GUIDANCE_SCALE,
     WORLD_MEMORY,
     WORLD_SEQUENCE_LENGTH,
     NarrativeWorldPipeline,
@@ -14,6 +15,7 @@ from .pipeline import (
 from .render import render_script
 
 __all__ = [
+    "WORLD_GUIDANCE_SCALE",
     "WORLD_MEMORY",
     "WORLD_SEQUENCE_LENGTH",
     "Detection",

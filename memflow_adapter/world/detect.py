@@ -2,10 +2,10 @@
 
 The world is synthetic, so a frame's place and entity can be read back: the place is the nearest
 place background (mean squared distance over the whole frame, the entity's pixels excluded), the
-entity is the set of pixels far from that background, its colour the nearest entity colour to
-their mean, its size and shape from its bounding box and fill ratio. On rendered frames the
-detectors are exact (tested on every combination); on generated frames they say what a viewer
-would name.
+entity is the largest 8-connected blob of pixels far from that background (scattered specks of
+noise are no entity), its colour the nearest entity colour to the blob's mean, its size and shape
+from the blob's bounding box and fill ratio. On rendered frames the detectors are exact (tested
+on every combination); on generated frames they say what a viewer would name.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from .render import place_background
 #: A pixel belongs to the entity when it is this far (RGB distance in [0, 1] units) from the
 #: place's background.
 ENTITY_DISTANCE = 0.3
-#: Fewer pixels than this: no entity (the smallest fully visible entity covers 36 pixels).
+#: A blob of fewer pixels than this is no entity (the smallest fully visible entity covers 36
+#: pixels).
 MIN_ENTITY_PIXELS = 20
 #: Bounding-box height splitting small (8) from big (14).
 SIZE_SPLIT = 11
@@ -52,7 +53,7 @@ def detect(frame: torch.Tensor) -> Detection:
     image = (frame.float().clamp(-1, 1) + 1) / 2
     place = min(_BACKGROUNDS, key=lambda name: _background_error(image, _BACKGROUNDS[name]))
     distance = (image - _BACKGROUNDS[place]).norm(dim=0)
-    mask = distance > ENTITY_DISTANCE
+    mask = largest_blob(distance > ENTITY_DISTANCE)
     if int(mask.sum()) < MIN_ENTITY_PIXELS:
         return Detection(place)
     mean = image[:, mask].mean(dim=1)
@@ -67,6 +68,25 @@ def detect(frame: torch.Tensor) -> Detection:
     size = "big" if height > SIZE_SPLIT else "small"
     shape = "square" if fill > SQUARE_FILL else "circle" if fill > CIRCLE_FILL else "triangle"
     return Detection(place, colour, size, shape)
+
+
+def largest_blob(mask: torch.Tensor) -> torch.Tensor:
+    """The largest 8-connected component of a boolean mask ``[H, W]`` (all ``False`` when the
+    mask is empty; ties go by raster order)."""
+    height, width = mask.shape
+    # every pixel takes the largest label of its 8 neighbours until the labels stop changing
+    labels = torch.arange(1, height * width + 1, dtype=torch.float32).view(height, width)
+    labels = labels * mask
+    while True:
+        spread = torch.nn.functional.max_pool2d(labels[None, None], 3, stride=1, padding=1)
+        spread = spread[0, 0] * mask
+        if torch.equal(spread, labels):
+            break
+        labels = spread
+    found, counts = labels[mask].unique(return_counts=True)
+    if found.numel() == 0:
+        return mask
+    return labels == found[counts.argmax()]
 
 
 def _background_error(image: torch.Tensor, background: torch.Tensor) -> float:

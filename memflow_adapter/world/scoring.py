@@ -17,6 +17,7 @@ Scores of one generated script (frames read by the exact detectors of ``detect.p
 from __future__ import annotations
 
 import dataclasses
+import math
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from ..pipeline import MemFlowStreamingPipeline
 from .detect import Detection, detect
 from .grammar import SEGMENT_FRAMES, Entity, Script
 from .pipeline import (
+    WORLD_GUIDANCE_SCALE,
     WORLD_MEMORY,
     WORLD_SCHEDULE,
     WORLD_SEQUENCE_LENGTH,
@@ -69,10 +71,13 @@ class Generated:
 
 
 def generate_script(
-    streaming: MemFlowStreamingPipeline, script: Script, seed: int, guidance_scale: float = 1.0
+    streaming: MemFlowStreamingPipeline,
+    script: Script,
+    seed: int,
+    guidance_scale: float = WORLD_GUIDANCE_SCALE,
 ) -> Generated:
     """Stream ``script``'s six prompts (``SEGMENT_FRAMES`` latent frames each), with
-    classifier-free guidance above scale 1 (negative: the empty prompt)."""
+    classifier-free guidance above scale 1 (negative: the zero embedding)."""
     output = streaming(
         script.prompts,
         num_latent_frames=script.num_frames,
@@ -141,3 +146,36 @@ def mean_scores(scores: Sequence[ScriptScores]) -> dict[str, float]:
         field.name: statistics.mean(float(getattr(s, field.name)) for s in scores)
         for field in dataclasses.fields(ScriptScores)
     }
+
+
+@dataclass(frozen=True)
+class PairedComparison:
+    """One per-story check under a layout against a baseline layout on the same stories: the
+    stories where it holds only under the layout, and only under the baseline."""
+
+    only_layout: int
+    only_baseline: int
+
+    @property
+    def p_value(self) -> float:
+        """Exact two-sided sign test of ``only_layout`` against ``only_baseline`` (1 when they
+        are equal or both 0)."""
+        discordant = self.only_layout + self.only_baseline
+        fewer = min(self.only_layout, self.only_baseline)
+        tail = sum(math.comb(discordant, k) for k in range(fewer + 1)) / 2**discordant
+        return min(1.0, 2.0 * tail)
+
+
+def compare_paired(
+    scores: Sequence[ScriptScores], baseline: Sequence[ScriptScores], check: str
+) -> PairedComparison:
+    """``check`` (a boolean field of ``ScriptScores``) story by story: ``scores[i]`` and
+    ``baseline[i]`` must be the same story."""
+    if len(scores) != len(baseline):
+        raise ValueError(f"scores and baseline must cover the same stories, got {len(scores)} "
+                         f"and {len(baseline)}")
+    pairs = [(getattr(a, check), getattr(b, check)) for a, b in zip(scores, baseline, strict=True)]
+    return PairedComparison(
+        only_layout=sum(a and not b for a, b in pairs),
+        only_baseline=sum(b and not a for a, b in pairs),
+    )
