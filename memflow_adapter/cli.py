@@ -15,6 +15,8 @@ from . import __version__
 from .config import PRESETS, MemFlowConfig
 from .eval.cli import add_eval_parser
 from .pipeline import MemFlowStreamingPipeline, PromptSchedule
+from .world.demo import WORLD_DEMO_SCRIPT, run_world_demo
+from .world.pipeline import WORLD_GUIDANCE_SCALE, WORLD_MODEL_DIR
 
 DEMO_PROMPTS = (
     "a red fox walks through a snowy forest",
@@ -27,9 +29,6 @@ def _demo(args: argparse.Namespace) -> int:
     sizes = {"--height": args.height, "--width": args.width,
              "--max-sequence-length": args.max_sequence_length}
     if args.model == "world":
-        from .world.demo import run_world_demo
-        from .world.pipeline import WORLD_MODEL_DIR
-
         fixed = [name for name, value in sizes.items() if value is not None]
         if fixed:
             raise SystemExit(f"memflow demo: {', '.join(fixed)} apply to --model tiny-random; "
@@ -37,15 +36,20 @@ def _demo(args: argparse.Namespace) -> int:
         if args.chunks is not None:
             raise SystemExit("memflow demo: --chunks applies to --model tiny-random; a world "
                              "story has 12 chunks")
-        script = 7 if args.script is None else args.script
+        script = WORLD_DEMO_SCRIPT if args.script is None else args.script
+        seed = script if args.seed is None else args.seed
+        guidance = WORLD_GUIDANCE_SCALE if args.guidance_scale is None else args.guidance_scale
         try:
             model = Path(args.world_model) if args.world_model else WORLD_MODEL_DIR
-            return run_world_demo(model, args.config, script, args.seed, Path(args.output_dir),
-                                  args.fps)
+            return run_world_demo(model, args.config, script, seed, Path(args.output_dir),
+                                  args.fps, guidance)
         except (ValueError, FileNotFoundError) as error:
             raise SystemExit(f"memflow demo: {error}") from error
-    if args.world_model is not None or args.script is not None:
-        raise SystemExit("memflow demo: --world-model and --script apply to --model world")
+    world_only = {"--world-model": args.world_model, "--script": args.script,
+                  "--guidance-scale": args.guidance_scale}
+    given = [name for name, value in world_only.items() if value is not None]
+    if given:
+        raise SystemExit(f"memflow demo: {', '.join(given)} apply to --model world")
     return _random_tiny_demo(args)
 
 
@@ -55,6 +59,7 @@ def _random_tiny_demo(args: argparse.Namespace) -> int:
     args.height, args.width = args.height or 64, args.width or 64
     args.max_sequence_length = args.max_sequence_length or 32
     args.chunks = 9 if args.chunks is None else args.chunks
+    args.seed = 0 if args.seed is None else args.seed
 
     print(
         "memflow demo: a tiny Wan2.1-architecture transformer, VAE and text encoder with RANDOM "
@@ -153,7 +158,13 @@ def _generate_and_write(
 
 
 def _add_common(
-    parser: argparse.ArgumentParser, *, height: int | None, width: int | None, seq: int | None
+    parser: argparse.ArgumentParser,
+    *,
+    height: int | None,
+    width: int | None,
+    seq: int | None,
+    seed: int | None = 0,
+    seed_help: str = "generation seed (default: 0)",
 ) -> None:
     parser.add_argument(
         "--config", choices=PRESETS, default="reference", help="memory preset (default: reference)"
@@ -161,7 +172,7 @@ def _add_common(
     parser.add_argument("--output-dir", default="outputs", help="where to write (default: outputs)")
     parser.add_argument("--height", type=int, default=height, help="video height in pixels")
     parser.add_argument("--width", type=int, default=width, help="video width in pixels")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=seed, help=seed_help)
     parser.add_argument("--fps", type=int, default=16)
     parser.add_argument(
         "--max-sequence-length", type=int, default=seq, help="text tokens per prompt"
@@ -181,14 +192,23 @@ def build_parser() -> argparse.ArgumentParser:
         "trained world model (offline), or a 3-prompt video with a tiny random-weight Wan "
         "(--model tiny-random)",
     )
-    _add_common(demo, height=None, width=None, seq=None)
+    _add_common(demo, height=None, width=None, seq=None, seed=None,
+                seed_help="world: the noise seed (default: the story's, as in "
+                "bench/narrative_eval.py); tiny-random: the weights' and noise's (default: 0)")
     demo.add_argument("--model", choices=("world", "tiny-random"), default="world",
                       help="world: the trained narrative-world model (default); tiny-random: "
                       "random weights, plumbing only")
     demo.add_argument("--world-model",
                       help="world: a trained world transformer folder (default: the packaged one)")
-    demo.add_argument("--script", type=int,
-                      help="world: the held-out story's seed, 0..999 (default: 7)")
+    demo.add_argument(
+        "--script", type=int,
+        help=f"world: the held-out story's seed, 0..999 (default: {WORLD_DEMO_SCRIPT})",
+    )
+    demo.add_argument(
+        "--guidance-scale", type=float,
+        help=f"world: classifier-free guidance (default: {WORLD_GUIDANCE_SCALE:g}, the model's "
+        "setting; 1 disables it)",
+    )
     demo.add_argument("--chunks", type=int,
                       help="tiny-random: chunks to generate (default: 9)")
     demo.set_defaults(handler=_demo)

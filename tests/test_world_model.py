@@ -16,8 +16,9 @@ from memflow_adapter.cli import main
 from memflow_adapter.recipes.memory_finetune import cli as memory_finetune
 from memflow_adapter.world import WORLD_MEMORY, load_world_pipeline, make_script
 from memflow_adapter.world.dataset import write_dataset
+from memflow_adapter.world.demo import WORLD_DEMO_SCRIPT
 from memflow_adapter.world.export import export
-from memflow_adapter.world.pipeline import WORLD_MODEL_DIR
+from memflow_adapter.world.pipeline import WORLD_GUIDANCE_SCALE, WORLD_MODEL_DIR
 from memflow_adapter.world.scoring import WORLD_LAYOUTS
 
 TRAIN_YAML = Path(world.__file__).with_name("train.yaml")
@@ -44,14 +45,14 @@ def test_a_missing_model_folder_is_a_clear_error(tmp_path):
 
 def test_the_world_demo_streams_a_story_and_scores_every_layout(world_model, tmp_path, capsys):
     argv = ["demo", "--model", "world", "--world-model", str(world_model), "--script", "3",
-            "--output-dir", str(tmp_path)]
+            "--guidance-scale", "1.5", "--output-dir", str(tmp_path)]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     script = make_script(3)
     assert all(prompt in printed for prompt in script.prompts)
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["random_weights"] is False and report["prompts"] == script.prompts
-    assert report["config"] == WORLD_MEMORY.to_dict()
+    assert report["config"] == WORLD_MEMORY.to_dict() and report["guidance_scale"] == 1.5
     assert set(report["scores"]) == set(WORLD_LAYOUTS)
     assert report["returning_entity"]["name"] == script.returning.name
     assert report["num_chunks"] == 12 and report["chunks"][2]["recached"]
@@ -64,12 +65,16 @@ def test_make_demo_streams_a_held_out_story_with_the_packaged_trained_model(tmp_
     assert main(["demo", "--output-dir", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["model"] == f"narrative world ({WORLD_MODEL_DIR})"
-    assert report["random_weights"] is False and report["script_seed"] == 7
-    assert report["prompts"] == make_script(7).prompts
+    assert report["random_weights"] is False and report["script_seed"] == WORLD_DEMO_SCRIPT
+    assert report["prompts"] == make_script(WORLD_DEMO_SCRIPT).prompts
+    assert report["guidance_scale"] == WORLD_GUIDANCE_SCALE
+    assert report["seed"] == WORLD_DEMO_SCRIPT  # the benchmark's noise for the story
     assert (tmp_path / "video.mp4").stat().st_size > 1000
-    # a trained model: it follows the story's places and most of its checks (it scores 0.8)
+    # a trained model: it follows the story's places and most of its checks (it scores 0.9),
+    # and its memory brings the returning entity back as first seen
     reference = report["scores"]["reference"]
     assert reference["return_place"] and reference["adherence"] >= 0.7
+    assert reference["return_looks"]
 
 
 @pytest.mark.parametrize(
@@ -80,6 +85,7 @@ def test_make_demo_streams_a_held_out_story_with_the_packaged_trained_model(tmp_
         (["--world-model", "x", "--script", "1000"], "--script must be a held-out script seed"),
         (["--world-model", "nowhere"], "holds no trained world transformer"),
         (["--world-model", "x", "--chunks", "4"], "--chunks applies to --model tiny-random"),
+        (["--world-model", "x", "--guidance-scale", "0.5"], "--guidance-scale must be >= 1"),
     ],
 )
 def test_the_world_demo_refuses_what_does_not_apply(argv, message, tmp_path):
@@ -88,8 +94,10 @@ def test_the_world_demo_refuses_what_does_not_apply(argv, message, tmp_path):
 
 
 def test_world_options_are_refused_for_the_random_demo(tmp_path):
-    with pytest.raises(SystemExit, match="--world-model and --script apply to --model world"):
-        main(["demo", "--model", "tiny-random", "--script", "3", "--output-dir", str(tmp_path)])
+    argv = ["--script", "3", "--guidance-scale", "2", "--world-model", "x"]
+    with pytest.raises(SystemExit, match="--world-model, --script, --guidance-scale apply to "
+                       "--model world"):
+        main(["demo", "--model", "tiny-random", *argv, "--output-dir", str(tmp_path)])
 
 
 def test_the_benchmark_prints_a_row_per_memory_layout(world_model, tmp_path):
@@ -100,7 +108,17 @@ def test_the_benchmark_prints_a_row_per_memory_layout(world_model, tmp_path):
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    rows = [line for line in result.stdout.splitlines() if line.startswith("| ")]
+    means, paired = result.stdout.split("Story by story against window_only")
+    rows = [line for line in means.splitlines() if line.startswith("| ")]
     assert [row.split(" | ")[0][2:] for row in rows[2:]] == list(WORLD_LAYOUTS)
+    rows = [line for line in paired.splitlines() if line.startswith("| ")]
+    memory_layouts = [layout for layout in WORLD_LAYOUTS if layout != "window_only"]
+    assert [row.split(" | ")[0][2:] for row in rows[2:]] == memory_layouts
     scores = json.loads(table.read_text())
-    assert all(0.0 <= scores[layout]["adherence"] <= 1.0 for layout in WORLD_LAYOUTS)
+    assert scores["scripts"] == 1 and scores["guidance_scale"] == WORLD_GUIDANCE_SCALE
+    assert all(0.0 <= scores["layouts"][layout]["adherence"] <= 1.0 for layout in WORLD_LAYOUTS)
+    for layout in WORLD_LAYOUTS:  # the mean of one story is that story
+        assert scores["stories"][layout][0]["adherence"] == scores["layouts"][layout]["adherence"]
+    for layout in memory_layouts:  # one story: each check holds with one layout at most
+        looks = scores["paired_against_window_only"][layout]["return_looks"]
+        assert looks["only_layout"] + looks["only_baseline"] <= 1 and looks["p_value"] == 1.0

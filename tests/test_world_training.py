@@ -2,6 +2,7 @@
 (``model.pipeline``), every weight trained on batches of whole scripts, and the export of the
 trained adapter as the packaged model."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from memflow_adapter.world.export import export, plot_training_curve
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 TRAIN_YAML = Path(world.__file__).with_name("train.yaml")
+GUIDED_YAML = Path(world.__file__).with_name("train_guided.yaml")
 FACTORY = "memflow_adapter.world.pipeline:build_world_pipeline"
 
 
@@ -34,6 +36,16 @@ def test_the_packaged_training_config_trains_the_world_model_with_memory():
     # whole scripts (12 chunks), the loss on each chunk with the memory of the chunks before it
     assert config.data.windows == "random" and config.data.chunks_per_sample == 12
     assert config.data.loss_chunks == "all" and config.data.videos_per_step == 4
+
+
+def test_the_guided_stages_continue_the_packaged_training_with_prompt_dropout():
+    base = load_config(MemoryFinetuneConfig, TRAIN_YAML)
+    guided = load_config(MemoryFinetuneConfig, GUIDED_YAML)
+    assert guided.model == dataclasses.replace(base.model, student_weights="outputs/world/adapter")
+    assert guided.memflow == base.memflow and guided.schedule == base.schedule
+    assert guided.data == dataclasses.replace(base.data, prompt_dropout=0.15)
+    assert guided.training.learning_rate < base.training.learning_rate
+    assert guided.training.seed == base.training.seed
 
 
 def test_an_unknown_pipeline_factory_is_a_config_error(world_dataset, tmp_path):

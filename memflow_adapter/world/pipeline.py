@@ -44,7 +44,8 @@ WORLD_TRANSFORMER = {
 }
 #: Prompt length in tokens (the grammar's longest prompt has 11 words).
 WORLD_SEQUENCE_LENGTH = 16
-#: The trained world transformer shipped with the package (``train.yaml``, ``train_guided.yaml``, ``export.py``).
+#: The trained world transformer shipped with the package (``train.yaml``, then
+#: ``train_guided.yaml``; ``export.py``).
 WORLD_MODEL_DIR = Path(__file__).with_name("model")
 #: The memory layout the world model is trained and demonstrated with (latent frames): a
 #: 2-frame sink (the first chunk), a 4-frame NAM bank, a 4-frame local window, 2-frame chunks.
