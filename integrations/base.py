@@ -69,6 +69,12 @@ class Integration(ABC):
         """Decode generated latents ``[B, C, F, h, w]`` to a video ``[B, 3, frames, H, W]`` in
         ``[-1, 1]``, undoing the family's latent normalisation."""
 
+    @abstractmethod
+    def latent_decoder(self, vae: nn.Module) -> LatentDecoder:
+        """A decoder that turns a streamed video's latents into frames chunk by chunk, each call
+        continuing the previous ones, with output equal to ``decode_latents`` of the whole
+        video (up to the kernels' float noise)."""
+
     def conditioning_inputs(self, batch_size: int, fps: int) -> dict[str, Any]:
         """Keyword inputs of the model's forward besides latents, timestep and prompt embeddings,
         for ``batch_size`` videos meant for ``fps`` frames per second. None by default."""
@@ -78,3 +84,44 @@ class Integration(ABC):
     def text_keys(self, prompt_embeds: torch.Tensor) -> list[torch.Tensor]:
         """Per layer, the keys its cross-attention computes for ``prompt_embeds`` (the text
         encoder's output, padding included): ``[B, L_text, H, D]`` each."""
+
+
+class LatentDecoder(ABC):
+    """Decodes a streamed video as it is made: ``decode`` takes the next latent frames and returns
+    the video frames they complete, continuing from every earlier call (a causal VAE's temporal
+    feature cache lives here, not in the VAE, so two streams can share one VAE). ``state`` and
+    ``load_state`` save and restore it between calls (a paused stream)."""
+
+    @abstractmethod
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """The next latent frames ``[B, C, n, h, w]`` (normalised, as generated) -> the video
+        frames ``[B, 3, m, H, W]`` in ``[-1, 1]`` that follow the ones already returned."""
+
+    @abstractmethod
+    def state(self) -> Any:
+        """A snapshot of what the next ``decode`` continues from (independent of later calls)."""
+
+    @abstractmethod
+    def load_state(self, state: Any) -> None:
+        """Continue from a ``state()`` snapshot."""
+
+
+class ChunkwiseDecoder(LatentDecoder):
+    """For autoencoders that decode every latent frame on its own (no temporal compression, no
+    temporal context): each call decodes its frames alone with ``decode`` (the family's
+    ``decode_latents``, bound to its VAE), so the decoder holds no state."""
+
+    def __init__(self, decode: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self._decode = decode
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self._decode(latents)
+
+    def state(self) -> None:
+        return None
+
+    def load_state(self, state: Any) -> None:
+        if state is not None:
+            raise ValueError(
+                f"a chunkwise decoder has no state to load, got {type(state).__name__}"
+            )

@@ -42,8 +42,8 @@ from diffusers.models.transformers.transformer_helios import (
 )
 from torch import nn
 
-from .base import AttendFn
-from .wan import WanIntegration
+from .base import AttendFn, LatentDecoder
+from .wan import WanCausalDecoder, WanIntegration
 
 #: ``HeliosPipeline``'s chunk length in latent frames: it encodes and decodes its VAE latents one
 #: such chunk at a time, each chunk on its own.
@@ -148,6 +148,11 @@ class HeliosIntegration(WanIntegration):
         return HeliosRotaryPosEmbed.forward(
             rope, frame_indices + frame_offset, height=height, width=width, device=device
         )
+
+    def latent_decoder(self, vae: nn.Module) -> LatentDecoder:
+        """Wan's causal decoder with a fresh cache every ``HELIOS_LATENT_FRAMES_PER_CHUNK`` latent
+        frames: the same video as ``decode_latents``, frame by frame."""
+        return WanCausalDecoder(vae, restart_every=HELIOS_LATENT_FRAMES_PER_CHUNK)
 
     def decode_latents(self, vae: nn.Module, latents: torch.Tensor) -> torch.Tensor:
         """As ``HeliosPipeline`` does: each chunk of ``HELIOS_LATENT_FRAMES_PER_CHUNK`` latent

@@ -11,11 +11,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from diffusers import WanPipeline
+from diffusers import AutoencoderKLWan, WanPipeline
+from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, unpatchify
 from diffusers.models.transformers.transformer_wan import WanAttention, WanTransformer3DModel
 from torch import nn
 
-from .base import AttendFn, Integration
+from .base import AttendFn, ChunkwiseDecoder, Integration, LatentDecoder
 
 #: diffusers config of the Wan2.1-T2V-1.3B transformer, the base of Self-Forcing, LongLive and
 #: MemFlow (and the default base of published checkpoints in the original layout).
@@ -166,11 +167,20 @@ class WanIntegration(Integration):
 
     def decode_latents(self, vae: nn.Module, latents: torch.Tensor) -> torch.Tensor:
         """As ``WanPipeline`` does: undo the per-channel latent normalisation, then decode."""
-        channels = (1, vae.config.z_dim, 1, 1, 1)
-        latents = latents.to(vae.dtype)
-        mean = torch.tensor(vae.config.latents_mean).view(channels).to(latents)
-        inverse_std = 1.0 / torch.tensor(vae.config.latents_std).view(channels).to(latents)
-        return vae.decode(latents / inverse_std + mean, return_dict=False)[0]
+        return vae.decode(denormalise_wan_latents(vae, latents), return_dict=False)[0]
+
+    def latent_decoder(self, vae: nn.Module) -> LatentDecoder:
+        """Wan's causal VAE decodes through its temporal feature cache (``WanCausalDecoder``);
+        an autoencoder that declares ``decodes_frames_independently`` (no temporal context, as
+        the narrative world's) decodes each chunk on its own."""
+        if isinstance(vae, AutoencoderKLWan):
+            return WanCausalDecoder(vae)
+        if getattr(vae, "decodes_frames_independently", False):
+            return ChunkwiseDecoder(lambda latents: self.decode_latents(vae, latents))
+        raise TypeError(
+            f"vae must be an AutoencoderKLWan or an autoencoder with decodes_frames_independently "
+            f"= True to decode a stream chunk by chunk, got {type(vae).__name__}"
+        )
 
     def text_keys(self, prompt_embeds: torch.Tensor) -> list[torch.Tensor]:
         context = self.model.condition_embedder.text_embedder(prompt_embeds)
@@ -183,3 +193,75 @@ class WanIntegration(Integration):
                 key = attn.to_k(context)
             keys.append(attn.norm_k(key).unflatten(2, (attn.heads, -1)))
         return keys
+
+
+def denormalise_wan_latents(vae: nn.Module, latents: torch.Tensor) -> torch.Tensor:
+    """Generated latents ``[B, z, F, h, w]`` -> the VAE's own latent scale (``z * std + mean`` per
+    channel), in the VAE's dtype."""
+    channels = (1, vae.config.z_dim, 1, 1, 1)
+    latents = latents.to(vae.dtype)
+    mean = torch.tensor(vae.config.latents_mean).view(channels).to(latents)
+    inverse_std = 1.0 / torch.tensor(vae.config.latents_std).view(channels).to(latents)
+    return latents / inverse_std + mean
+
+
+class WanCausalDecoder(LatentDecoder):
+    """``AutoencoderKLWan``'s decoding, one latent frame at a time as ``AutoencoderKLWan.decode``
+    runs it, with the temporal feature cache kept across calls: latent frame 0 gives 1 video frame,
+    every later one ``vae.config.scale_factor_temporal`` frames (4), so a chunk's frames are out
+    as soon as the chunk is.
+
+    Args:
+        vae: the VAE (no tiling: ``decode`` would tile a large video spatially, which a frame
+            stream does not).
+        restart_every: start a fresh cache every N latent frames (Helios decodes each chunk of N
+            latent frames on its own); default never.
+    """
+
+    def __init__(self, vae: AutoencoderKLWan, restart_every: int | None = None) -> None:
+        if vae.use_tiling:
+            raise ValueError(
+                "the VAE has tiling enabled (vae.enable_tiling()); stream decoding runs it "
+                "untiled: call vae.disable_tiling() first"
+            )
+        if restart_every is not None and restart_every < 1:
+            raise ValueError(f"restart_every must be None or an int >= 1, got {restart_every}")
+        self.vae = vae
+        self.restart_every = restart_every
+        self._num_convs = sum(isinstance(m, WanCausalConv3d) for m in vae.decoder.modules())
+        self._cache: list = []
+        self._frames_decoded = 0
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        vae = self.vae
+        x = vae.post_quant_conv(denormalise_wan_latents(vae, latents))
+        frames = []
+        for i in range(x.shape[2]):
+            restart = self.restart_every or self._frames_decoded + 1
+            first = self._frames_decoded % restart == 0
+            if first:
+                self._cache = [None] * self._num_convs
+            frames.append(
+                vae.decoder(
+                    x[:, :, i : i + 1], feat_cache=self._cache, feat_idx=[0], first_chunk=first
+                )
+            )
+            self._frames_decoded += 1
+        video = torch.cat(frames, dim=2)
+        if vae.config.patch_size is not None:
+            video = unpatchify(video, patch_size=vae.config.patch_size)
+        return video.clamp(-1.0, 1.0)
+
+    def state(self) -> dict:
+        cache = [e.clone() if isinstance(e, torch.Tensor) else e for e in self._cache]
+        return {"frames_decoded": self._frames_decoded, "feature_cache": cache}
+
+    def load_state(self, state: dict) -> None:
+        frames_decoded, cache = int(state["frames_decoded"]), list(state["feature_cache"])
+        if frames_decoded < 0 or (frames_decoded > 0 and len(cache) != self._num_convs):
+            raise ValueError(
+                f"decoder state must hold {self._num_convs} cache entries after frame 0, got "
+                f"{len(cache)} after {frames_decoded} frames"
+            )
+        self._cache = [e.clone() if isinstance(e, torch.Tensor) else e for e in cache]
+        self._frames_decoded = frames_decoded

@@ -67,15 +67,20 @@ class MemoryTrace:
         self._chunks[-1].activated.setdefault(layer, []).append((kind, frame_index.detach()))
 
     def chunks(self) -> list[ChunkMemory]:
-        return [
-            ChunkMemory(
-                chunk_index=raw.chunk_index,
-                start_frame=raw.start_frame,
-                bank={layer: index.tolist() for layer, index in raw.bank.items()},
-                activated={
-                    layer: [PassActivation(kind, index.tolist()) for kind, index in passes]
-                    for layer, passes in raw.activated.items()
-                },
-            )
-            for raw in self._chunks
-        ]
+        return [_public(raw) for raw in self._chunks]
+
+    def last(self) -> ChunkMemory | None:
+        """The latest chunk's record (``None`` before the first chunk)."""
+        return _public(self._chunks[-1]) if self._chunks else None
+
+
+def _public(raw: _RawChunk) -> ChunkMemory:
+    return ChunkMemory(
+        chunk_index=raw.chunk_index,
+        start_frame=raw.start_frame,
+        bank={layer: index.tolist() for layer, index in raw.bank.items()},
+        activated={
+            layer: [PassActivation(kind, index.tolist()) for kind, index in passes]
+            for layer, passes in raw.activated.items()
+        },
+    )

@@ -1,19 +1,22 @@
 """The streaming multi-prompt pipeline: chunk-by-chunk few-step generation with MemFlow memory.
 
-Per chunk (DESIGN.md s.1, s.4b): NAM refreshes the bank with the chunk's prompt; after a prompt
-switch the window is recached under the new prompt; the chunk is denoised in a few read-only
-passes (x0 prediction and re-noising between steps); the clean chunk is run once more at timestep 0
-to write its keys/values (the context pass).
+``stream()`` yields each chunk as it is made (its latents, its decoded frames, its memory trace
+and timings) and takes prompt changes between chunks; ``__call__`` collects a whole stream. Each
+chunk is one step of the core's streaming loop (``streaming.ChunkEngine``, DESIGN.md s.5b): NAM
+refreshes the bank with the chunk's prompt, the first chunk of a new prompt segment recaches the
+window under it, the chunk is denoised in a few read-only passes and its clean frames are run once
+more at timestep 0 to write their keys and values (the context pass).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 from diffusers.utils import export_to_video
@@ -23,55 +26,27 @@ from tqdm.auto import tqdm
 from .config import MemFlowConfig
 from .hooks import MemFlowAttachment, apply_memflow, get_memflow
 from .integrations import find_integration
+from .integrations.base import LatentDecoder
 from .introspection import ChunkMemory
 from .schedule import FlowMatchSchedule
 from .session import StreamingSession
+from .streaming import (
+    ChunkEngine,
+    ChunkPlan,
+    Guidance,
+    PromptConditioning,
+    PromptSchedule,
+    StepNoise,
+    next_chunk,
+)
 
-#: ``step_noise(chunk_index, step_index, shape) -> noise`` for re-noising between steps.
-StepNoise = Callable[[int, int, torch.Size], torch.Tensor]
-
-
-@dataclass(frozen=True)
-class PromptSchedule:
-    """Which prompt each chunk is generated with: ``(prompt, start_frame)`` entries in latent
-    frames. A chunk uses the last entry starting at or before its first frame, so a switch takes
-    effect at the first chunk boundary at or after its frame."""
-
-    entries: tuple[tuple[str, int], ...]
-
-    def __post_init__(self) -> None:
-        if not self.entries:
-            raise ValueError("a prompt schedule needs at least one (prompt, start_frame) entry")
-        previous = -1
-        for prompt, start in self.entries:
-            if not isinstance(prompt, str) or not prompt.strip():
-                raise ValueError(f"every prompt must be a non-empty string, got {prompt!r}")
-            if isinstance(start, bool) or not isinstance(start, int) or start <= previous:
-                raise ValueError(
-                    f"start frames must be increasing ints, got {start!r} after {previous}"
-                )
-            previous = start
-        if self.entries[0][1] != 0:
-            raise ValueError(f"the first prompt must start at frame 0, got {self.entries[0][1]}")
-
-    @classmethod
-    def from_prompts(cls, prompts: Sequence[str], frames_per_prompt: int) -> PromptSchedule:
-        """One prompt every ``frames_per_prompt`` latent frames."""
-        if frames_per_prompt < 1:
-            raise ValueError(f"frames_per_prompt must be >= 1, got {frames_per_prompt}")
-        return cls(tuple((prompt, i * frames_per_prompt) for i, prompt in enumerate(prompts)))
-
-    def prompt_at(self, frame: int) -> str:
-        return [prompt for prompt, start in self.entries if start <= frame][-1]
-
-    @property
-    def prompts(self) -> list[str]:
-        return [prompt for prompt, _ in self.entries]
+OUTPUT_TYPES = ("np", "pil", "pt", "latent")
 
 
 @dataclass(frozen=True)
 class ChunkReport:
-    """What one chunk cost and which prompt it used."""
+    """What one chunk cost and which prompt it used (``seconds``: generation, recache included;
+    ``decode_seconds``: decoding its frames)."""
 
     chunk_index: int
     start_frame: int
@@ -80,6 +55,28 @@ class ChunkReport:
     recached: bool
     seconds: float
     cache_bytes: int
+    decode_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class StreamedChunk:
+    """What ``stream()`` yields after each chunk.
+
+    Attributes:
+        plan: the chunk (index, frames, segment, prompt, whether it recached).
+        latents: ``[B, C, f, h, w]`` its clean latents.
+        frames: its decoded video frames in the stream's ``output_type`` (``np``:
+            ``[B, m, H, W, 3]``, ``pt``: ``[B, m, 3, H, W]``, ``pil``: per video a list of
+            images; ``None`` for ``"latent"``); concatenated over chunks they are the video.
+        memory: the chunk's memory trace (bank frames, SMA activations).
+        report: its timings and cache size.
+    """
+
+    plan: ChunkPlan
+    latents: torch.Tensor
+    frames: Any
+    memory: ChunkMemory | None
+    report: ChunkReport
 
 
 @dataclass
@@ -92,6 +89,8 @@ class StreamingVideoOutput:
         trace: the session's memory trace (bank frames and SMA activations per chunk).
         chunks: per-chunk timings and cache sizes.
         peak_memory_bytes: CUDA peak allocation during the run (``None`` on CPU).
+        seconds_to_first_frame: from the start of the stream to the first chunk's frames (or
+            latents, for ``"latent"``).
     """
 
     latents: torch.Tensor
@@ -99,6 +98,7 @@ class StreamingVideoOutput:
     trace: list[ChunkMemory]
     chunks: list[ChunkReport] = field(default_factory=list)
     peak_memory_bytes: int | None = None
+    seconds_to_first_frame: float | None = None
 
     def save_video(self, path: str | Path, fps: int = 16, batch_index: int = 0) -> Path:
         """Write the decoded video to ``path`` (mp4 needs the ``video`` extra)."""
@@ -182,8 +182,7 @@ class MemFlowStreamingPipeline:
         return cls(pipe, config, **kwargs)
 
     # --------------------------------------------------------------------------------- generation
-    @torch.no_grad()
-    def __call__(
+    def stream(
         self,
         prompt: str | Sequence[str] | PromptSchedule,
         num_latent_frames: int,
@@ -200,9 +199,12 @@ class MemFlowStreamingPipeline:
         fps: int = 16,
         guidance_scale: float = 1.0,
         negative_prompt: str | None = None,
-        progress: bool = True,
-    ) -> StreamingVideoOutput:
-        """Generate ``num_latent_frames`` latent frames chunk by chunk.
+    ) -> VideoStream:
+        """Stream ``num_latent_frames`` latent frames chunk by chunk: iterate the returned
+        ``VideoStream`` to get each chunk (``StreamedChunk``) as soon as it is made, its frames
+        decoded through the VAE's own temporal cache; call ``set_prompt(text)`` on it between
+        chunks to change the prompt from the next chunk on (with the KV recache, exactly as the
+        same switch given up front).
 
         Args:
             prompt: one prompt, a list of prompts (one every ``frames_per_prompt`` latent
@@ -226,12 +228,13 @@ class MemFlowStreamingPipeline:
                 uses the prompt.
         """
         schedule = _as_schedule(prompt, frames_per_prompt)
-        if num_latent_frames < 1:
-            raise ValueError(f"num_latent_frames must be >= 1, got {num_latent_frames}")
-        if output_type not in ("np", "pil", "pt", "latent"):
-            raise ValueError(
-                f"output_type must be 'np', 'pil', 'pt' or 'latent', got {output_type!r}"
-            )
+        if isinstance(num_latent_frames, bool) or not isinstance(num_latent_frames, int) or (
+            num_latent_frames < 1
+        ):
+            raise ValueError(f"num_latent_frames must be an int >= 1, got {num_latent_frames!r}")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        guidance = Guidance(guidance_scale)  # validates the scale
         latent_height, latent_width = self._latent_size(height, width)
         shape = (
             num_videos,
@@ -246,128 +249,40 @@ class MemFlowStreamingPipeline:
             )
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
-        if not guidance_scale >= 1.0:
-            raise ValueError(
-                f"guidance_scale must be >= 1 (1 disables guidance), got {guidance_scale}"
+        if guidance_scale != 1.0 and negative_prompt is not None:
+            guidance = Guidance(
+                guidance_scale, self._embed(negative_prompt, num_videos, max_sequence_length)
             )
-        step_noise = step_noise or _drawn_noise(generator, self.device)
-        prompts = self._encode_prompts(schedule.prompts, num_videos, max_sequence_length)
-        guidance = self._guidance(guidance_scale, negative_prompt, num_videos, max_sequence_length)
-        conditioning = self.attachment.integration.conditioning_inputs(num_videos, fps)
+        integration = self.attachment.integration
+        return VideoStream(
+            self,
+            schedule,
+            noise=latents.to(self.device),
+            step_noise=step_noise or _drawn_noise(generator, self.device),
+            generator=generator,
+            guidance=None if guidance_scale == 1.0 else guidance,
+            session=self.attachment.create_session(latent_height, latent_width),
+            decoder=None if output_type == "latent" else integration.latent_decoder(self.pipe.vae),
+            output_type=output_type,
+            conditioning=integration.conditioning_inputs(num_videos, fps),
+            encode=lambda text: self._embed(text, num_videos, max_sequence_length),
+        )
 
-        session = self.attachment.create_session(latent_height, latent_width)
-        output = torch.zeros(shape, dtype=torch.float32, device=self.device)
-        reports: list[ChunkReport] = []
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        chunk_starts = range(0, num_latent_frames, self.config.frames_per_chunk)
-        with self.attachment.bind(session):
-            for chunk_index, start in enumerate(
-                tqdm(chunk_starts, disable=not progress, desc="MemFlow chunks")
-            ):
-                stop = min(start + self.config.frames_per_chunk, num_latent_frames)
-                text = schedule.prompt_at(start)
-                recache = chunk_index > 0 and text != schedule.prompt_at(start - 1)
-                began = time.perf_counter()
-                embeds, text_keys = prompts[text]
-                session.begin_chunk(text_keys)
-                if recache:
-                    with session.switch_prompt() as window:
-                        window_latents = output[:, :, window.start_frame : window.stop_frame]
-                        self._run(window_latents, 0.0, embeds, conditioning)
-                output[:, :, start:stop] = self._denoise_chunk(
-                    session,
-                    latents[:, :, start:stop],
-                    embeds,
-                    conditioning,
-                    chunk_index,
-                    step_noise,
-                    None if guidance is None else guidance.for_prompt(embeds),
-                )
-                with session.context_pass():
-                    self._run(output[:, :, start:stop], 0.0, embeds, conditioning)
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-                reports.append(
-                    ChunkReport(
-                        chunk_index,
-                        start,
-                        stop - start,
-                        text,
-                        recache,
-                        time.perf_counter() - began,
-                        session.cache_bytes,
-                    )
-                )
-        frames = None
-        if output_type != "latent":
-            video = self.attachment.integration.decode_latents(self.pipe.vae, output)
-            frames = self.pipe.video_processor.postprocess_video(video, output_type=output_type)
-        peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
-        return StreamingVideoOutput(output, frames, session.trace(), reports, peak)
-
-    def _denoise_chunk(
+    @torch.no_grad()
+    def __call__(
         self,
-        session: StreamingSession,
-        noise: torch.Tensor,
-        embeds: torch.Tensor,
-        conditioning: dict[str, Any],
-        chunk_index: int,
-        step_noise: StepNoise,
-        guidance: tuple[float, torch.Tensor] | None,
-    ) -> torch.Tensor:
-        """Few-step denoising of one chunk in read-only passes; returns the clean chunk.
-        ``guidance``: the scale and the negative embeddings of classifier-free guidance."""
-        timesteps = self.schedule.timesteps
-        noisy = noise.double()
-        for step, timestep in enumerate(timesteps):
-            with session.denoise_pass():
-                flow = self._run(noisy, float(timestep), embeds, conditioning)
-            if guidance is not None:
-                scale, negative = guidance
-                with session.denoise_pass():
-                    unconditional = self._run(noisy, float(timestep), negative, conditioning)
-                flow = unconditional + scale * (flow - unconditional)
-            clean = self.schedule.predict_clean(noisy, flow, self.schedule.sigma_at(timestep))
-            if step + 1 < len(timesteps):
-                next_sigma = self.schedule.sigma_at(timesteps[step + 1])
-                if self.schedule.stochastic:
-                    eps = step_noise(chunk_index, step, noise.shape).to(self.device)
-                else:
-                    eps = self.schedule.predict_noise(clean, flow)
-                noisy = self.schedule.renoise(clean, eps, next_sigma)
-        return clean.float()
-
-    def _run(
-        self,
-        latents: torch.Tensor,
-        timestep: float,
-        embeds: torch.Tensor,
-        conditioning: dict[str, Any],
-    ) -> torch.Tensor:
-        """One transformer forward over a chunk (the session decides what it attends to);
-        ``conditioning`` is the family's extra forward inputs.
-
-        The input is made contiguous so that a view (a slice of the video) and a copy of the same
-        frames take the same kernels and give bit-identical keys and values."""
-        timesteps = torch.full((latents.shape[0],), timestep, device=self.device)
-        return self.transformer(
-            hidden_states=latents.to(self.dtype).contiguous(),
-            timestep=timesteps,
-            encoder_hidden_states=embeds,
-            return_dict=False,
-            **conditioning,
-        )[0]
-
-    def _encode_prompts(
-        self, prompts: list[str], num_videos: int, max_sequence_length: int
-    ) -> dict[str, tuple[torch.Tensor, list[torch.Tensor]]]:
-        """Per distinct prompt: its embeddings and every layer's NAM text keys, computed once."""
-        encoded = {}
-        for text in dict.fromkeys(prompts):
-            embeds = self._embed(text, num_videos, max_sequence_length)
-            encoded[text] = (embeds, self.attachment.text_keys(embeds))
-        return encoded
+        prompt: str | Sequence[str] | PromptSchedule,
+        num_latent_frames: int,
+        height: int,
+        width: int,
+        *,
+        progress: bool = True,
+        **kwargs: Any,
+    ) -> StreamingVideoOutput:
+        """Generate a whole video: ``stream(...)`` (same arguments) collected into one output;
+        ``progress`` shows a bar over the chunks."""
+        stream = self.stream(prompt, num_latent_frames, height, width, **kwargs)
+        return stream.collect(progress=progress)
 
     def _embed(self, text: str, num_videos: int, max_sequence_length: int) -> torch.Tensor:
         """The text encoder's embeddings of ``text``, ``[num_videos, L, D]``."""
@@ -381,20 +296,6 @@ class MemFlowStreamingPipeline:
         )
         return embeds
 
-    def _guidance(
-        self,
-        scale: float,
-        negative_prompt: str | None,
-        num_videos: int,
-        max_sequence_length: int,
-    ) -> Guidance | None:
-        """Classifier-free guidance's negative embeddings, or ``None`` at scale 1."""
-        if scale == 1.0:
-            return None
-        if negative_prompt is None:
-            return Guidance(scale, None)
-        return Guidance(scale, self._embed(negative_prompt, num_videos, max_sequence_length))
-
     def _latent_size(self, height: int, width: int) -> tuple[int, int]:
         factor = self.pipe.vae_scale_factor_spatial
         if height % factor or width % factor:
@@ -405,17 +306,208 @@ class MemFlowStreamingPipeline:
         return height // factor, width // factor
 
 
-@dataclass(frozen=True)
-class Guidance:
-    """Classifier-free guidance: its scale and the negative embeddings ``[B, L, D]``
-    (``None``: zeros shaped like each prompt's)."""
+class VideoStream:
+    """One video being streamed (``MemFlowStreamingPipeline.stream``): an iterator of
+    ``StreamedChunk`` that runs one chunk per ``next()``.
 
-    scale: float
-    negative: torch.Tensor | None
+    Between chunks, ``set_prompt(text)`` (or ``send(text)``, which then runs the next chunk)
+    starts a new prompt segment at the next chunk; ``state_dict()`` / ``load_state_dict()``
+    pause and resume the stream (session, decoder cache, latents, schedule, noise).
+    """
 
-    def for_prompt(self, embeds: torch.Tensor) -> tuple[float, torch.Tensor]:
-        """The scale and the negative embeddings to pair with prompt embeddings ``embeds``."""
-        return self.scale, torch.zeros_like(embeds) if self.negative is None else self.negative
+    def __init__(
+        self,
+        pipeline: MemFlowStreamingPipeline,
+        schedule: PromptSchedule,
+        *,
+        noise: torch.Tensor,
+        step_noise: StepNoise,
+        generator: torch.Generator | None,
+        guidance: Guidance | None,
+        session: StreamingSession,
+        decoder: LatentDecoder | None,
+        output_type: str,
+        conditioning: dict[str, Any],
+        encode: Any,
+    ) -> None:
+        self.pipeline = pipeline
+        self.session = session
+        self.noise = noise
+        self.video = torch.zeros_like(noise, dtype=torch.float32)
+        self.output_type = output_type
+        self._schedule = schedule
+        self._step_noise = step_noise
+        self._generator = generator
+        self._guidance = guidance
+        self._decoder = decoder
+        self._encode = encode
+        self._conditions: dict[str, PromptConditioning] = {}
+        self._previous: ChunkPlan | None = None
+        self._engine = ChunkEngine(
+            pipeline.transformer, session, pipeline.schedule, dtype=pipeline.dtype,
+            conditioning=conditioning,
+        )
+        self._started = time.perf_counter()
+        self.seconds_to_first_frame: float | None = None
+        for text in schedule.prompts:
+            self._condition(text)
+
+    # ------------------------------------------------------------------------------ the stream
+    @property
+    def schedule(self) -> PromptSchedule:
+        """The prompt schedule as it stands (live switches included)."""
+        return self._schedule
+
+    @property
+    def num_latent_frames(self) -> int:
+        return self.noise.shape[2]
+
+    @property
+    def num_chunks(self) -> int:
+        return -(-self.num_latent_frames // self.pipeline.config.frames_per_chunk)
+
+    @property
+    def next_chunk(self) -> ChunkPlan | None:
+        """The chunk the next ``next()`` runs, as the schedule stands (``None``: done)."""
+        return next_chunk(
+            self._previous,
+            self._schedule.segment_starts,
+            self.num_latent_frames,
+            self.pipeline.config.frames_per_chunk,
+            self._schedule.prompts,
+        )
+
+    def set_prompt(self, prompt: str) -> None:
+        """Generate with ``prompt`` from the next chunk on: a new segment starting at its first
+        frame (scheduled switches from there on are replaced), so that chunk recaches the
+        window under ``prompt``, exactly as the same switch given up front would."""
+        upcoming = self.next_chunk
+        if upcoming is None:
+            raise ValueError(
+                "the stream is complete: there is no next chunk to switch the prompt of"
+            )
+        schedule = self._schedule.switched(prompt, upcoming.start)  # validates the prompt
+        self._condition(prompt)
+        self._schedule = schedule
+
+    def send(self, prompt: str | None) -> StreamedChunk:
+        """``set_prompt(prompt)`` (unless ``None``), then the next chunk (generator style)."""
+        if prompt is not None:
+            self.set_prompt(prompt)
+        return next(self)
+
+    def __iter__(self) -> Iterator[StreamedChunk]:
+        return self
+
+    def __next__(self) -> StreamedChunk:
+        chunk = self.next_chunk
+        if chunk is None:
+            raise StopIteration
+        attachment, device = self.pipeline.attachment, self.pipeline.device
+        began = time.perf_counter()
+        with torch.no_grad(), attachment.bind(self.session):
+            clean = self._engine.step(
+                chunk, self._conditions[chunk.prompt], self.noise, self.video, self._step_noise,
+                self._guidance,
+            )
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            generated = time.perf_counter()
+            frames = None
+            if self._decoder is not None:
+                video = self._decoder.decode(clean)
+                frames = self.pipeline.pipe.video_processor.postprocess_video(
+                    video, output_type=self.output_type
+                )
+        decoded = time.perf_counter()
+        if self.seconds_to_first_frame is None:
+            self.seconds_to_first_frame = decoded - self._started
+        self._previous = chunk
+        report = ChunkReport(
+            chunk.index, chunk.start, chunk.num_frames, chunk.prompt, chunk.recache,
+            generated - began, self.session.cache_bytes, decoded - generated,
+        )
+        return StreamedChunk(chunk, clean, frames, self.session.last_chunk_memory(), report)
+
+    def collect(self, progress: bool = False) -> StreamingVideoOutput:
+        """Run every chunk and return the whole video (a stream that has not started yet)."""
+        if self._previous is not None:
+            raise ValueError(
+                f"collect() needs a stream that has not started; {self._previous.index + 1} "
+                "chunk(s) were already taken from this one"
+            )
+        device = self.pipeline.device
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        chunks = list(tqdm(self, total=self.num_chunks, disable=not progress,
+                           desc="MemFlow chunks"))
+        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+        return StreamingVideoOutput(
+            self.video,
+            _concatenate_frames([chunk.frames for chunk in chunks], self.output_type),
+            self.session.trace(),
+            [chunk.report for chunk in chunks],
+            peak,
+            self.seconds_to_first_frame,
+        )
+
+    # ----------------------------------------------------------------------------- pause/resume
+    def state_dict(self) -> dict[str, Any]:
+        """Everything the next chunk depends on: the session state, the decoder's cache, the
+        latents so far, the initial noise, the schedule, the last chunk and the generator's
+        state. Loading it into a stream made with the same arguments continues the video
+        bit-identically (``torch.save`` keeps it)."""
+        return {
+            "session": self.session.state_dict(),
+            "decoder": None if self._decoder is None else self._decoder.state(),
+            "video": self.video.clone(),
+            "noise": self.noise.clone(),
+            "schedule": self._schedule.entries,
+            "previous": self._previous,
+            "generator": None if self._generator is None else self._generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a ``state_dict()`` (validated before anything changes)."""
+        if tuple(state["video"].shape) != tuple(self.video.shape):
+            raise ValueError(
+                f"the state is of a video of shape {tuple(state['video'].shape)}, this stream "
+                f"makes {tuple(self.video.shape)}"
+            )
+        if (state["generator"] is None) != (self._generator is None):
+            raise ValueError("the state and this stream must both have a generator, or neither")
+        schedule = PromptSchedule(tuple(state["schedule"]))
+        for text in schedule.prompts:
+            self._condition(text)
+        self.session.load_state_dict(state["session"])
+        if self._decoder is not None:
+            self._decoder.load_state(state["decoder"])
+        self.video.copy_(state["video"])
+        self.noise = state["noise"].clone().to(self.noise.device)
+        self._schedule = schedule
+        self._previous = state["previous"]
+        if self._generator is not None:
+            self._generator.set_state(state["generator"])
+
+    def _condition(self, text: str) -> PromptConditioning:
+        """The prompt's embeddings and NAM text keys, computed once per distinct prompt."""
+        if text not in self._conditions:
+            with torch.no_grad():
+                self._conditions[text] = PromptConditioning.of(
+                    self.pipeline.attachment, self._encode(text)
+                )
+        return self._conditions[text]
+
+
+def _concatenate_frames(frames: list[Any], output_type: str) -> Any:
+    """Per-chunk decoded frames -> the video's, along the frame axis."""
+    if output_type == "latent":
+        return None
+    if output_type == "np":
+        return np.concatenate(frames, axis=1)
+    if output_type == "pt":
+        return torch.cat(frames, dim=1)
+    return [sum((chunk[b] for chunk in frames), []) for b in range(len(frames[0]))]
 
 
 def _default_device() -> str:
@@ -435,7 +527,8 @@ def _as_schedule(
             "frames_per_prompt is required with a list of prompts (a prompt every N latent "
             "frames), or pass a PromptSchedule"
         )
-    return PromptSchedule.from_prompts(prompts, frames_per_prompt or 1)
+    every = 1 if frames_per_prompt is None else frames_per_prompt
+    return PromptSchedule.from_prompts(prompts, every)
 
 
 def _drawn_noise(generator: torch.Generator | None, device: torch.device) -> StepNoise:

@@ -337,6 +337,10 @@ class StreamingSession:
         """Per chunk: the bank's frames per layer and SMA's activated frames per layer and pass."""
         return self._trace.chunks()
 
+    def last_chunk_memory(self) -> ChunkMemory | None:
+        """The trace of the latest chunk begun (``None`` before any, or without a trace)."""
+        return self._trace.last()
+
     # ----------------------------------------------------------------------------- save/restore
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The whole state between two chunks, as a flat dict of tensors (safetensors-compatible).

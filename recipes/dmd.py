@@ -14,12 +14,6 @@ import torch
 from torch.nn import functional
 
 
-def guided_flow(cond: torch.Tensor, uncond: torch.Tensor | None, scale: float) -> torch.Tensor:
-    """Classifier-free guidance ``uncond + scale * (cond - uncond)`` (``cond`` when ``uncond`` is
-    ``None``, i.e. ``scale == 1``)."""
-    return cond if uncond is None else uncond + scale * (cond - uncond)
-
-
 def distribution_matching_gradient(
     clip: torch.Tensor, real_clean: torch.Tensor, fake_clean: torch.Tensor
 ) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Flow-matching pieces shared by the recipes: model calls, noise levels, per-step randomness.
+"""Flow-matching pieces shared by the recipes: noise levels, per-step randomness, the loss.
 
 Every random draw of a training step comes from generators seeded by ``(seed, step)`` (shared by
 all processes: decisions such as exit steps) and ``(seed, step, process)`` (noise, data), so a
@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import nn
 
 from memflow_adapter.schedule import TABLE_SIZE, FlowMatchSchedule
 
@@ -67,37 +66,6 @@ def sample_sigmas(
 def per_sample(values: torch.Tensor) -> torch.Tensor:
     """``[B]`` -> ``[B, 1, 1, 1, 1]``, to scale ``[B, C, F, h, w]`` latents."""
     return values.view(-1, 1, 1, 1, 1)
-
-
-def predict_flow(
-    model: nn.Module,
-    latents: torch.Tensor,
-    timestep: float | torch.Tensor,
-    embeds: torch.Tensor,
-    dtype: torch.dtype,
-) -> torch.Tensor:
-    """One transformer forward.
-
-    Args:
-        model: a Wan transformer (maybe wrapped by DDP); with MemFlow attached, call it inside a
-            session pass.
-        latents: ``[B, C, F, h, w]``; made contiguous so that a slice of a video and a copy of the
-            same frames take the same kernels (bit-identical keys and values).
-        timestep: one model timestep for all samples, or ``[B]``.
-        embeds: ``[B, L, D]`` prompt embeddings.
-        dtype: the transformer's parameter dtype.
-
-    Returns:
-        ``[B, C, F, h, w]`` the predicted flow ``v`` in the model's output dtype.
-    """
-    timesteps = torch.as_tensor(timestep, dtype=torch.float32, device=latents.device)
-    timesteps = timesteps.expand(latents.shape[0]).contiguous()
-    return model(
-        hidden_states=latents.to(dtype).contiguous(),
-        timestep=timesteps,
-        encoder_hidden_states=embeds.to(dtype),
-        return_dict=False,
-    )[0]
 
 
 def flow_matching_loss(

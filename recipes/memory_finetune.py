@@ -18,7 +18,6 @@ data.dataset=FOLDER``), ``accelerate launch`` or ``torchrun``.
 
 from __future__ import annotations
 
-import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -27,6 +26,13 @@ import torch
 from accelerate import Accelerator
 
 from memflow_adapter.schedule import TABLE_SIZE
+from memflow_adapter.streaming import (
+    ChunkEngine,
+    ChunkPlan,
+    PromptConditioning,
+    plan_chunks,
+    segment_at,
+)
 
 from .config import check
 from .flow import (
@@ -38,14 +44,7 @@ from .flow import (
     seeded_generator,
 )
 from .latents import DatasetError, LatentVideoDataset, VideoLatents
-from .rollout import (
-    ChunkPlan,
-    Conditioning,
-    StreamingStudent,
-    backward_chunk_by_chunk,
-    commit_clean_chunks,
-    plan_chunks,
-)
+from .rollout import backward_chunk_by_chunk, commit_clean_chunks
 from .training import Recipe, RecipeConfig, Trainable, main
 
 NAME = "memory_finetune"
@@ -130,35 +129,32 @@ class MemoryFinetune(Recipe):
     def train_phase(self, name: str, step: int, randomness: StepRandomness) -> torch.Tensor:
         indices = [self._video_index(step, j) for j in range(self.config.data.videos_per_step)]
         video, segment_starts, segments = self._window(indices, randomness)
-        frames = self.config.memflow.frames_per_chunk
-        chunks = plan_chunks(video.shape[2] // frames, frames, segment_starts)
+        chunks = plan_chunks(segment_starts, video.shape[2], self.config.memflow.frames_per_chunk)
         conditions = [
-            Conditioning.of(self.student.attachment, embeds.to(self.device, self.dtype))
+            PromptConditioning.of(self.student.attachment, embeds.to(self.device, self.dtype))
             for embeds in segments
         ]
         session = self.student.attachment.create_session(
             video.shape[3], video.shape[4], record_trace=False
         )
         with self.student.attachment.bind(session):
-            student = StreamingStudent(
-                self.student.model, self.prepared["student"], session, self.dtype
-            )
+            engine = self.student_engine(session, video.shape[0])
             trained = chunks if self.config.data.loss_chunks == "all" else chunks[-1:]
-            commit_clean_chunks(student, chunks[: len(chunks) - len(trained)], conditions, video)
+            commit_clean_chunks(engine, chunks[: len(chunks) - len(trained)], conditions, video)
 
-            def mean_share(index: int, chunk: ChunkPlan, cond: Conditioning) -> torch.Tensor:
-                loss = self._chunk_loss(student, chunk, cond, video, randomness)
+            def mean_share(chunk: ChunkPlan, cond: PromptConditioning) -> torch.Tensor:
+                loss = self._chunk_loss(engine, chunk, cond, video, randomness)
                 return loss / len(trained)
 
             return backward_chunk_by_chunk(
-                student, self.accelerator, list(enumerate(trained)), conditions, video, mean_share
+                engine, self.accelerator, trained, conditions, video, mean_share
             )
 
     def _chunk_loss(
         self,
-        student: StreamingStudent,
+        engine: ChunkEngine,
         chunk: ChunkPlan,
-        cond: Conditioning,
+        cond: PromptConditioning,
         video: torch.Tensor,
         randomness: StepRandomness,
     ) -> torch.Tensor:
@@ -170,11 +166,13 @@ class MemoryFinetune(Recipe):
         sigma = per_sample(sigmas.to(self.device))
         noise = randomness.randn(tuple(clean.shape), self.device)
         noisy = self.config.schedule.renoise(clean, noise, sigma)
-        flow = student.flow(noisy, TABLE_SIZE * sigma.flatten(), self._dropped(cond, randomness),
-                            grad=True)
+        embeds = self._dropped(cond, randomness).embeds
+        flow = engine.flow(noisy, TABLE_SIZE * sigma.flatten(), embeds, grad=True)
         return flow_matching_loss(flow, noise, clean)
 
-    def _dropped(self, cond: Conditioning, randomness: StepRandomness) -> Conditioning:
+    def _dropped(
+        self, cond: PromptConditioning, randomness: StepRandomness
+    ) -> PromptConditioning:
         """``cond`` with each video's embeddings zeroed with probability
         ``data.prompt_dropout`` (NAM's text keys are kept: they were used before this pass)."""
         probability = self.config.data.prompt_dropout
@@ -220,7 +218,7 @@ class MemoryFinetune(Recipe):
             first = int(torch.randint(available - count + 1, (), generator=draw)) * frames
         stop = first + count * frames
         starts = sample.segment_starts.tolist()
-        active = bisect.bisect_right(starts, first) - 1
+        active = segment_at(first, starts)
         later = [i for i, start in enumerate(starts) if first < start < stop]
         latents = torch.stack([s.latents[:, first:stop] for s in samples])
         embeds = [torch.stack([s.prompt_embeds[i] for s in samples]) for i in [active, *later]]

@@ -56,6 +56,8 @@ class ModelConfig:
             ``lora`` section; the default) or ``full`` (every transformer weight, saved as the
             adapter's full weights; for small models trained from scratch, such as the narrative
             world's, where a LoRA on random weights learns far slower).
+        fps: the frame rate of the training videos, for families conditioned on it
+            (SkyReels-V2-DF-1.3B's fps embedding; ``Integration.conditioning_inputs``).
     """
 
     base_model: str = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
@@ -64,8 +66,10 @@ class ModelConfig:
     student_weights: str | None = None
     pipeline: str | None = None
     train: str = "lora"
+    fps: int = 16
 
     def __post_init__(self) -> None:
+        check(self.fps >= 1, "fps", "an int >= 1", self.fps)
         check(self.train in TRAINED_WEIGHTS, "train", f"one of {TRAINED_WEIGHTS}", self.train)
         check(
             self.pipeline is None or re.fullmatch(r"[\w.]+:\w+", self.pipeline) is not None,

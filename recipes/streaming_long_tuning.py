@@ -30,27 +30,20 @@ from accelerate import Accelerator
 
 from memflow_adapter.eval.prompts import load_prompt_groups
 from memflow_adapter.schedule import TABLE_SIZE
+from memflow_adapter.streaming import (
+    ChunkEngine,
+    ChunkPlan,
+    PromptConditioning,
+    call_transformer,
+    guided_flow,
+    plan_chunks,
+)
 
 from .config import ConfigError, check
-from .dmd import distribution_matching_gradient, dmd_loss, guided_flow
-from .flow import (
-    NoiseRange,
-    StepRandomness,
-    flow_matching_loss,
-    per_sample,
-    predict_flow,
-    sample_sigmas,
-)
+from .dmd import distribution_matching_gradient, dmd_loss
+from .flow import NoiseRange, StepRandomness, flow_matching_loss, per_sample, sample_sigmas
 from .models import LoraSettings, add_lora, load_transformer
-from .rollout import (
-    ChunkPlan,
-    Conditioning,
-    Rollout,
-    StreamingStudent,
-    plan_chunks,
-    replay_with_gradient,
-    self_forcing_rollout,
-)
+from .rollout import Rollout, replay_with_gradient, self_forcing_rollout
 from .training import Recipe, RecipeConfig, Trainable, main
 
 NAME = "streaming_long_tuning"
@@ -201,33 +194,32 @@ class StreamingLongTuning(Recipe):
         return ["critic"]
 
     def train_phase(self, name: str, step: int, randomness: StepRandomness) -> torch.Tensor:
-        chunks, conditions, negative, noise = self._sample(randomness)
+        chunks, exit_steps, conditions, negative, noise = self._sample(randomness)
         rollout = self.config.rollout
         first = rollout.num_chunks - rollout.gradient_chunks
         session = self.student.attachment.create_session(
             rollout.latent_height, rollout.latent_width, record_trace=False
         )
         with self.student.attachment.bind(session):
-            student = StreamingStudent(
-                self.student.model, self.prepared["student"], session, self.dtype
-            )
+            engine = self.student_engine(session, rollout.batch_size)
             gradient_from = first if name == "student" else len(chunks)
             generated = self_forcing_rollout(
-                student, chunks, conditions, noise, self.config.schedule, randomness, gradient_from
+                engine, chunks, exit_steps, conditions, noise, randomness, gradient_from
             )
             clip = generated.video[:, :, chunks[first].start :]
             if name == "critic":
                 return self._critic_loss(clip, conditions[-1], randomness)
             target = self._dmd_target(clip, conditions[-1], negative, randomness)
-            return self._student_loss(student, generated, chunks, conditions, target)
+            return self._student_loss(engine, generated, chunks, exit_steps, conditions, target)
 
     # ------------------------------------------------------------------------------------ losses
     def _student_loss(
         self,
-        student: StreamingStudent,
+        engine: ChunkEngine,
         generated: Rollout,
         chunks: Sequence[ChunkPlan],
-        conditions: Sequence[Conditioning],
+        exit_steps: Sequence[int],
+        conditions: Sequence[PromptConditioning],
         target: torch.Tensor,
     ) -> torch.Tensor:
         clip_start = chunks[-self.config.rollout.gradient_chunks].start
@@ -238,38 +230,45 @@ class StreamingLongTuning(Recipe):
             return dmd_loss(clean, part, target.numel())
 
         return replay_with_gradient(
-            student, self.accelerator, generated, chunks, conditions, self.config.schedule,
-            chunk_loss,
+            engine, self.accelerator, generated, chunks, exit_steps, conditions, chunk_loss
         )
 
     @torch.no_grad()
     def _dmd_target(
         self,
         clip: torch.Tensor,
-        cond: Conditioning,
+        cond: PromptConditioning,
         negative: torch.Tensor,
         randomness: StepRandomness,
     ) -> torch.Tensor:
         """``stopgrad(clip - grad)`` for the clip ``[B, C, F, h, w]`` (float64)."""
         schedule, scale = self.config.schedule, self.config.dmd.guidance_scale
         noisy, _, sigma, timestep = self._renoise(clip, randomness)
-        flow = predict_flow(self.teacher, noisy, timestep, cond.embeds, self.dtype)
+        flow = self._flow(self.teacher, noisy, timestep, cond.embeds)
         if scale != 1.0:
-            uncond = predict_flow(self.teacher, noisy, timestep, negative, self.dtype)
-            flow = guided_flow(flow, uncond, scale)
+            flow = guided_flow(flow, self._flow(self.teacher, noisy, timestep, negative), scale)
         real = schedule.predict_clean(noisy, flow, sigma)
-        fake_flow = predict_flow(self.critic, noisy, timestep, cond.embeds, self.dtype)
-        fake = schedule.predict_clean(noisy, fake_flow, sigma)
+        fake = schedule.predict_clean(noisy, self._flow(self.critic, noisy, timestep, cond.embeds),
+                                      sigma)
         return clip.double() - distribution_matching_gradient(clip, real, fake)
 
     def _critic_loss(
-        self, clip: torch.Tensor, cond: Conditioning, randomness: StepRandomness
+        self, clip: torch.Tensor, cond: PromptConditioning, randomness: StepRandomness
     ) -> torch.Tensor:
         noisy, noise, _, timestep = self._renoise(clip, randomness)
-        flow = predict_flow(self.prepared["critic"], noisy, timestep, cond.embeds, self.dtype)
+        flow = self._flow(self.prepared["critic"], noisy, timestep, cond.embeds)
         loss = flow_matching_loss(flow, noise, clip)
         self.accelerator.backward(loss)
         return loss.detach()
+
+    def _flow(
+        self, model: torch.nn.Module, noisy: torch.Tensor, timestep: torch.Tensor,
+        embeds: torch.Tensor,
+    ) -> torch.Tensor:
+        """A bidirectional forward of the teacher or the critic over a whole clip."""
+        conditioning = self.conditioning_inputs(self.accelerator.unwrap_model(model),
+                                                noisy.shape[0])
+        return call_transformer(model, noisy, timestep, embeds, self.dtype, conditioning)
 
     def _renoise(
         self, clip: torch.Tensor, randomness: StepRandomness
@@ -285,9 +284,9 @@ class StreamingLongTuning(Recipe):
     # --------------------------------------------------------------------------------- sampling
     def _sample(
         self, randomness: StepRandomness
-    ) -> tuple[list[ChunkPlan], list[Conditioning], torch.Tensor, torch.Tensor]:
-        """One step's videos: chunk plan, per-segment conditioning, negative embeddings
-        ``[B, L, D]`` and initial noise ``[B, C, F, h, w]``."""
+    ) -> tuple[list[ChunkPlan], list[int], list[PromptConditioning], torch.Tensor, torch.Tensor]:
+        """One step's videos: chunk plan, exit step per chunk, per-segment conditioning,
+        negative embeddings ``[B, L, D]`` and initial noise ``[B, C, F, h, w]``."""
         rollout, memflow = self.config.rollout, self.config.memflow
         frames = memflow.frames_per_chunk
         num_steps = len(self.config.schedule.steps)
@@ -299,7 +298,7 @@ class StreamingLongTuning(Recipe):
         segment_starts = [
             s * rollout.chunks_per_prompt * frames for s in range(rollout.num_segments)
         ]
-        chunks = plan_chunks(rollout.num_chunks, frames, segment_starts, exits.tolist())
+        chunks = plan_chunks(segment_starts, rollout.num_chunks * frames, frames)
 
         videos = []
         draw = randomness.local
@@ -308,7 +307,7 @@ class StreamingLongTuning(Recipe):
             offset = int(torch.randint(len(group) - rollout.num_segments + 1, (), generator=draw))
             videos.append(group[offset : offset + rollout.num_segments])
         conditions = [
-            Conditioning.of(self.student.attachment, self._stack([v[s] for v in videos]))
+            PromptConditioning.of(self.student.attachment, self._stack([v[s] for v in videos]))
             for s in range(rollout.num_segments)
         ]
         negative = self._stack([self.config.data.negative_prompt] * rollout.batch_size)
@@ -319,7 +318,7 @@ class StreamingLongTuning(Recipe):
             rollout.latent_height,
             rollout.latent_width,
         )
-        return chunks, conditions, negative, randomness.randn(shape, self.device)
+        return chunks, exits.tolist(), conditions, negative, randomness.randn(shape, self.device)
 
     def _stack(self, texts: Sequence[str]) -> torch.Tensor:
         return torch.cat([self.embeds[text] for text in texts]).to(self.device, self.dtype)

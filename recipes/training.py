@@ -31,9 +31,11 @@ from diffusers.optimization import SchedulerType, get_scheduler
 from torch import nn
 from tqdm.auto import tqdm
 
-from memflow_adapter import MemFlowAdapter, MemFlowConfig
+from memflow_adapter import MemFlowAdapter, MemFlowConfig, StreamingSession
+from memflow_adapter.integrations import find_integration
 from memflow_adapter.outputs import peak_process_memory_bytes
 from memflow_adapter.schedule import FlowMatchSchedule
+from memflow_adapter.streaming import ChunkEngine
 
 from .checkpoints import Checkpointer
 from .config import ConfigError, check, load_config, to_dict
@@ -181,6 +183,23 @@ class Recipe(ABC):
     def train_phase(self, name: str, step: int, randomness: StepRandomness) -> torch.Tensor:
         """Compute ``name``'s loss and backpropagate it (``self.accelerator.backward``);
         return the detached scalar loss."""
+
+    def student_engine(self, session: StreamingSession, batch_size: int) -> ChunkEngine:
+        """The core's chunk engine over the student in ``session`` (bound by the caller):
+        gradient passes go through the prepared student, the others through the bare one."""
+        return ChunkEngine(
+            self.student.model,
+            session,
+            self.config.schedule,
+            dtype=self.dtype,
+            conditioning=self.conditioning_inputs(self.student.model, batch_size),
+            trained=self.prepared["student"],
+        )
+
+    def conditioning_inputs(self, model: nn.Module, batch_size: int) -> dict[str, Any]:
+        """``model``'s family's extra forward inputs for ``batch_size`` training videos."""
+        integration = find_integration(model)
+        return integration.conditioning_inputs(batch_size, self.config.model.fps)
 
     def validate(self, folder: Path) -> Path:
         return run_validation(

@@ -237,7 +237,7 @@ def test_decoded_output_and_mp4_export(tiny_pipe, tmp_path):
     [
         ({"output_type": "gif"}, "output_type must be"),
         ({"height": 30}, "multiples of the VAE's spatial factor 8"),
-        ({"num_latent_frames": 0}, "num_latent_frames must be >= 1"),
+        ({"num_latent_frames": 0}, "num_latent_frames must be an int >= 1"),
         ({"latents": torch.zeros(1, 16, 2, 4, 4)}, r"latents must have shape \(1, 16, 15, 4, 4\)"),
         ({"frames_per_prompt": None}, "frames_per_prompt is required"),
         ({"guidance_scale": 0.5}, r"guidance_scale must be >= 1 \(1 disables guidance\)"),

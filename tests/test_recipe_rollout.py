@@ -9,14 +9,9 @@ from memflow_adapter import MemFlowConfig, apply_memflow
 from memflow_adapter.recipes.dmd import dmd_loss
 from memflow_adapter.recipes.flow import StepRandomness
 from memflow_adapter.recipes.models import LoraSettings, add_lora, trainable_parameters
-from memflow_adapter.recipes.rollout import (
-    Conditioning,
-    StreamingStudent,
-    plan_chunks,
-    replay_with_gradient,
-    self_forcing_rollout,
-)
+from memflow_adapter.recipes.rollout import replay_with_gradient, self_forcing_rollout
 from memflow_adapter.schedule import FlowMatchSchedule
+from memflow_adapter.streaming import ChunkEngine, PromptConditioning, plan_chunks
 from memflow_adapter.tiny_wan import build_tiny_wan_pipeline
 
 CONFIG = MemFlowConfig.reference_sma(
@@ -39,11 +34,14 @@ def setup():
         embeds = [pipe.encode_prompt(text, do_classifier_free_guidance=False,
                                      max_sequence_length=8)[0]
                   for text in ("a fox in the snow", "the fox jumps", "the fox sleeps")]
-    conditions = [Conditioning.of(attachment, e) for e in embeds]
-    # Prompt switches at chunks 2 and 4; per-chunk exit steps; gradient through chunks 3 to 5.
-    chunks = plan_chunks(6, 2, [0, 4, 8], [3, 1, 0, 2, 3, 1])
+    conditions = [PromptConditioning.of(attachment, e) for e in embeds]
+    # Prompt switches at chunks 2 and 4; gradient through chunks 3 to 5.
+    chunks = plan_chunks([0, 4, 8], 12, 2)
     yield model, attachment, conditions, chunks
     AcceleratorState._reset_state(reset_partial_state=True)
+
+
+EXIT_STEPS = [3, 1, 0, 2, 3, 1]
 
 
 def one_graph_gradient(model, attachment, conditions, chunks, noise, target, gradient_from):
@@ -54,17 +52,17 @@ def one_graph_gradient(model, attachment, conditions, chunks, noise, target, gra
     video = torch.zeros_like(noise)
     loss = 0.0
     with attachment.bind(session):
-        student = StreamingStudent(model, model, session, torch.float32)
+        engine = ChunkEngine(model, session, SCHEDULE)
         for index, chunk in enumerate(chunks):
             cond = conditions[chunk.segment]
-            student.open_chunk(chunk, cond, video)
+            engine.open_chunk(chunk, cond, video)
             noisy = noise[:, :, chunk.start : chunk.stop].double()
-            for step in range(chunk.exit_step + 1):
+            for step in range(EXIT_STEPS[index] + 1):
                 timestep = SCHEDULE.timesteps[step]
-                grad = index >= gradient_from and step == chunk.exit_step
-                flow = student.flow(noisy, timestep, cond, grad)
+                grad = index >= gradient_from and step == EXIT_STEPS[index]
+                flow = engine.flow(noisy, timestep, cond.embeds, grad)
                 clean = SCHEDULE.predict_clean(noisy, flow, SCHEDULE.sigma_at(timestep))
-                if step < chunk.exit_step:
+                if step < EXIT_STEPS[index]:
                     eps = randomness.randn(noisy.shape, noisy.device)
                     next_sigma = SCHEDULE.sigma_at(SCHEDULE.timesteps[step + 1])
                     noisy = SCHEDULE.renoise(clean.detach(), eps, next_sigma)
@@ -72,7 +70,7 @@ def one_graph_gradient(model, attachment, conditions, chunks, noise, target, gra
                 part = target[:, :, chunk.start - chunks[gradient_from].start :][:, :, :2]
                 loss = loss + dmd_loss(clean, part, target.numel())
             video[:, :, chunk.start : chunk.stop] = clean.detach().float()
-            student.commit(video[:, :, chunk.start : chunk.stop], cond)
+            engine.commit(video[:, :, chunk.start : chunk.stop], cond)
     loss.backward()
     return video, [parameter.grad.clone() for parameter in trainable_parameters(model)]
 
@@ -90,9 +88,9 @@ def test_the_replay_gives_the_gradient_of_one_graph_over_the_rollout(setup):
     model.zero_grad(set_to_none=True)
     session = attachment.create_session(4, 4, record_trace=False)
     with attachment.bind(session):
-        student = StreamingStudent(model, model, session, torch.float32)
+        engine = ChunkEngine(model, session, SCHEDULE)
         rollout = self_forcing_rollout(
-            student, chunks, conditions, noise, SCHEDULE, StepRandomness.for_step(0, 0, 0),
+            engine, chunks, EXIT_STEPS, conditions, noise, StepRandomness.for_step(0, 0, 0),
             gradient_from,
         )
         replayed = []
@@ -103,7 +101,7 @@ def test_the_replay_gives_the_gradient_of_one_graph_over_the_rollout(setup):
             return dmd_loss(clean, target[:, :, start : start + 2], target.numel())
 
         replay_with_gradient(
-            student, Accelerator(cpu=True), rollout, chunks, conditions, SCHEDULE, chunk_loss
+            engine, Accelerator(cpu=True), rollout, chunks, EXIT_STEPS, conditions, chunk_loss
         )
     assert torch.equal(rollout.video, expected_video)
     assert torch.equal(torch.cat(replayed, dim=2), rollout.video[:, :, 6:])

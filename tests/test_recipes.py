@@ -14,8 +14,8 @@ from memflow_adapter import MemFlowAdapter, MemFlowConfig, get_memflow
 from memflow_adapter.recipes import memory_finetune, streaming_long_tuning
 from memflow_adapter.recipes.latents import DatasetError, VideoLatents
 from memflow_adapter.recipes.models import has_lora, lora_state_dict, trained_state_dict
-from memflow_adapter.recipes.rollout import StreamingStudent
 from memflow_adapter.recipes.training import NonFiniteLossError, main
+from memflow_adapter.streaming import ChunkEngine
 from memflow_adapter.tiny_wan import build_tiny_wan_pipeline
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
@@ -118,14 +118,14 @@ def test_memory_finetune_can_take_its_loss_on_every_chunk_of_a_window(
     memory of the chunks before it; the tiny config's 5-chunk windows over videos of 5, 6 and 3
     chunks make 5 + 5 + 3 gradient passes in the first three steps (one epoch)."""
     gradient_passes = []
-    flow = StreamingStudent.flow
+    flow = ChunkEngine.flow
 
-    def counted(self, noisy, timestep, cond, grad):
+    def counted(self, noisy, timestep, embeds, grad=False):
         if grad:
             gradient_passes.append(noisy.shape[2])
-        return flow(self, noisy, timestep, cond, grad)
+        return flow(self, noisy, timestep, embeds, grad)
 
-    monkeypatch.setattr(StreamingStudent, "flow", counted)
+    monkeypatch.setattr(ChunkEngine, "flow", counted)
     recipe = run("memory_finetune", overrides(
         "memory_finetune", tmp_path, dataset, "training.max_steps=3", "data.loss_chunks=all"
     ))
@@ -141,13 +141,13 @@ def test_prompt_dropout_denoises_some_loss_chunks_without_their_prompt(
     the model learns the unconditional prediction of classifier-free guidance; the memory keeps
     the prompt (context and recache passes, and NAM's text keys, are those of the prompt)."""
     gradient_prompts, memory_prompts = [], []
-    flow, open_chunk = StreamingStudent.flow, StreamingStudent.open_chunk
-    commit = StreamingStudent.commit
+    flow, open_chunk = ChunkEngine.flow, ChunkEngine.open_chunk
+    commit = ChunkEngine.commit
 
-    def spied_flow(self, noisy, timestep, cond, grad):
+    def spied_flow(self, noisy, timestep, embeds, grad=False):
         if grad:
-            gradient_prompts.append(bool(cond.embeds.any()))
-        return flow(self, noisy, timestep, cond, grad)
+            gradient_prompts.append(bool(embeds.any()))
+        return flow(self, noisy, timestep, embeds, grad)
 
     def spied_open(self, chunk, cond, video):
         memory_prompts.append(bool(cond.embeds.any()) and all(k.any() for k in cond.text_keys))
@@ -157,9 +157,9 @@ def test_prompt_dropout_denoises_some_loss_chunks_without_their_prompt(
         memory_prompts.append(bool(cond.embeds.any()))
         return commit(self, clean, cond)
 
-    monkeypatch.setattr(StreamingStudent, "flow", spied_flow)
-    monkeypatch.setattr(StreamingStudent, "open_chunk", spied_open)
-    monkeypatch.setattr(StreamingStudent, "commit", spied_commit)
+    monkeypatch.setattr(ChunkEngine, "flow", spied_flow)
+    monkeypatch.setattr(ChunkEngine, "open_chunk", spied_open)
+    monkeypatch.setattr(ChunkEngine, "commit", spied_commit)
     run("memory_finetune", overrides(
         "memory_finetune", tmp_path, dataset, "training.max_steps=6", "data.loss_chunks=all",
         "data.prompt_dropout=0.5",
@@ -236,19 +236,20 @@ def test_memory_finetune_trains_videos_per_step_videos_as_one_batch(
     """``data.videos_per_step=2``: every pass carries the two videos' rows, and three steps visit
     the three videos twice (two epochs, each in its own order)."""
     windows, batch_sizes = [], []
-    window, flow = memory_finetune.MemoryFinetune._window, StreamingStudent.flow
+    window, flow = memory_finetune.MemoryFinetune._window, ChunkEngine.flow
 
     def recorded_window(self, indices, randomness):
         result = window(self, indices, randomness)
         windows.append((list(indices), result[0]))
         return result
 
-    def recorded_flow(self, noisy, timestep, cond, grad):
-        batch_sizes.append((noisy.shape[0], timestep.shape[0], cond.embeds.shape[0]))
-        return flow(self, noisy, timestep, cond, grad)
+    def recorded_flow(self, noisy, timestep, embeds, grad=False):
+        if grad:
+            batch_sizes.append((noisy.shape[0], timestep.shape[0], embeds.shape[0]))
+        return flow(self, noisy, timestep, embeds, grad)
 
     monkeypatch.setattr(memory_finetune.MemoryFinetune, "_window", recorded_window)
-    monkeypatch.setattr(StreamingStudent, "flow", recorded_flow)
+    monkeypatch.setattr(ChunkEngine, "flow", recorded_flow)
     recipe = run("memory_finetune", overrides(
         "memory_finetune", tmp_path, one_layout_dataset, "training.max_steps=3",
         "data.videos_per_step=2",

@@ -34,6 +34,23 @@ def outputs(model: nn.Module) -> torch.Tensor:
         return model(latents, torch.tensor([500.0]), prompt_embeds, return_dict=False)[0]
 
 
+#: Two float32 models with bitwise-equal weights, built or loaded differently, can still differ by
+#: a few ulps in their outputs: which matmul/attention kernel runs depends on the tensors' memory
+#: layout and alignment and on the CPU (3.1e-6 seen on outputs of magnitude ~1). 1e-5 is a few
+#: float32 ulps at that scale and far below any weight mix-up (those move outputs by ~1e-1).
+SAME_MODEL_TOLERANCE = {"rtol": 1e-5, "atol": 1e-5}
+
+
+def assert_same_model(actual: nn.Module, expected: nn.Module) -> None:
+    """The invariant of a lossless load or conversion: every weight and buffer bitwise equal,
+    and the outputs equal up to kernel round-off (``SAME_MODEL_TOLERANCE``)."""
+    actual_state, expected_state = actual.state_dict(), expected.state_dict()
+    assert actual_state.keys() == expected_state.keys()
+    different = [k for k, v in expected_state.items() if not torch.equal(actual_state[k], v)]
+    assert not different, f"weights differ: {different[:5]}"
+    torch.testing.assert_close(outputs(actual), outputs(expected), **SAME_MODEL_TOLERANCE)
+
+
 def fsdp_key(key: str) -> str:
     """``key`` as named by the trainer's wrapper (``model.``) under FSDP + checkpointing."""
     if key.startswith("blocks."):

@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..streaming import applied_segment_starts
+
 __all__ = [
     "SegmentScores",
     "VideoScores",
@@ -140,9 +142,10 @@ def chunk_aligned_starts(
     """First latent frame of each prompt's segment as a streaming generator applies it.
 
     Prompt ``k`` is scheduled at latent frame ``k * frames_per_prompt``; a generator working in
-    chunks of ``frames_per_chunk`` frames switches at the first chunk boundary at or after it
-    (``PromptSchedule``), i.e. ``ceil(k * frames_per_prompt / frames_per_chunk) *
-    frames_per_chunk`` (the reference: 40 -> 42 with 3-frame chunks).
+    chunks of ``frames_per_chunk`` frames switches at the first chunk boundary at or after it,
+    ``ceil(k * frames_per_prompt / frames_per_chunk) * frames_per_chunk`` (the reference: 40 -> 42
+    with 3-frame chunks): the core's chunk plan (``streaming.applied_segment_starts``), the one
+    the pipeline generates with.
 
     Raises:
         ValueError: a prompt would start at or after ``num_latent_frames`` (never shown).
@@ -155,16 +158,11 @@ def chunk_aligned_starts(
     ):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
-    starts = [
-        -(-k * frames_per_prompt // frames_per_chunk) * frames_per_chunk for k in range(num_prompts)
-    ]
-    if starts[-1] >= num_latent_frames:
-        raise ValueError(
-            f"prompt {num_prompts} of {num_prompts} would start at latent frame {starts[-1]}, "
-            f"past the video's {num_latent_frames} latent frames: use more latent frames or "
-            f"fewer frames per prompt"
-        )
-    return starts
+    scheduled = [k * frames_per_prompt for k in range(num_prompts)]
+    try:
+        return applied_segment_starts(scheduled, num_latent_frames, frames_per_chunk)
+    except ValueError as error:
+        raise ValueError(f"a prompt would start past the video: {error}") from error
 
 
 def pixel_frame_of_latent(latent_frame: int, temporal_compression: int = 4) -> int:

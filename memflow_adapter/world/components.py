@@ -33,6 +33,10 @@ class PixelAutoencoder(ModelMixin, ConfigMixin):
     Normalised latents (what the transformer sees) are ``(z - latents_mean) / latents_std``.
     """
 
+    #: Every latent frame decodes on its own, so a stream decodes each chunk alone
+    #: (``WanIntegration.latent_decoder``).
+    decodes_frames_independently = True
+
     @register_to_config
     def __init__(self, patch: int = 2, latents_std: float = 0.5) -> None:
         super().__init__()

@@ -27,8 +27,9 @@ import torch
 from ..config import MemFlowConfig
 from ..hooks import get_memflow, remove_memflow
 from ..pipeline import MemFlowStreamingPipeline
+from ..streaming import PromptSchedule, applied_segment_starts
 from .detect import Detection, detect
-from .grammar import SEGMENT_FRAMES, Entity, Script
+from .grammar import Entity, Script
 from .pipeline import (
     WORLD_GUIDANCE_SCALE,
     WORLD_MEMORY,
@@ -79,11 +80,10 @@ def generate_script(
     """Stream ``script``'s six prompts (``SEGMENT_FRAMES`` latent frames each), with
     classifier-free guidance above scale 1 (negative: the zero embedding)."""
     output = streaming(
-        script.prompts,
+        script_schedule(script),
         num_latent_frames=script.num_frames,
         height=HEIGHT,
         width=WIDTH,
-        frames_per_prompt=SEGMENT_FRAMES,
         generator=torch.Generator().manual_seed(seed),
         output_type="pt",
         max_sequence_length=WORLD_SEQUENCE_LENGTH,
@@ -92,6 +92,11 @@ def generate_script(
     )
     video = output.frames[0] * 2.0 - 1.0  # "pt" frames are [F, 3, H, W] in [0, 1]
     return Generated(video, [chunk.seconds for chunk in output.chunks], output)
+
+
+def script_schedule(script: Script) -> PromptSchedule:
+    """The script's prompts at their segments' first latent frames."""
+    return PromptSchedule(tuple(zip(script.prompts, script.segment_starts, strict=True)))
 
 
 def streaming_world(pipe: NarrativeWorldPipeline, layout: str) -> MemFlowStreamingPipeline:
@@ -104,8 +109,13 @@ def streaming_world(pipe: NarrativeWorldPipeline, layout: str) -> MemFlowStreami
     return MemFlowStreamingPipeline(pipe, WORLD_LAYOUTS[layout], WORLD_SCHEDULE, device="cpu")
 
 
-def _frame(segment: int, frame: int) -> int:
-    return segment * SEGMENT_FRAMES + frame
+def _segment_frames(script: Script) -> list[range]:
+    """The latent frames of each of the script's segments as the stream generates them (the
+    core's chunk plan: a segment starts at the first chunk boundary at or after its frame)."""
+    starts = applied_segment_starts(
+        script.segment_starts, script.num_frames, WORLD_MEMORY.frames_per_chunk
+    )
+    return [range(a, b) for a, b in zip(starts, [*starts[1:], script.num_frames], strict=True)]
 
 
 def _looks(entity: Entity) -> tuple[str, str, str]:
@@ -116,16 +126,17 @@ def score_script(script: Script, video: torch.Tensor, chunk_seconds: Sequence[fl
                  ) -> ScriptScores:
     """Score a video ``[F, 3, H, W]`` in ``[-1, 1]`` of ``script`` (see the module docstring)."""
     detections = [detect(frame) for frame in video]
+    segment_frames = _segment_frames(script)
     checks: list[bool] = []
     for index, segment in enumerate(script.segments[:-1]):
-        frames = detections[_frame(index, 0) : _frame(index + 1, 0)]
+        frames = [detections[frame] for frame in segment_frames[index]]
         checks += [found.place == segment.place.name for found in frames]
         if segment.entity is None or segment.action == "leaves":
             checks += [found.colour is None for found in frames]
         else:
             checks += [found.looks == _looks(segment.entity) for found in frames]
-    first: Detection = detections[_frame(script.first_appearance, SEGMENT_FRAMES - 1)]
-    back: Detection = detections[_frame(script.return_segment, SEGMENT_FRAMES - 1)]
+    first: Detection = detections[segment_frames[script.first_appearance][-1]]
+    back: Detection = detections[segment_frames[script.return_segment][-1]]
     # an entity fully in view (a noise frame reads as one colour touching every edge)
     seen_first = first.shape is not None
     return ScriptScores(

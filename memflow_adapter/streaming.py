@@ -1,0 +1,434 @@
+"""One streaming loop (DESIGN.md s.5b): the chunk plan and the chunk step every caller drives.
+
+The pipeline, the recipes, the eval and the narrative world all run a video the same way::
+
+    plan = schedule.plan(num_latent_frames, config.frames_per_chunk)   # or next_chunk(...) live
+    engine = ChunkEngine(transformer, session, FlowMatchSchedule(), conditioning=...)
+    with attachment.bind(session):
+        for chunk in plan:
+            clean = engine.step(chunk, conditions[chunk.segment], noise, video, step_noise)
+
+``ChunkEngine.step`` is ``open_chunk`` (NAM's commit, then the recache pass when the plan says
+so), ``denoise`` (the few-step passes, read-only) and ``commit`` (the context pass); callers that
+need gradients through chosen chunks use those pieces and ``flow(..., grad=True)`` directly.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from .schedule import FlowMatchSchedule
+from .session import StreamingSession
+
+#: ``step_noise(chunk_index, step_index, shape) -> noise`` for re-noising between steps.
+StepNoise = Callable[[int, int, torch.Size], torch.Tensor]
+
+
+# ------------------------------------------------------------------------------ the chunk plan
+@dataclass(frozen=True)
+class ChunkPlan:
+    """One chunk of a video: latent frames ``start .. stop - 1``, generated with the prompt of
+    segment ``segment`` (``prompt``: its text, when the schedule has texts), opening with a KV
+    recache iff its segment differs from the previous chunk's."""
+
+    index: int
+    start: int
+    stop: int
+    segment: int
+    recache: bool
+    prompt: str | None = None
+
+    @property
+    def num_frames(self) -> int:
+        return self.stop - self.start
+
+
+def segment_at(frame: int, segment_starts: Sequence[int]) -> int:
+    """The segment latent frame ``frame`` is in: the last one starting at or before it.
+
+    ``segment_starts``: ascending first latent frames of the segments, the first 0."""
+    return bisect.bisect_right(segment_starts, frame) - 1
+
+
+def next_chunk(
+    previous: ChunkPlan | None,
+    segment_starts: Sequence[int],
+    num_latent_frames: int,
+    frames_per_chunk: int,
+    prompts: Sequence[str] | None = None,
+) -> ChunkPlan | None:
+    """The chunk after ``previous`` (``None``: the first), or ``None`` past the video's end.
+
+    A chunk takes the segment its first frame is in, so a switch applies at the first chunk
+    boundary at or after its frame (a switch at 40 with 3-frame chunks is applied at 42). Only
+    segments starting at or before the chunk's first frame matter, so a schedule that grows while
+    a video streams plans exactly what the grown schedule would have planned up front.
+    """
+    _check_layout(segment_starts, num_latent_frames, frames_per_chunk, prompts)
+    index = 0 if previous is None else previous.index + 1
+    start = 0 if previous is None else previous.stop
+    if start >= num_latent_frames:
+        return None
+    segment = segment_at(start, segment_starts)
+    return ChunkPlan(
+        index=index,
+        start=start,
+        stop=min(start + frames_per_chunk, num_latent_frames),
+        segment=segment,
+        recache=previous is not None and segment != previous.segment,
+        prompt=None if prompts is None else prompts[segment],
+    )
+
+
+def plan_chunks(
+    segment_starts: Sequence[int],
+    num_latent_frames: int,
+    frames_per_chunk: int,
+    prompts: Sequence[str] | None = None,
+) -> list[ChunkPlan]:
+    """Every chunk of a ``num_latent_frames`` video whose prompt segments start at latent frames
+    ``segment_starts`` (``next_chunk`` says how a chunk is planned); the last chunk may be
+    shorter than ``frames_per_chunk``."""
+    chunks: list[ChunkPlan] = []
+    while (chunk := next_chunk(chunks[-1] if chunks else None, segment_starts,
+                               num_latent_frames, frames_per_chunk, prompts)) is not None:
+        chunks.append(chunk)
+    return chunks
+
+
+def applied_segment_starts(
+    segment_starts: Sequence[int], num_latent_frames: int, frames_per_chunk: int
+) -> list[int]:
+    """The latent frame each segment really starts at in a streamed video: the first frame of its
+    first chunk (``ceil(start / frames_per_chunk) * frames_per_chunk``).
+
+    Raises:
+        ValueError: a segment gets no chunk (it starts past the video's end, or a later segment
+            starts before the next chunk boundary).
+    """
+    firsts: dict[int, int] = {}
+    for chunk in plan_chunks(segment_starts, num_latent_frames, frames_per_chunk):
+        firsts.setdefault(chunk.segment, chunk.start)
+    missing = [s for s in range(len(segment_starts)) if s not in firsts]
+    if missing:
+        raise ValueError(
+            f"segments {missing} (starting at latent frames "
+            f"{[segment_starts[s] for s in missing]}) get no chunk of {frames_per_chunk} frames "
+            f"in a {num_latent_frames}-frame video: use more latent frames or fewer frames per "
+            "prompt"
+        )
+    return [firsts[s] for s in range(len(segment_starts))]
+
+
+def _check_layout(
+    segment_starts: Sequence[int],
+    num_latent_frames: int,
+    frames_per_chunk: int,
+    prompts: Sequence[str] | None,
+) -> None:
+    for name, value in (("num_latent_frames", num_latent_frames),
+                        ("frames_per_chunk", frames_per_chunk)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    starts = list(segment_starts)
+    increasing = all(a < b for a, b in zip(starts, starts[1:], strict=False))
+    if not starts or starts[0] != 0 or not increasing:
+        raise ValueError(f"segment_starts must increase from 0, got {starts}")
+    if prompts is not None and len(prompts) != len(starts):
+        raise ValueError(
+            f"prompts must hold one prompt per segment ({len(starts)}), got {len(prompts)}"
+        )
+
+
+@dataclass(frozen=True)
+class PromptSchedule:
+    """Which prompt each chunk is generated with: ``(prompt, start_frame)`` entries in latent
+    frames, one per segment. A chunk uses the segment its first frame is in, so a switch takes
+    effect at the first chunk boundary at or after its frame."""
+
+    entries: tuple[tuple[str, int], ...]
+
+    def __post_init__(self) -> None:
+        if not self.entries:
+            raise ValueError("a prompt schedule needs at least one (prompt, start_frame) entry")
+        previous = -1
+        for prompt, start in self.entries:
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise ValueError(f"every prompt must be a non-empty string, got {prompt!r}")
+            if isinstance(start, bool) or not isinstance(start, int) or start <= previous:
+                raise ValueError(
+                    f"start frames must be increasing ints, got {start!r} after {previous}"
+                )
+            previous = start
+        if self.entries[0][1] != 0:
+            raise ValueError(f"the first prompt must start at frame 0, got {self.entries[0][1]}")
+
+    @classmethod
+    def from_prompts(cls, prompts: Sequence[str], frames_per_prompt: int) -> PromptSchedule:
+        """One prompt every ``frames_per_prompt`` latent frames."""
+        if isinstance(frames_per_prompt, bool) or not isinstance(frames_per_prompt, int) or (
+            frames_per_prompt < 1
+        ):
+            raise ValueError(f"frames_per_prompt must be an int >= 1, got {frames_per_prompt!r}")
+        return cls(tuple((prompt, i * frames_per_prompt) for i, prompt in enumerate(prompts)))
+
+    @property
+    def prompts(self) -> list[str]:
+        return [prompt for prompt, _ in self.entries]
+
+    @property
+    def segment_starts(self) -> list[int]:
+        return [start for _, start in self.entries]
+
+    def segment_at(self, frame: int) -> int:
+        return segment_at(frame, self.segment_starts)
+
+    def prompt_at(self, frame: int) -> str:
+        return self.entries[self.segment_at(frame)][0]
+
+    def plan(self, num_latent_frames: int, frames_per_chunk: int) -> list[ChunkPlan]:
+        """Every chunk of a ``num_latent_frames`` video (``plan_chunks``), with its prompt."""
+        return plan_chunks(self.segment_starts, num_latent_frames, frames_per_chunk, self.prompts)
+
+    def switched(self, prompt: str, start_frame: int) -> PromptSchedule:
+        """This schedule with a new segment of ``prompt`` from ``start_frame`` on, replacing the
+        entries that started at or after it (a live prompt change overrides what was planned)."""
+        kept = tuple(entry for entry in self.entries if entry[1] < start_frame)
+        return PromptSchedule((*kept, (prompt, start_frame)))
+
+
+# ------------------------------------------------------------------------------ the chunk step
+@dataclass(frozen=True)
+class PromptConditioning:
+    """One prompt: its embeddings ``[B, L, D]`` and NAM's per-layer text keys
+    ``[B, L, H, D]`` (as the streamed transformer's cross-attention computes them)."""
+
+    embeds: torch.Tensor
+    text_keys: list[torch.Tensor]
+
+    @classmethod
+    def of(cls, attachment: Any, embeds: torch.Tensor) -> PromptConditioning:
+        """``embeds`` with the text keys of ``attachment`` (a ``MemFlowAttachment``)."""
+        with torch.no_grad():
+            return cls(embeds, attachment.text_keys(embeds))
+
+
+@dataclass(frozen=True)
+class Guidance:
+    """Classifier-free guidance: its scale and the negative embeddings ``[B, L, D]``
+    (``None``: zeros shaped like each prompt's)."""
+
+    scale: float
+
+    negative: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if not self.scale >= 1.0:
+            raise ValueError(
+                f"guidance_scale must be >= 1 (1 disables guidance), got {self.scale}"
+            )
+
+    def negative_for(self, embeds: torch.Tensor) -> torch.Tensor:
+        """The negative embeddings to pair with prompt embeddings ``embeds``."""
+        return torch.zeros_like(embeds) if self.negative is None else self.negative
+
+
+def guided_flow(cond: torch.Tensor, uncond: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """Classifier-free guidance ``uncond + scale * (cond - uncond)`` (``cond`` when ``uncond`` is
+    ``None``, i.e. no guidance)."""
+    return cond if uncond is None else uncond + scale * (cond - uncond)
+
+
+def call_transformer(
+    model: nn.Module,
+    latents: torch.Tensor,
+    timestep: float | torch.Tensor,
+    embeds: torch.Tensor,
+    dtype: torch.dtype,
+    conditioning: Mapping[str, Any] | None = None,
+) -> torch.Tensor:
+    """One transformer forward (with MemFlow attached, call it inside a session pass).
+
+    Args:
+        model: a transformer of a supported family (maybe wrapped by DDP / FSDP).
+        latents: ``[B, C, F, h, w]``; made contiguous so that a slice of a video and a copy of the
+            same frames take the same kernels (bit-identical keys and values).
+        timestep: one model timestep for every sample, or ``[B]``.
+        embeds: ``[B, L, D]`` prompt embeddings.
+        dtype: the transformer's compute dtype.
+        conditioning: the family's extra forward inputs (``Integration.conditioning_inputs``).
+
+    Returns:
+        ``[B, C, F, h, w]`` the predicted flow ``v`` in the model's output dtype.
+    """
+    timesteps = torch.as_tensor(timestep, dtype=torch.float32, device=latents.device)
+    timesteps = timesteps.expand(latents.shape[0]).contiguous()
+    return model(
+        hidden_states=latents.to(dtype).contiguous(),
+        timestep=timesteps,
+        encoder_hidden_states=embeds.to(dtype),
+        return_dict=False,
+        **(conditioning or {}),
+    )[0]
+
+
+class Denoised(NamedTuple):
+    """A denoised chunk: ``clean`` ``[B, C, f, h, w]`` float64, the last step's clean estimate,
+    and ``exit_input``, the noisy float64 input of that step."""
+
+    clean: torch.Tensor
+    exit_input: torch.Tensor
+
+
+class ChunkEngine:
+    """Runs planned chunks through a session with one model (bind the session first).
+
+    Args:
+        model: the transformer with MemFlow attached; passes without gradient go through it.
+        session: the video's session, bound to ``model``'s attachment by the caller.
+        schedule: the few-step denoising schedule.
+        dtype: the transformer's compute dtype (default: its parameters').
+        conditioning: the family's extra forward inputs (``Integration.conditioning_inputs``).
+        trained: the module that gradient passes go through (the same transformer wrapped by
+            DDP / FSDP for training); default ``model``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        session: StreamingSession,
+        schedule: FlowMatchSchedule,
+        *,
+        dtype: torch.dtype | None = None,
+        conditioning: Mapping[str, Any] | None = None,
+        trained: nn.Module | None = None,
+    ) -> None:
+        self.model = model
+        self.session = session
+        self.schedule = schedule
+        self.dtype = dtype or next(model.parameters()).dtype
+        self.conditioning = dict(conditioning or {})
+        self.trained = model if trained is None else trained
+
+    def step(
+        self,
+        chunk: ChunkPlan,
+        cond: PromptConditioning,
+        noise: torch.Tensor,
+        video: torch.Tensor,
+        step_noise: StepNoise | None = None,
+        guidance: Guidance | None = None,
+    ) -> torch.Tensor:
+        """The whole chunk: open it (NAM, recache), denoise ``noise[:, :, start:stop]``, write the
+        clean chunk into ``video`` and commit it (context pass).
+
+        Args:
+            noise: ``[B, C, F, h, w]`` the initial noise of the video (or of at least this chunk's
+                frames, indexed by absolute frame).
+            video: ``[B, C, F, h, w]`` float32 clean latents so far; the recache reads its past
+                frames, this chunk's frames are written into it.
+
+        Returns:
+            ``[B, C, f, h, w]`` float32, the clean chunk (a view of ``video``).
+        """
+        self.open_chunk(chunk, cond, video)
+        denoised = self.denoise(
+            noise[:, :, chunk.start : chunk.stop], cond, chunk.index, step_noise, guidance
+        )
+        video[:, :, chunk.start : chunk.stop] = denoised.clean.float()
+        clean = video[:, :, chunk.start : chunk.stop]
+        self.commit(clean, cond)
+        return clean
+
+    def open_chunk(self, chunk: ChunkPlan, cond: PromptConditioning, video: torch.Tensor) -> None:
+        """NAM's commit for ``chunk`` (scored with ``cond``'s text keys), then, when the plan
+        says so, the recache pass over the clean frames of ``video`` ``[B, C, F, h, w]`` that the
+        session asks for."""
+        self.session.begin_chunk(cond.text_keys)
+        if chunk.recache:
+            with torch.no_grad(), self.session.switch_prompt() as window:
+                frames = video[:, :, window.start_frame : window.stop_frame]
+                self._call(self.model, frames, 0.0, cond.embeds)
+
+    def flow(
+        self,
+        noisy: torch.Tensor,
+        timestep: float | torch.Tensor,
+        embeds: torch.Tensor,
+        grad: bool = False,
+    ) -> torch.Tensor:
+        """One read-only pass over the open chunk: the predicted flow for ``noisy``
+        ``[B, C, f, h, w]`` at ``timestep`` (a float or ``[B]``); with ``grad``, through
+        ``trained`` with autograd on."""
+        model = self.trained if grad else self.model
+        with torch.set_grad_enabled(grad), self.session.denoise_pass():
+            return self._call(model, noisy, timestep, embeds)
+
+    def denoise(
+        self,
+        noise: torch.Tensor,
+        cond: PromptConditioning,
+        chunk_index: int,
+        step_noise: StepNoise | None = None,
+        guidance: Guidance | None = None,
+        exit_step: int | None = None,
+    ) -> Denoised:
+        """Few-step denoising of the open chunk from ``noise`` ``[B, C, f, h, w]``, without
+        gradient, in read-only passes.
+
+        Between steps the clean estimate is re-noised to the next step's sigma: with fresh
+        ``step_noise(chunk_index, step, shape)`` when the schedule is stochastic, with the model's
+        own noise estimate otherwise. With ``guidance`` every step also runs the negative
+        embeddings (reading the same memory). ``exit_step`` stops after that step
+        (Self-Forcing's random exit); default the last.
+        """
+        timesteps = self.schedule.timesteps
+        last = len(timesteps) - 1 if exit_step is None else exit_step
+        if not 0 <= last < len(timesteps):
+            raise ValueError(f"exit_step must be in 0..{len(timesteps) - 1}, got {exit_step}")
+        if self.schedule.stochastic and last > 0 and step_noise is None:
+            raise ValueError("a stochastic schedule needs step_noise to re-noise between steps")
+        noisy = noise.double()
+        for step in range(last + 1):
+            timestep = float(timesteps[step])
+            flow = self.flow(noisy, timestep, cond.embeds)
+            if guidance is not None:
+                negative = guidance.negative_for(cond.embeds)
+                flow = guided_flow(flow, self.flow(noisy, timestep, negative), guidance.scale)
+            clean = self.schedule.predict_clean(noisy, flow, self.schedule.sigma_at(timestep))
+            if step == last:
+                return Denoised(clean, noisy)
+            if self.schedule.stochastic:
+                eps = step_noise(chunk_index, step, noise.shape).to(noise.device)
+            else:
+                eps = self.schedule.predict_noise(clean, flow)
+            noisy = self.schedule.renoise(clean, eps, self.schedule.sigma_at(timesteps[step + 1]))
+        raise AssertionError("unreachable: the loop returns at its last step")
+
+    def commit(self, clean: torch.Tensor, cond: PromptConditioning) -> None:
+        """The context pass: writes the clean chunk ``[B, C, f, h, w]`` into the cache at
+        timestep 0 and closes the chunk."""
+        with torch.no_grad(), self.session.context_pass():
+            self._call(self.model, clean, 0.0, cond.embeds)
+
+    def backward(
+        self, loss: torch.Tensor, backward: Callable[[torch.Tensor], None] = torch.Tensor.backward
+    ) -> None:
+        """Backpropagate ``loss`` of the open chunk's gradient pass with ``backward`` (e.g.
+        ``accelerator.backward``) inside a read-only pass: with gradient checkpointing the blocks
+        recompute their self-attention during backward and must attend to the cache the forward
+        saw."""
+        with self.session.denoise_pass():
+            backward(loss)
+
+    def _call(
+        self, model: nn.Module, latents: torch.Tensor, timestep: float | torch.Tensor,
+        embeds: torch.Tensor,
+    ) -> torch.Tensor:
+        return call_transformer(model, latents, timestep, embeds, self.dtype, self.conditioning)

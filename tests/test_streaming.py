@@ -1,0 +1,284 @@
+"""One streaming loop: the chunk plan every caller uses, and ``stream()`` with per-chunk decoded
+frames, live prompt changes and pause/resume (DESIGN.md s.5b)."""
+
+import ast
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from memflow_adapter import MemFlowConfig
+from memflow_adapter.hooks import get_memflow, remove_memflow
+from memflow_adapter.integrations.helios import HELIOS_LATENT_FRAMES_PER_CHUNK, HeliosIntegration
+from memflow_adapter.integrations.wan import WanIntegration
+from memflow_adapter.pipeline import MemFlowStreamingPipeline, PromptSchedule
+from memflow_adapter.schedule import FlowMatchSchedule
+from memflow_adapter.streaming import applied_segment_starts, plan_chunks
+from memflow_adapter.tiny_wan import build_tiny_wan_pipeline
+from memflow_adapter.world.pipeline import build_world_pipeline
+
+from family_helios import tiny_helios
+
+PROMPTS = ["a cat", "a dog", "a bird"]
+SIZE = 32  # pixels: 4x4 latents, 2x2 patches -> 4 tokens per latent frame
+REPOSITORY = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe():
+    return build_tiny_wan_pipeline(seed=0)
+
+
+def streaming(pipe, config=None, schedule=None):
+    if get_memflow(pipe.transformer) is not None:
+        remove_memflow(pipe.transformer)
+    return MemFlowStreamingPipeline(
+        pipe, config or MemFlowConfig.reference_sma(), schedule, device="cpu"
+    )
+
+
+def stream(pipe, prompt, num_latent_frames, seed=0, **kwargs):
+    defaults = dict(height=SIZE, width=SIZE, max_sequence_length=16, output_type="np",
+                    generator=torch.Generator().manual_seed(seed))
+    return streaming(pipe).stream(prompt, num_latent_frames, **{**defaults, **kwargs})
+
+
+# ------------------------------------------------------------------------------ the chunk plan
+@settings(max_examples=200, deadline=None)
+@given(
+    frames_per_prompt=st.integers(1, 50),
+    frames_per_chunk=st.integers(1, 5),
+    num_prompts=st.integers(1, 6),
+    extra_frames=st.integers(0, 30),
+)
+def test_a_chunk_recaches_iff_a_switch_frame_falls_since_the_previous_chunk_began(
+    frames_per_prompt, frames_per_chunk, num_prompts, extra_frames
+):
+    """Every segment change recaches once, at the first chunk boundary at or after its switch
+    frame; no other chunk recaches; every frame is in exactly one chunk."""
+    schedule = PromptSchedule.from_prompts([f"p{i}" for i in range(num_prompts)],
+                                           frames_per_prompt)
+    num_frames = (num_prompts - 1) * frames_per_prompt + 1 + extra_frames
+    plan = schedule.plan(num_frames, frames_per_chunk)
+    switches = schedule.segment_starts[1:]
+    assert [frame for chunk in plan for frame in range(chunk.start, chunk.stop)] == list(
+        range(num_frames)
+    )
+    for previous, chunk in zip(plan, plan[1:], strict=False):
+        switched = any(previous.start < s <= chunk.start for s in switches)
+        assert chunk.recache == switched
+        assert chunk.segment == schedule.segment_at(chunk.start)
+        assert chunk.prompt == schedule.prompt_at(chunk.start)
+    assert not plan[0].recache
+    recached = [chunk.start for chunk in plan if chunk.recache]
+    applied = {-(-s // frames_per_chunk) * frames_per_chunk for s in switches}
+    assert recached == sorted(a for a in applied if a < num_frames)
+    # what the recipes plan (segment starts only) is what the pipeline plans (with prompts)
+    recipes = plan_chunks(schedule.segment_starts, num_frames, frames_per_chunk)
+    assert [(c.index, c.start, c.stop, c.segment, c.recache) for c in recipes] == [
+        (c.index, c.start, c.stop, c.segment, c.recache) for c in plan
+    ]
+
+
+def test_a_switch_between_chunk_boundaries_recaches_at_the_next_boundary():
+    """The reference protocol: a prompt every 40 latent frames, 3-frame chunks."""
+    schedule = PromptSchedule.from_prompts([f"p{i}" for i in range(6)], 40)
+    plan = schedule.plan(240, 3)
+    assert [chunk.start for chunk in plan if chunk.recache] == [42, 81, 120, 162, 201]
+    assert applied_segment_starts(schedule.segment_starts, 240, 3) == [0, 42, 81, 120, 162, 201]
+    same_text = PromptSchedule((("a", 0), ("a", 6))).plan(12, 3)
+    assert [chunk.recache for chunk in same_text] == [False, False, True, False]
+
+
+def test_a_segment_with_no_chunk_of_its_own_is_named():
+    with pytest.raises(ValueError, match=r"segments \[1\] .* get no chunk of 3 frames"):
+        applied_segment_starts([0, 1, 2], 9, 3)
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: plan_chunks([0, 4], 0, 3), "num_latent_frames must be an int >= 1, got 0"),
+        (lambda: plan_chunks([0, 4], 9, 0), "frames_per_chunk must be an int >= 1, got 0"),
+        (lambda: plan_chunks([1, 4], 9, 3), r"segment_starts must increase from 0, got \[1, 4\]"),
+        (lambda: plan_chunks([0, 4, 4], 9, 3), "segment_starts must increase from 0"),
+        (lambda: PromptSchedule.from_prompts(["a", "b"], 0), "frames_per_prompt must be an int"),
+    ],
+)
+def test_bad_plans_are_refused(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+# ----------------------------------------------------------------- the pipeline runs the plan
+@pytest.mark.parametrize(("frames_per_prompt", "recached_at"), [(6, [6, 12]), (5, [6, 12])])
+def test_the_pipeline_recaches_where_the_plan_says_also_off_chunk_boundaries(
+    tiny_pipe, frames_per_prompt, recached_at, monkeypatch
+):
+    """The issue's report: switches at 5 and 10 with 3-frame chunks were never recached."""
+    from memflow_adapter.session import StreamingSession
+
+    recaches = []
+    switch = StreamingSession.switch_prompt
+
+    def recorded(self):
+        recaches.append(self.next_frame)
+        return switch(self)
+
+    monkeypatch.setattr(StreamingSession, "switch_prompt", recorded)
+    result = streaming(tiny_pipe)(
+        PROMPTS, 15, SIZE, SIZE, frames_per_prompt=frames_per_prompt, output_type="latent",
+        max_sequence_length=16, progress=False, generator=torch.Generator().manual_seed(0),
+    )
+    assert recaches == recached_at
+    assert [c.start_frame for c in result.chunks if c.recached] == recached_at
+    plan = PromptSchedule.from_prompts(PROMPTS, frames_per_prompt).plan(15, 3)
+    assert [(c.start_frame, c.prompt) for c in result.chunks] == [(p.start, p.prompt) for p in plan]
+
+
+# ------------------------------------------------------------------------------------ stream()
+def test_call_is_the_collected_stream_bit_for_bit(tiny_pipe):
+    chunks = list(stream(tiny_pipe, PROMPTS, 11, frames_per_prompt=4))
+    whole = streaming(tiny_pipe)(
+        PROMPTS, 11, SIZE, SIZE, frames_per_prompt=4, max_sequence_length=16,
+        generator=torch.Generator().manual_seed(0), progress=False,
+    )
+    assert [chunk.report.num_frames for chunk in chunks] == [3, 3, 3, 2]
+    assert torch.equal(torch.cat([chunk.latents for chunk in chunks], 2), whole.latents)
+    assert np.array_equal(np.concatenate([chunk.frames for chunk in chunks], 1), whole.frames)
+    assert [chunk.memory for chunk in chunks] == whole.trace
+    assert whole.frames.shape == (1, 4 * 10 + 1, SIZE, SIZE, 3)
+    assert [chunk.frames.shape[1] for chunk in chunks] == [9, 12, 12, 8]  # 1 + 4 * (n - 1)
+    assert whole.seconds_to_first_frame > 0
+
+
+def test_frames_decoded_chunk_by_chunk_are_the_video_decoded_at_the_end(tiny_pipe):
+    """Wan's causal VAE decodes frame by frame with a feature cache either way; at the end the
+    1x1x1 ``post_quant_conv`` runs over all frames at once, which may take another kernel:
+    float32 round-off only (1e-5 on frames in [-1, 1], far below a wrong frame's ~1e-1)."""
+    video = stream(tiny_pipe, PROMPTS, 11, frames_per_prompt=4, output_type="pt").collect()
+    latents = video.latents
+    whole = WanIntegration(tiny_pipe.transformer).decode_latents(tiny_pipe.vae, latents)
+    expected = tiny_pipe.video_processor.postprocess_video(whole, output_type="pt")
+    torch.testing.assert_close(video.frames, expected, rtol=0, atol=1e-5)
+
+
+def test_helios_decodes_chunk_by_chunk_as_it_decodes_its_own_chunks(tiny_pipe):
+    """Helios decodes each 9-latent-frame chunk on its own: the stream's decoder restarts its
+    cache at the same frames, so 3-frame chunks give the same video."""
+    integration = HeliosIntegration(tiny_helios())
+    latents = torch.randn(1, 16, 2 * HELIOS_LATENT_FRAMES_PER_CHUNK + 2, 4, 4,
+                          generator=torch.Generator().manual_seed(0))
+    decoder = integration.latent_decoder(tiny_pipe.vae)
+    with torch.no_grad():
+        streamed = torch.cat([decoder.decode(chunk) for chunk in latents.split(3, dim=2)], 2)
+        whole = integration.decode_latents(tiny_pipe.vae, latents)
+    assert streamed.shape == whole.shape == (1, 3, 2 * 33 + 5, SIZE, SIZE)
+    torch.testing.assert_close(streamed, whole, rtol=0, atol=1e-5)
+
+
+def test_the_world_decodes_each_chunk_on_its_own_exactly():
+    pipe = build_world_pipeline(seed=0)
+    streamed = streaming(pipe, MemFlowConfig.reference(frames_per_chunk=2))
+    video = streamed.stream(
+        ["a red ball", "a blue box"], 6, 32, 32, frames_per_prompt=4, output_type="pt",
+        max_sequence_length=16, generator=torch.Generator().manual_seed(0),
+    ).collect()
+    whole = WanIntegration(pipe.transformer).decode_latents(pipe.vae, video.latents)
+    expected = pipe.video_processor.postprocess_video(whole, output_type="pt")
+    assert torch.equal(video.frames, expected)
+
+
+def test_a_live_prompt_change_is_the_same_switch_given_up_front(tiny_pipe):
+    """Switch to "a dog" after chunk 1 (frames 0..5 done): the chunk at frame 6 recaches, and
+    every latent and frame equals the schedule ``(a cat, 0), (a dog, 5)`` given up front."""
+    planned = list(stream(tiny_pipe, PromptSchedule((("a cat", 0), ("a dog", 5))), 12))
+    live = stream(tiny_pipe, "a cat", 12)
+    chunks = [next(live), next(live)]
+    live.set_prompt("a dog")
+    assert live.next_chunk.recache and live.next_chunk.prompt == "a dog"
+    chunks += list(live)
+    assert [c.report.recached for c in chunks] == [False, False, True, False]
+    for got, want in zip(chunks, planned, strict=True):
+        assert got.plan == want.plan
+        assert torch.equal(got.latents, want.latents)
+        assert np.array_equal(got.frames, want.frames)
+    assert live.schedule == PromptSchedule((("a cat", 0), ("a dog", 6)))
+
+
+def test_send_switches_then_runs_the_next_chunk_and_a_live_prompt_replaces_the_plan(tiny_pipe):
+    live = stream(tiny_pipe, PROMPTS, 12, frames_per_prompt=9)
+    first = live.send(None)
+    second = live.send("a fish")
+    assert (first.plan.prompt, second.plan.prompt, second.plan.recache) == ("a cat", "a fish", True)
+    assert live.schedule.entries == (("a cat", 0), ("a fish", 3))  # "a dog" at 9 was replaced
+    assert [chunk.plan.recache for chunk in live] == [False, False]
+    with pytest.raises(ValueError, match="the stream is complete"):
+        live.set_prompt("a cow")
+
+
+def test_a_paused_stream_resumes_bit_for_bit_in_a_new_stream(tiny_pipe):
+    """The state between chunks (session, the VAE decoder's feature cache, latents, schedule,
+    noise, generator) continues the video in a stream made with the same arguments."""
+    whole = list(stream(tiny_pipe, PROMPTS, 12, frames_per_prompt=4))
+    paused = stream(tiny_pipe, PROMPTS, 12, frames_per_prompt=4)
+    next(paused)
+    paused.set_prompt("a dog")  # live changes are part of the state
+    next(paused)
+    state = paused.state_dict()
+    rest_paused = list(paused)
+
+    resumed = stream(tiny_pipe, PROMPTS, 12, frames_per_prompt=4)
+    resumed.load_state_dict(state)
+    rest_resumed = list(resumed)
+    assert resumed.schedule.entries == (("a cat", 0), ("a dog", 3))
+    for got, want in zip(rest_resumed, rest_paused, strict=True):
+        assert torch.equal(got.latents, want.latents)
+        assert np.array_equal(got.frames, want.frames)
+    assert not torch.equal(rest_resumed[0].latents, whole[2].latents)  # the switch took effect
+
+
+def test_stream_misuse_is_refused(tiny_pipe):
+    started = stream(tiny_pipe, PROMPTS, 9, frames_per_prompt=3)
+    next(started)
+    with pytest.raises(ValueError, match="collect\\(\\) needs a stream that has not started"):
+        started.collect()
+    with pytest.raises(ValueError, match="every prompt must be a non-empty string"):
+        started.set_prompt("  ")
+    other = stream(tiny_pipe, PROMPTS, 6, frames_per_prompt=3)
+    with pytest.raises(ValueError, match=r"state is of a video of shape \(1, 16, 9, 4, 4\)"):
+        other.load_state_dict(started.state_dict())
+
+
+def test_a_guided_stream_runs_the_same_loop(tiny_pipe):
+    """Guidance and a deterministic schedule are options of the one chunk step."""
+    pipe = streaming(tiny_pipe, schedule=FlowMatchSchedule((1000, 500), stochastic=False))
+    kwargs = dict(height=SIZE, width=SIZE, max_sequence_length=16, output_type="latent",
+                  generator=torch.Generator().manual_seed(0), guidance_scale=3.0)
+    one = pipe("a cat", 6, progress=False, **kwargs)
+    kwargs["generator"] = torch.Generator().manual_seed(0)
+    two = pipe.stream("a cat", 6, **kwargs).collect()
+    assert torch.equal(one.latents, two.latents)
+
+
+# --------------------------------------------------------------------- one loop, in the core
+LIFECYCLE = {"begin_chunk", "switch_prompt", "denoise_pass", "context_pass"}
+ENGINE = REPOSITORY / "memflow_adapter" / "streaming.py"
+SESSION = REPOSITORY / "memflow_adapter" / "session.py"
+
+
+def test_only_the_core_engine_drives_the_chunk_lifecycle():
+    """No application module (pipeline, recipes, eval, world, cli, hub, integrations) begins
+    chunks or opens passes itself: they all go through ``streaming.ChunkEngine``."""
+    offenders = []
+    for folder in ("memflow_adapter", "recipes", "integrations"):
+        for path in sorted((REPOSITORY / folder).rglob("*.py")):
+            if path in (ENGINE, SESSION):
+                continue
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Attribute) and node.attr in LIFECYCLE:
+                    offenders.append(f"{path.relative_to(REPOSITORY)}:{node.lineno} {node.attr}")
+    assert offenders == []
