@@ -30,6 +30,7 @@ from memflow_adapter.world.scoring import (
     generate_script,
     mean_scores,
     score_script,
+    script_schedule,
     streaming_world,
 )
 
@@ -60,6 +61,9 @@ def main() -> None:
                         "%(default)g, the world model's setting; 1 disables it)")
     parser.add_argument("--layouts", nargs="+", choices=sorted(WORLD_LAYOUTS),
                         default=list(WORLD_LAYOUTS), help="the memory layouts to compare")
+    parser.add_argument("--switch-offset", type=int, default=0,
+                        help="move every prompt switch this many latent frames late (1: off the "
+                        "2-frame chunk boundaries, applied and recached at the next one)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path,
                         help="also write the tables and every story's scores as JSON")
@@ -74,13 +78,17 @@ def main() -> None:
         streaming = streaming_world(pipe, layout)
         per_story[layout] = []
         for seed, script in enumerate(scripts):
-            generated = generate_script(streaming, script, seed, args.guidance_scale)
+            generated = generate_script(
+                streaming, script, seed, args.guidance_scale, args.switch_offset
+            )
+            schedule = script_schedule(script, args.switch_offset)
             per_story[layout].append(
-                score_script(script, generated.video, generated.chunk_seconds)
+                score_script(script, generated.video, generated.chunk_seconds, schedule)
             )
     table = {layout: mean_scores(scores) for layout, scores in per_story.items()}
     print(f"{args.scripts} held-out scripts, 24 latent frames (12 chunks) each, guidance scale "
-          f"{args.guidance_scale:g}, {args.threads} CPU threads; rates in %")
+          f"{args.guidance_scale:g}, switches {args.switch_offset} frame(s) late, "
+          f"{args.threads} CPU threads; rates in %")
     print("| layout | " + " | ".join(COLUMNS.values()) + " |")
     print("| --- " * (len(COLUMNS) + 1) + "|")
     for layout, row in table.items():
@@ -94,6 +102,7 @@ def main() -> None:
         stories = {layout: [dataclasses.asdict(score) for score in scores]
                    for layout, scores in per_story.items()}
         result = {"scripts": args.scripts, "guidance_scale": args.guidance_scale,
+                  "switch_offset": args.switch_offset,
                   "layouts": table, f"paired_against_{BASELINE}": paired, "stories": stories}
         args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
 

@@ -36,6 +36,9 @@ def _demo(args: argparse.Namespace) -> int:
         if args.chunks is not None:
             raise SystemExit("memflow demo: --chunks applies to --model tiny-random; a world "
                              "story has 12 chunks")
+        if args.interactive:
+            raise SystemExit("memflow demo: --interactive applies to --model tiny-random; a "
+                             "world story's prompts are its script's")
         script = WORLD_DEMO_SCRIPT if args.script is None else args.script
         seed = script if args.seed is None else args.seed
         guidance = WORLD_GUIDANCE_SCALE if args.guidance_scale is None else args.guidance_scale
@@ -128,30 +131,42 @@ def _generate_and_write(
     extra: dict,
     guidance: dict[str, Any] | None = None,
 ) -> int:
-    """Generate and write the outputs; ``guidance`` (the pipeline's ``guidance_scale`` and
-    ``negative_prompt``) goes to the pipeline and into report.json."""
+    """Stream the video into ``video.mp4`` chunk by chunk (with ``--interactive``, taking the
+    prompts typed on stdin from the next chunk on), then write the timeline and the report;
+    ``guidance`` (the pipeline's ``guidance_scale`` and ``negative_prompt``) goes to the pipeline
+    and into report.json."""
+    from .live import LivePrompts, play
     from .outputs import write_outputs
 
     guidance = guidance or {}
     generator = torch.Generator(device=streaming.device).manual_seed(args.seed)
-    result = streaming(
+    stream = streaming.stream(
         schedule,
         num_latent_frames=num_latent_frames,
         height=args.height,
         width=args.width,
         generator=generator,
         max_sequence_length=args.max_sequence_length,
+        fps=args.fps,
         **guidance,
     )
+    live = None
+    if args.interactive:
+        live = LivePrompts(sys.stdin)
+        print("memflow: type a prompt and Enter to switch from the next chunk on", flush=True)
+    video = Path(args.output_dir) / "video.mp4"
+    result = play(stream, video, args.fps, sys.stdout, live)
     paths = write_outputs(
         result,
         streaming.config,
         args.output_dir,
         args.fps,
-        {**extra, **guidance, "prompts": [list(entry) for entry in schedule.entries]},
+        {**extra, **guidance, "prompts": [list(entry) for entry in stream.schedule.entries]},
+        video=video,
     )
     seconds = [chunk.seconds for chunk in result.chunks]
-    print(f"{len(seconds)} chunks, {sum(seconds) / len(seconds):.3f} s per chunk on average")
+    print(f"{len(seconds)} chunks, {sum(seconds) / len(seconds):.3f} s per chunk on average, "
+          f"first frame after {result.seconds_to_first_frame:.2f} s")
     for name, path in paths.items():
         print(f"{name}: {path}")
     return 0
@@ -176,6 +191,11 @@ def _add_common(
     parser.add_argument("--fps", type=int, default=16)
     parser.add_argument(
         "--max-sequence-length", type=int, default=seq, help="text tokens per prompt"
+    )
+    parser.add_argument(
+        "--interactive", action="store_true",
+        help="read prompts from stdin while streaming: each line typed switches the prompt from "
+        "the next chunk on (with the KV recache)",
     )
 
 

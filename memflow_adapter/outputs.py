@@ -50,12 +50,14 @@ def write_outputs(
     output_dir: str | Path,
     fps: int,
     extra: dict[str, Any],
+    video: Path | None = None,
 ) -> dict[str, Path]:
-    """Save ``video.mp4``, ``memory_timeline.png`` and ``report.json`` into ``output_dir``."""
+    """Save ``video.mp4`` (unless ``video`` names the file the frames were already written
+    to), ``memory_timeline.png`` and ``report.json`` into ``output_dir``."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = {
-        "video": result.save_video(output_dir / "video.mp4", fps=fps),
+        "video": video or result.save_video(output_dir / "video.mp4", fps=fps),
         "timeline": draw_memory_timeline(result.trace, config, output_dir / "memory_timeline.png"),
         "report": output_dir / "report.json",
     }
@@ -65,6 +67,7 @@ def write_outputs(
         "config": config.to_dict(),
         "num_chunks": len(result.chunks),
         "mean_chunk_seconds": sum(seconds) / len(seconds),
+        "seconds_to_first_frame": result.seconds_to_first_frame,
         "peak_cuda_memory_bytes": result.peak_memory_bytes,
         "peak_process_memory_bytes": peak_process_memory_bytes(),
         "chunks": memory_report(result),

@@ -1,5 +1,6 @@
 """The `memflow` command: the offline demo and generation from a local diffusers folder."""
 
+import io
 import json
 
 import pytest
@@ -60,3 +61,36 @@ def test_eval_is_a_subcommand(capsys):
     with pytest.raises(SystemExit) as stop:
         main(["eval", "--help"])
     assert stop.value.code == 0 and "--prompts" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_interactive_generation_takes_a_typed_prompt_from_the_next_chunk_on(
+    tmp_path, capsys, monkeypatch
+):
+    """A line on stdin switches the prompt at a chunk boundary (when it arrives depends on the
+    reading thread), that chunk recaches, the schedule after it is replaced, and the mp4 is
+    written chunk by chunk."""
+    monkeypatch.setattr("sys.stdin", io.StringIO("a green frog on a leaf\n"))
+    command = f"demo --model tiny-random --output-dir {tmp_path} --chunks 6 --interactive"
+    assert main(command.split()) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((tmp_path / "report.json").read_text())
+    prompts = report["prompts"]
+    assert prompts[-1][0] == "a green frog on a leaf"
+    switch = prompts[-1][1]
+    assert switch % 3 == 0 and all(start < switch for _, start in prompts[:-1])
+    chunks = {chunk["start_frame"]: chunk for chunk in report["chunks"]}
+    assert chunks[switch]["prompt"] == "a green frog on a leaf"
+    assert chunks[switch]["recached"] == (switch > 0)
+    assert [c["prompt"] for c in report["chunks"] if c["start_frame"] > switch] == [
+        "a green frog on a leaf"
+    ] * (5 - switch // 3)
+    assert f"prompt from latent frame {switch}: 'a green frog on a leaf'" in printed
+    assert "chunk 6/6: latent frames 15-17" in printed and "first frame after" in printed
+    assert report["seconds_to_first_frame"] > 0
+    assert (tmp_path / "video.mp4").stat().st_size > 1000
+
+
+def test_interactive_is_refused_for_the_world_demo():
+    with pytest.raises(SystemExit, match="--interactive applies to --model tiny-random"):
+        main(["demo", "--interactive"])

@@ -29,7 +29,7 @@ from ..hooks import get_memflow, remove_memflow
 from ..pipeline import MemFlowStreamingPipeline
 from ..streaming import PromptSchedule, applied_segment_starts
 from .detect import Detection, detect
-from .grammar import Entity, Script
+from .grammar import SEGMENT_FRAMES, Entity, Script
 from .pipeline import (
     WORLD_GUIDANCE_SCALE,
     WORLD_MEMORY,
@@ -76,11 +76,13 @@ def generate_script(
     script: Script,
     seed: int,
     guidance_scale: float = WORLD_GUIDANCE_SCALE,
+    switch_offset: int = 0,
 ) -> Generated:
-    """Stream ``script``'s six prompts (``SEGMENT_FRAMES`` latent frames each), with
-    classifier-free guidance above scale 1 (negative: the zero embedding)."""
+    """Stream ``script``'s six prompts (``SEGMENT_FRAMES`` latent frames each, each switch
+    ``switch_offset`` frames late: ``script_schedule``), with classifier-free guidance above
+    scale 1 (negative: the zero embedding)."""
     output = streaming(
-        script_schedule(script),
+        script_schedule(script, switch_offset),
         num_latent_frames=script.num_frames,
         height=HEIGHT,
         width=WIDTH,
@@ -94,9 +96,14 @@ def generate_script(
     return Generated(video, [chunk.seconds for chunk in output.chunks], output)
 
 
-def script_schedule(script: Script) -> PromptSchedule:
-    """The script's prompts at their segments' first latent frames."""
-    return PromptSchedule(tuple(zip(script.prompts, script.segment_starts, strict=True)))
+def script_schedule(script: Script, switch_offset: int = 0) -> PromptSchedule:
+    """The script's prompts at their segments' first latent frames; ``switch_offset`` moves every
+    switch that many frames later (off the chunk boundaries for an odd offset: the stream then
+    applies it at the next boundary)."""
+    if not 0 <= switch_offset < SEGMENT_FRAMES:
+        raise ValueError(f"switch_offset must be in 0..{SEGMENT_FRAMES - 1}, got {switch_offset}")
+    starts = [0] + [start + switch_offset for start in script.segment_starts[1:]]
+    return PromptSchedule(tuple(zip(script.prompts, starts, strict=True)))
 
 
 def streaming_world(pipe: NarrativeWorldPipeline, layout: str) -> MemFlowStreamingPipeline:
@@ -109,11 +116,12 @@ def streaming_world(pipe: NarrativeWorldPipeline, layout: str) -> MemFlowStreami
     return MemFlowStreamingPipeline(pipe, WORLD_LAYOUTS[layout], WORLD_SCHEDULE, device="cpu")
 
 
-def _segment_frames(script: Script) -> list[range]:
-    """The latent frames of each of the script's segments as the stream generates them (the
-    core's chunk plan: a segment starts at the first chunk boundary at or after its frame)."""
+def _segment_frames(script: Script, schedule: PromptSchedule) -> list[range]:
+    """The latent frames of each of the script's segments as the stream generates them with
+    ``schedule`` (the core's chunk plan: a segment starts at the first chunk boundary at or after
+    its frame)."""
     starts = applied_segment_starts(
-        script.segment_starts, script.num_frames, WORLD_MEMORY.frames_per_chunk
+        schedule.segment_starts, script.num_frames, WORLD_MEMORY.frames_per_chunk
     )
     return [range(a, b) for a, b in zip(starts, [*starts[1:], script.num_frames], strict=True)]
 
@@ -122,11 +130,16 @@ def _looks(entity: Entity) -> tuple[str, str, str]:
     return entity.colour, entity.size, entity.shape
 
 
-def score_script(script: Script, video: torch.Tensor, chunk_seconds: Sequence[float]
-                 ) -> ScriptScores:
-    """Score a video ``[F, 3, H, W]`` in ``[-1, 1]`` of ``script`` (see the module docstring)."""
+def score_script(
+    script: Script,
+    video: torch.Tensor,
+    chunk_seconds: Sequence[float],
+    schedule: PromptSchedule | None = None,
+) -> ScriptScores:
+    """Score a video ``[F, 3, H, W]`` in ``[-1, 1]`` of ``script`` generated with ``schedule``
+    (default ``script_schedule(script)``; see the module docstring)."""
     detections = [detect(frame) for frame in video]
-    segment_frames = _segment_frames(script)
+    segment_frames = _segment_frames(script, schedule or script_schedule(script))
     checks: list[bool] = []
     for index, segment in enumerate(script.segments[:-1]):
         frames = [detections[frame] for frame in segment_frames[index]]
