@@ -427,7 +427,9 @@ class VideoStream:
             chunk.index, chunk.start, chunk.num_frames, chunk.prompt, chunk.recache,
             generated - began, self.session.cache_bytes, decoded - generated,
         )
-        return StreamedChunk(chunk, clean, frames, self.session.last_chunk_memory(), report)
+        # a copy: the stream's own latents feed later recaches and must not change under it
+        memory = self.session.last_chunk_memory()
+        return StreamedChunk(chunk, clean.clone(), frames, memory, report)
 
     def collect(self, progress: bool = False) -> StreamingVideoOutput:
         """Run every chunk and return the whole video (a stream that has not started yet)."""
@@ -468,7 +470,7 @@ class VideoStream:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from a ``state_dict()`` (validated before anything changes)."""
+        """Continue from a ``state_dict()``; on a bad state nothing changes."""
         if tuple(state["video"].shape) != tuple(self.video.shape):
             raise ValueError(
                 f"the state is of a video of shape {tuple(state['video'].shape)}, this stream "
@@ -479,6 +481,14 @@ class VideoStream:
         schedule = PromptSchedule(tuple(state["schedule"]))
         for text in schedule.prompts:
             self._condition(text)
+        current = self.state_dict()
+        try:
+            self._load(state, schedule)
+        except BaseException:
+            self._load(current, self._schedule)
+            raise
+
+    def _load(self, state: dict[str, Any], schedule: PromptSchedule) -> None:
         self.session.load_state_dict(state["session"])
         if self._decoder is not None:
             self._decoder.load_state(state["decoder"])

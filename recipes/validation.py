@@ -76,6 +76,7 @@ def run_validation(
         generator=torch.Generator().manual_seed(config.seed),
         output_type="np" if config.decode else "latent",
         max_sequence_length=config.max_sequence_length,
+        fps=config.fps,
         progress=False,
     )
     folder.mkdir(parents=True, exist_ok=True)

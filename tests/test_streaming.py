@@ -10,17 +10,23 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from memflow_adapter import MemFlowConfig
+from memflow_adapter import MemFlowConfig, apply_memflow
 from memflow_adapter.hooks import get_memflow, remove_memflow
 from memflow_adapter.integrations.helios import HELIOS_LATENT_FRAMES_PER_CHUNK, HeliosIntegration
 from memflow_adapter.integrations.wan import WanIntegration
 from memflow_adapter.pipeline import MemFlowStreamingPipeline, PromptSchedule
 from memflow_adapter.schedule import FlowMatchSchedule
-from memflow_adapter.streaming import applied_segment_starts, plan_chunks
+from memflow_adapter.streaming import (
+    ChunkEngine,
+    PromptConditioning,
+    applied_segment_starts,
+    plan_chunks,
+)
 from memflow_adapter.tiny_wan import build_tiny_wan_pipeline
 from memflow_adapter.world.pipeline import build_world_pipeline
 
 from family_helios import tiny_helios
+from family_skyreels_v2 import tiny_skyreels_v2
 
 PROMPTS = ["a cat", "a dog", "a bird"]
 SIZE = 32  # pixels: 4x4 latents, 2x2 patches -> 4 tokens per latent frame
@@ -241,6 +247,24 @@ def test_a_paused_stream_resumes_bit_for_bit_in_a_new_stream(tiny_pipe):
     assert not torch.equal(rest_resumed[0].latents, whole[2].latents)  # the switch took effect
 
 
+def test_a_bad_state_changes_nothing(tiny_pipe):
+    pipe = streaming(tiny_pipe)
+
+    def new_stream(seed):
+        return pipe.stream(PROMPTS, 9, SIZE, SIZE, frames_per_prompt=3, max_sequence_length=16,
+                           generator=torch.Generator().manual_seed(seed))
+
+    reference, target, donor = new_stream(0), new_stream(0), new_stream(5)
+    next(reference), next(target), next(donor), next(donor)
+    state = donor.state_dict()
+    state["decoder"] = {**state["decoder"], "feature_cache": []}  # corrupt, found last
+    with pytest.raises(ValueError, match="decoder state must hold"):
+        target.load_state_dict(state)
+    for got, want in zip(target, reference, strict=True):
+        assert got.plan == want.plan and torch.equal(got.latents, want.latents)
+        assert np.array_equal(got.frames, want.frames)
+
+
 def test_stream_misuse_is_refused(tiny_pipe):
     started = stream(tiny_pipe, PROMPTS, 9, frames_per_prompt=3)
     next(started)
@@ -262,6 +286,30 @@ def test_a_guided_stream_runs_the_same_loop(tiny_pipe):
     kwargs["generator"] = torch.Generator().manual_seed(0)
     two = pipe.stream("a cat", 6, **kwargs).collect()
     assert torch.equal(one.latents, two.latents)
+
+
+def test_the_engine_passes_the_familys_conditioning_inputs_on_every_pass():
+    """SkyReels-V2-DF-1.3B's fps class reaches the recache, denoising and context passes."""
+    model = tiny_skyreels_v2()
+    attachment = apply_memflow(model, MemFlowConfig.reference_sma())
+    seen = []
+    model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs.get("fps")), with_kwargs=True
+    )
+    g = torch.Generator().manual_seed(0)
+    conditions = [PromptConditioning.of(attachment, torch.randn(1, 8, 16, generator=g))
+                  for _ in range(2)]
+    noise = torch.randn(1, 16, 9, 4, 4, generator=g)
+    session = attachment.create_session(4, 4)
+    engine = ChunkEngine(model, session, FlowMatchSchedule((1000, 500)),
+                         conditioning=attachment.integration.conditioning_inputs(1, 24))
+    video = torch.zeros_like(noise)
+    with torch.no_grad(), attachment.bind(session):
+        for chunk in plan_chunks([0, 4], 9, 3):  # the chunk at 6 recaches
+            engine.step(chunk, conditions[chunk.segment], noise, video,
+                        lambda c, s, shape: torch.randn(shape, generator=g))
+    remove_memflow(model)
+    assert seen == [[1]] * (3 * (2 + 1) + 1)
 
 
 # --------------------------------------------------------------------- one loop, in the core
