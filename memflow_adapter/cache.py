@@ -68,6 +68,11 @@ class LayerCache:
 
     # ------------------------------------------------------------------------------ frame counts
     @property
+    def has_staged_frame(self) -> bool:
+        """Whether a frame waits in the staging slot for the bank's next commit."""
+        return self.staged_frame >= 0
+
+    @property
     def sink_count(self) -> int:
         return min(self.config.sink_frames, self.frames_written)
 

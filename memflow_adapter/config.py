@@ -10,6 +10,9 @@ from typing import Any
 
 from .attention import ATTENTION_BACKENDS
 
+#: ``MemFlowConfig.bank_staging`` values.
+BANK_STAGINGS = ("every_chunk", "interval")
+
 
 @dataclass(frozen=True)
 class MemFlowConfig:
@@ -29,6 +32,13 @@ class MemFlowConfig:
             nothing is ever evicted (exactness tests, short videos).
         frames_per_chunk: latent frames generated per chunk (reference: 3).
         record_interval: how many chunks share one bank slot while the bank fills (DESIGN s.3).
+        bank_staging: which chunks offer their first frame to the bank. ``"every_chunk"`` (the
+            causal pipeline's, DESIGN s.3): every chunk stages it, and while the bank fills
+            ``record_interval`` consecutive commits share a slot (the bank fills with latent
+            frames 6, 15, 24 in the reference). ``"interval"`` (the published interactive
+            pipeline's): only chunks whose first frame is a multiple of ``record_interval *
+            frames_per_chunk`` stage it, each into the next free slot (frames 0, 9, 18);
+            once the bank is full both select with NAM.
         nam: Narrative Adaptive Memory; off means no bank at all (the LongLive behaviour).
         sma: Sparse Memory Activation: attend only to the ``sma_top_k`` most relevant sink/bank
             frames per head.
@@ -42,6 +52,7 @@ class MemFlowConfig:
     local_frames: int | None = 9
     frames_per_chunk: int = 3
     record_interval: int = 3
+    bank_staging: str = "every_chunk"
     nam: bool = True
     sma: bool = False
     sma_top_k: int = 3
@@ -86,11 +97,23 @@ class MemFlowConfig:
                 f"bank_frames must be 0 when nam=False (no memory bank, the LongLive behaviour), "
                 f"got bank_frames={self.bank_frames}"
             )
+        if self.bank_staging not in BANK_STAGINGS:
+            raise ValueError(
+                f"bank_staging must be one of {list(BANK_STAGINGS)}, got {self.bank_staging!r}"
+            )
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(
                 f"attention_backend must be one of {sorted(ATTENTION_BACKENDS)}, "
                 f"got {self.attention_backend!r}"
             )
+
+    def stages_bank_frame(self, start_frame: int) -> bool:
+        """Whether the chunk starting at latent frame ``start_frame`` stages its first frame."""
+        if not self.bank_frames:
+            return False
+        if self.bank_staging == "every_chunk":
+            return True
+        return start_frame % (self.record_interval * self.frames_per_chunk) == 0
 
     # ----------------------------------------------------------------------------- derived sizes
     @property

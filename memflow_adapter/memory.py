@@ -70,8 +70,9 @@ def select_kept_slots(scores: torch.Tensor, keep: int) -> torch.Tensor:
 def update_bank(cache: LayerCache, chunk_index: int, text_keys: torch.Tensor | None) -> None:
     """Commit the staged frame at the start of chunk ``chunk_index`` (DESIGN s.3, steps 1-2).
 
-    While the bank fills, the frame goes to the slot the pointer names; afterwards the bank keeps
-    its ``bank_frames - 1`` frames most relevant to ``text_keys`` and appends the staged frame.
+    While the bank fills, the frame goes to the slot the pointer names (``bank_staging=
+    "every_chunk"``) or to the next free slot (``"interval"``); afterwards the bank keeps its
+    ``bank_frames - 1`` frames most relevant to ``text_keys`` and appends the staged frame.
 
     Args:
         cache: the layer's cache, with a staged frame.
@@ -80,7 +81,10 @@ def update_bank(cache: LayerCache, chunk_index: int, text_keys: torch.Tensor | N
             needed only once the bank is full.
     """
     config = cache.config
-    slot = bank_slot_for_commit(chunk_index, config.record_interval, config.bank_frames)
+    if config.bank_staging == "every_chunk":
+        slot = bank_slot_for_commit(chunk_index, config.record_interval, config.bank_frames)
+    else:  # "interval": only some chunks stage; each staged frame takes the next free slot
+        slot = cache.bank_filled if cache.bank_filled < config.bank_frames else None
     if slot is not None:
         cache.commit_staged_to_slot(slot)
         return

@@ -120,7 +120,9 @@ class StreamingSession:
             self._check_text_keys(text_keys)
         if self.config.nam and self.chunk_index >= 1:
             for layer, cache in enumerate(self.layers):
-                update_bank(cache, self.chunk_index, text_keys[layer])
+                # with bank_staging="interval" the previous chunk may have staged nothing
+                if cache.has_staged_frame or self.config.bank_staging == "every_chunk":
+                    update_bank(cache, self.chunk_index, text_keys[layer])
         self._chunk_open = True
         self._chunk_passes = 0
         self._chunk_frames = None
@@ -258,10 +260,7 @@ class StreamingSession:
 
         if kind is PassKind.RECACHE:
             window = self._recache
-            # An unprotected sink is re-encoded inside this pass, so it is not memory here.
-            output = self._attend_memory_and(
-                layer, kind, query, key, value, include_sink=window.protect_sink
-            )
+            output = self._attend_recache(layer, query, key, value, window)
             cache.overwrite(key, value, window.start_frame, protect_sink=window.protect_sink)
             return output
 
@@ -273,9 +272,9 @@ class StreamingSession:
                 layer,
                 kind,
                 query,
+                cache.memory(include_sink=True),
                 torch.cat([window_keys, key], dim=1),
                 torch.cat([window_values, value], dim=1),
-                include_sink=True,
             )
         else:
             context_keys, context_values = cache.context()
@@ -287,25 +286,75 @@ class StreamingSession:
             )
         if kind is PassKind.CONTEXT:
             cache.append(key, value, self.next_frame)
-            if self.config.bank_frames:
+            if self.config.stages_bank_frame(self.next_frame):
                 t = self.tokens_per_frame
                 cache.stage(key[:, :t], value[:, :t], self.next_frame)
         return output
+
+    def _attend_recache(
+        self,
+        layer: int,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        window: RecacheWindow,
+    ) -> torch.Tensor:
+        """The recache pass's attention (DESIGN s.4b). Its queries attend, in both directions, to
+        the memory and to the recached frames the cache keeps. With a protected sink the pass
+        covers ``local_attn_size`` frames whose first ``sink_frames`` would land on the sink's
+        slots and are discarded: they are computed but take no part as keys, and the sink is
+        memory with its old keys. An unprotected sink is re-encoded in this pass, so its new keys
+        are memory (SMA candidates together with the bank, DESIGN s.4), and the rest of the pass
+        is always attended.
+
+        Args:
+            query, key, value: ``[B, n * T_f, H, D]`` for the window's ``n`` frames.
+        """
+        cache, t = self.layers[layer], self.tokens_per_frame
+        if window.protect_sink:
+            kept = window.num_frames - self.config.local_frames  # the first frame kept
+            return self._attend_memory_and(
+                layer, PassKind.RECACHE, query, cache.memory(include_sink=True),
+                key[:, kept * t :], value[:, kept * t :],
+            )
+        bank_keys, bank_values, bank_frames = cache.memory(include_sink=False)
+        if not self.config.sma:
+            return attention(
+                query,
+                torch.cat([bank_keys, key], dim=1),
+                torch.cat([bank_values, value], dim=1),
+                self.config.attention_backend,
+            )
+        # An unprotected recache starts at frame 0, so its first frames are the sink's.
+        sink = cache.sink_count * t
+        sink_frames = torch.arange(cache.sink_count, device=bank_frames.device)
+        memory = (
+            torch.cat([key[:, :sink], bank_keys], dim=1),
+            torch.cat([value[:, :sink], bank_values], dim=1),
+            torch.cat([sink_frames.expand(bank_frames.shape[0], -1), bank_frames], dim=1),
+        )
+        return self._attend_memory_and(
+            layer, PassKind.RECACHE, query, memory, key[:, sink:], value[:, sink:]
+        )
 
     def _attend_memory_and(
         self,
         layer: int,
         kind: PassKind,
         query: torch.Tensor,
+        memory: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
         local_keys: torch.Tensor,
         local_values: torch.Tensor,
-        include_sink: bool,
     ) -> torch.Tensor:
-        """Attention over ``[memory ; local]``; memory is sink (if included) + bank, cut by SMA
-        when it is on. ``local_*``: ``[B, L, H, D]`` tokens that are always attended."""
-        cache = self.layers[layer]
+        """Attention over ``[memory ; local]``, the memory cut by SMA when it is on.
+
+        Args:
+            memory: the candidate frames' keys and values ``[B, C * T_f, H, D]`` and absolute
+                frame indices ``[B, C]`` (sink then bank frames).
+            local_keys, local_values: ``[B, L, H, D]`` tokens that are always attended.
+        """
         backend = self.config.attention_backend
-        memory_keys, memory_values, memory_frames = cache.memory(include_sink=include_sink)
+        memory_keys, memory_values, memory_frames = memory
         if memory_keys.shape[1] == 0 or not self.config.sma:
             return attention(
                 query,
