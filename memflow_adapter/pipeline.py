@@ -11,7 +11,7 @@ more at timestep 0 to write their keys and values (the context pass).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -328,7 +328,7 @@ class VideoStream:
         decoder: LatentDecoder | None,
         output_type: str,
         conditioning: dict[str, Any],
-        encode: Any,
+        encode: Callable[[str], torch.Tensor],
     ) -> None:
         self.pipeline = pipeline
         self.session = session

@@ -225,7 +225,6 @@ class Guidance:
     (``None``: zeros shaped like each prompt's)."""
 
     scale: float
-
     negative: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
@@ -395,21 +394,29 @@ class ChunkEngine:
         if self.schedule.stochastic and last > 0 and step_noise is None:
             raise ValueError("a stochastic schedule needs step_noise to re-noise between steps")
         noisy = noise.double()
-        for step in range(last + 1):
-            timestep = float(timesteps[step])
-            flow = self.flow(noisy, timestep, cond.embeds)
-            if guidance is not None:
-                negative = guidance.negative_for(cond.embeds)
-                flow = guided_flow(flow, self.flow(noisy, timestep, negative), guidance.scale)
-            clean = self.schedule.predict_clean(noisy, flow, self.schedule.sigma_at(timestep))
-            if step == last:
-                return Denoised(clean, noisy)
+        for step in range(last):
+            clean, flow = self._estimate(noisy, float(timesteps[step]), cond, guidance)
             if self.schedule.stochastic:
                 eps = step_noise(chunk_index, step, noise.shape).to(noise.device)
             else:
                 eps = self.schedule.predict_noise(clean, flow)
             noisy = self.schedule.renoise(clean, eps, self.schedule.sigma_at(timesteps[step + 1]))
-        raise AssertionError("unreachable: the loop returns at its last step")
+        clean, _ = self._estimate(noisy, float(timesteps[last]), cond, guidance)
+        return Denoised(clean, noisy)
+
+    def _estimate(
+        self,
+        noisy: torch.Tensor,
+        timestep: float,
+        cond: PromptConditioning,
+        guidance: Guidance | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One denoising step's float64 clean estimate of ``noisy`` and the (guided) flow."""
+        flow = self.flow(noisy, timestep, cond.embeds)
+        if guidance is not None:
+            negative = guidance.negative_for(cond.embeds)
+            flow = guided_flow(flow, self.flow(noisy, timestep, negative), guidance.scale)
+        return self.schedule.predict_clean(noisy, flow, self.schedule.sigma_at(timestep)), flow
 
     def commit(self, clean: torch.Tensor, cond: PromptConditioning) -> None:
         """The context pass: writes the clean chunk ``[B, C, f, h, w]`` into the cache at
