@@ -73,10 +73,13 @@ def _random_tiny_demo(args: argparse.Namespace) -> int:
     streaming = MemFlowStreamingPipeline(
         build_tiny_wan_pipeline(seed=args.seed), config, device="cpu"
     )
-    chunks_per_prompt = -(-args.chunks // len(DEMO_PROMPTS))
+    if args.chunks < 1:
+        raise SystemExit(f"memflow demo: --chunks must be >= 1, got {args.chunks}")
+    prompts = DEMO_PROMPTS[: args.chunks]  # every prompt gets at least one chunk
+    chunks_per_prompt = args.chunks // len(prompts)
     return _generate_and_write(
         streaming,
-        PromptSchedule.from_prompts(DEMO_PROMPTS, chunks_per_prompt * config.frames_per_chunk),
+        PromptSchedule.from_prompts(prompts, chunks_per_prompt * config.frames_per_chunk),
         args,
         num_latent_frames=args.chunks * config.frames_per_chunk,
         extra={"model": "tiny random-weight Wan (embedded)", "random_weights": True},

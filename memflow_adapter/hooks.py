@@ -35,6 +35,7 @@ class MemFlowAttachment:
         self.num_layers = len(integration.self_attention_modules())
         self._session: StreamingSession | None = None
         self._original_processors: list[Any] = []
+        self.attached = True  # False once remove_memflow has detached it
 
     @property
     def session(self) -> StreamingSession | None:
@@ -43,6 +44,7 @@ class MemFlowAttachment:
     @session.setter
     def session(self, session: StreamingSession | None) -> None:
         if session is not None:
+            self._require_attached("bind a session")
             if session.config != self.config:
                 raise ValueError(
                     f"the session's config {session.config} differs from the config MemFlow was "
@@ -65,14 +67,20 @@ class MemFlowAttachment:
             self._session = previous
 
     def create_session(
-        self, latent_height: int, latent_width: int, record_trace: bool = True
+        self,
+        latent_height: int,
+        latent_width: int,
+        record_trace: bool = True,
+        trace_chunks: int | None = None,
     ) -> StreamingSession:
         """A fresh session for videos of the given latent size."""
+        self._require_attached("create a session")
         return StreamingSession(
             self.config,
             num_layers=self.num_layers,
             tokens_per_frame=self.integration.tokens_per_frame(latent_height, latent_width),
             record_trace=record_trace,
+            trace_chunks=trace_chunks,
         )
 
     def text_keys(self, prompt_embeds: torch.Tensor) -> list[torch.Tensor]:
@@ -83,6 +91,13 @@ class MemFlowAttachment:
         self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     ) -> torch.Tensor:
         return self.require_session().attend(layer, query, key, value)
+
+    def _require_attached(self, what: str) -> None:
+        if not self.attached:
+            raise SessionStateError(
+                f"cannot {what}: this attachment was removed with remove_memflow(), so the model "
+                "would run without memory; attach again with apply_memflow()"
+            )
 
     def require_session(self) -> StreamingSession:
         if self._session is None:
@@ -186,3 +201,5 @@ def _detach(attachment: MemFlowAttachment) -> None:
     HookRegistry.check_if_exists_or_initialize(attachment.model).remove_hook(
         GUARD_HOOK, recurse=False
     )
+    attachment.attached = False
+    attachment._session = None

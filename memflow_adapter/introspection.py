@@ -6,6 +6,7 @@ become Python lists only when ``MemoryTrace.chunks()`` is called.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
@@ -50,10 +51,11 @@ class _RawChunk:
 
 
 class MemoryTrace:
-    """Append-only record of the memory of every chunk of one video."""
+    """Append-only record of the memory of every chunk of one video (of the ``max_chunks`` most
+    recent chunks only, when given)."""
 
-    def __init__(self) -> None:
-        self._chunks: list[_RawChunk] = []
+    def __init__(self, max_chunks: int | None = None) -> None:
+        self._chunks: deque[_RawChunk] = deque(maxlen=max_chunks)
 
     def start_chunk(self, chunk_index: int, start_frame: int) -> None:
         self._chunks.append(_RawChunk(chunk_index, start_frame))

@@ -87,7 +87,7 @@ def play(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     writer = VideoFileWriter(video_path, fps)
-    reports = []
+    reports, trace = [], []
     try:
         while stream.next_chunk is not None:
             typed = prompts.take() if prompts is not None else []
@@ -101,6 +101,8 @@ def play(
             writer.write(chunk.frames[0])
             report = chunk.report
             reports.append(report)
+            if chunk.memory is not None:
+                trace.append(chunk.memory)
             print(
                 f"chunk {report.chunk_index + 1}/{stream.num_chunks}: latent frames "
                 f"{report.start_frame}-{report.start_frame + report.num_frames - 1}"
@@ -114,5 +116,5 @@ def play(
         writer.close()
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     return StreamingVideoOutput(
-        stream.video, None, stream.session.trace(), reports, peak, stream.seconds_to_first_frame
+        stream.video, None, trace, reports, peak, stream.seconds_to_first_frame
     )

@@ -37,6 +37,7 @@ from .streaming import (
     PromptConditioning,
     PromptSchedule,
     StepNoise,
+    applied_segment_starts,
     next_chunk,
 )
 
@@ -86,7 +87,8 @@ class StreamingVideoOutput:
     Attributes:
         latents: ``[B, C, F, h, w]`` generated clean latents.
         frames: the decoded video in ``output_type`` (``None`` for ``"latent"``).
-        trace: the session's memory trace (bank frames and SMA activations per chunk).
+        trace: the memory trace (bank frames and SMA activations per chunk; empty with
+            ``record_trace=False``).
         chunks: per-chunk timings and cache sizes.
         peak_memory_bytes: CUDA peak allocation during the run (``None`` on CPU).
         seconds_to_first_frame: from the start of the stream to the first chunk's frames (or
@@ -199,6 +201,7 @@ class MemFlowStreamingPipeline:
         fps: int = 16,
         guidance_scale: float = 1.0,
         negative_prompt: str | None = None,
+        record_trace: bool = True,
     ) -> VideoStream:
         """Stream ``num_latent_frames`` latent frames chunk by chunk: iterate the returned
         ``VideoStream`` to get each chunk (``StreamedChunk``) as soon as it is made, its frames
@@ -226,6 +229,9 @@ class MemFlowStreamingPipeline:
                 is encoded like the prompts (``""`` for diffusers' Wan base models, trained with
                 the encoded empty prompt). Memory (NAM scores, recaches, context passes) always
                 uses the prompt.
+            record_trace: give each chunk its memory trace (bank frames, SMA activations);
+                the stream keeps only the current chunk's, so a long stream stays bounded
+                (``collect()`` gathers the chunks' traces).
         """
         schedule = _as_schedule(prompt, frames_per_prompt)
         if isinstance(num_latent_frames, bool) or not isinstance(num_latent_frames, int) or (
@@ -235,6 +241,12 @@ class MemFlowStreamingPipeline:
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         guidance = Guidance(guidance_scale)  # validates the scale
+        try:  # every scheduled prompt must get a chunk of its own
+            applied_segment_starts(
+                schedule.segment_starts, num_latent_frames, self.config.frames_per_chunk
+            )
+        except ValueError as error:
+            raise ValueError(f"prompt schedule {list(schedule.entries)}: {error}") from None
         latent_height, latent_width = self._latent_size(height, width)
         shape = (
             num_videos,
@@ -249,6 +261,8 @@ class MemFlowStreamingPipeline:
             )
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+        elif not torch.isfinite(latents).all():
+            raise ValueError("latents must be finite, got NaN or infinite values")
         if guidance_scale != 1.0 and negative_prompt is not None:
             guidance = Guidance(
                 guidance_scale, self._embed(negative_prompt, num_videos, max_sequence_length)
@@ -261,7 +275,9 @@ class MemFlowStreamingPipeline:
             step_noise=step_noise or _drawn_noise(generator, self.device),
             generator=generator,
             guidance=None if guidance_scale == 1.0 else guidance,
-            session=self.attachment.create_session(latent_height, latent_width),
+            session=self.attachment.create_session(
+                latent_height, latent_width, record_trace=record_trace, trace_chunks=1
+            ),
             decoder=None if output_type == "latent" else integration.latent_decoder(self.pipe.vae),
             output_type=output_type,
             conditioning=integration.conditioning_inputs(num_videos, fps),
@@ -447,7 +463,7 @@ class VideoStream:
         return StreamingVideoOutput(
             self.video,
             _concatenate_frames([chunk.frames for chunk in chunks], self.output_type),
-            self.session.trace(),
+            [chunk.memory for chunk in chunks if chunk.memory is not None],
             [chunk.report for chunk in chunks],
             peak,
             self.seconds_to_first_frame,

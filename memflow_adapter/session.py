@@ -66,6 +66,8 @@ class StreamingSession:
         num_layers: self-attention layers that will call ``attend`` (numbered ``0 .. n-1``).
         tokens_per_frame: ``T_f``, tokens of one latent frame.
         record_trace: keep the per-chunk memory trace (see ``trace()``).
+        trace_chunks: keep the trace of the most recent chunks only (``None``: every chunk), so
+            that a long stream's trace stays bounded.
     """
 
     def __init__(
@@ -74,6 +76,7 @@ class StreamingSession:
         num_layers: int,
         tokens_per_frame: int,
         record_trace: bool = True,
+        trace_chunks: int | None = None,
     ) -> None:
         if not isinstance(config, MemFlowConfig):
             raise TypeError(f"config must be a MemFlowConfig, got {type(config).__name__}")
@@ -82,7 +85,12 @@ class StreamingSession:
         self.config = config
         self.num_layers = num_layers
         self.tokens_per_frame = tokens_per_frame
+        if trace_chunks is not None and (
+            isinstance(trace_chunks, bool) or not isinstance(trace_chunks, int) or trace_chunks < 1
+        ):
+            raise ValueError(f"trace_chunks must be None or an int >= 1, got {trace_chunks!r}")
         self.record_trace = record_trace
+        self.trace_chunks = trace_chunks
         self.layers = [LayerCache(config, tokens_per_frame) for _ in range(num_layers)]
         self.reset()
 
@@ -92,7 +100,7 @@ class StreamingSession:
             cache.reset()
         self.chunk_index = 0  # chunks committed so far
         self.next_frame = 0  # absolute index of the next chunk's first frame
-        self._trace = MemoryTrace()
+        self._trace = MemoryTrace(self.trace_chunks)
         self._chunk_open = False
         self._chunk_passes = 0
         self._chunk_frames: int | None = None

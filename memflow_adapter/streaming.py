@@ -16,6 +16,7 @@ need gradients through chosen chunks use those pieces and ``flow(..., grad=True)
 from __future__ import annotations
 
 import bisect
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -228,9 +229,9 @@ class Guidance:
     negative: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
-        if not self.scale >= 1.0:
+        if not 1.0 <= self.scale < math.inf:
             raise ValueError(
-                f"guidance_scale must be >= 1 (1 disables guidance), got {self.scale}"
+                f"guidance_scale must be finite and >= 1 (1 disables guidance), got {self.scale}"
             )
 
     def negative_for(self, embeds: torch.Tensor) -> torch.Tensor:

@@ -47,7 +47,7 @@ def test_generate_runs_a_local_diffusers_folder_offline(tmp_path):
     assert main(["generate", *prompts, *options.split(), *guided]) == 0
     report = json.loads((out / "g" / "report.json").read_text())
     assert report["guidance_scale"] == 3.0 and report["negative_prompt"] == ""
-    with pytest.raises(ValueError, match=r"guidance_scale must be >= 1 \(1 disables guidance\)"):
+    with pytest.raises(ValueError, match=r"guidance_scale must be finite and >= 1 \(1 disables"):
         main(["generate", *prompts, *options.split(), "--guidance-scale", "0.5"])
 
 

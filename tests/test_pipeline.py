@@ -210,6 +210,7 @@ def test_any_length_works_including_a_short_last_chunk(tiny_pipe):
     result = generate(
         tiny_pipe,
         MemFlowConfig.longlive(),
+        prompt=PROMPTS[:2],
         num_latent_frames=7,
         generator=torch.Generator().manual_seed(0),
     )
@@ -221,6 +222,7 @@ def test_decoded_output_and_mp4_export(tiny_pipe, tmp_path):
     result = generate(
         tiny_pipe,
         MemFlowConfig.reference(),
+        prompt=PROMPTS[0],
         num_latent_frames=6,
         output_type="np",
         generator=torch.Generator().manual_seed(0),
@@ -240,7 +242,14 @@ def test_decoded_output_and_mp4_export(tiny_pipe, tmp_path):
         ({"num_latent_frames": 0}, "num_latent_frames must be an int >= 1"),
         ({"latents": torch.zeros(1, 16, 2, 4, 4)}, r"latents must have shape \(1, 16, 15, 4, 4\)"),
         ({"frames_per_prompt": None}, "frames_per_prompt is required"),
-        ({"guidance_scale": 0.5}, r"guidance_scale must be >= 1 \(1 disables guidance\)"),
+        ({"guidance_scale": 0.5}, r"guidance_scale must be finite and >= 1 \(1 disables"),
+        ({"guidance_scale": float("inf")}, r"finite and >= 1 \(1 disables guidance\), got inf"),
+        ({"latents": torch.full((1, 16, 15, 4, 4), float("nan"))}, "latents must be finite"),
+        ({"frames_per_prompt": 0}, "frames_per_prompt must be an int >= 1, got 0"),
+        # the third prompt would start at frame 16, past the 15-frame video
+        ({"frames_per_prompt": 8}, r"segments \[2\] \(starting at latent frames \[16\]\)"),
+        # prompts at 0, 1, 2 with 3-frame chunks: the second never gets a chunk
+        ({"frames_per_prompt": 1}, r"segments \[1\] \(starting at latent frames \[1\]\)"),
     ],
 )
 def test_bad_arguments_are_rejected(tiny_pipe, kwargs, message):
@@ -252,3 +261,23 @@ def test_a_transformer_already_streaming_with_another_config_is_refused(tiny_pip
     streaming(tiny_pipe, MemFlowConfig.reference())
     with pytest.raises(ValueError, match="already streams with"):
         MemFlowStreamingPipeline(tiny_pipe, MemFlowConfig.longlive(), device="cpu")
+
+
+def test_a_removed_attachment_cannot_stream_without_memory(tiny_pipe):
+    """After ``remove_memflow`` the old attachment, and a stream made with it, refuse to run
+    instead of running the plain model without memory."""
+    from memflow_adapter import SessionStateError
+    from memflow_adapter.hooks import remove_memflow
+
+    pipe = streaming(tiny_pipe, MemFlowConfig.reference())
+    stream = pipe.stream(PROMPTS[0], 6, SIZE, SIZE, max_sequence_length=16, output_type="latent")
+    session = pipe.attachment.create_session(4, 4)
+    remove_memflow(tiny_pipe.transformer)
+    with pytest.raises(SessionStateError, match="removed with remove_memflow"):
+        next(stream)
+    with pytest.raises(SessionStateError, match="cannot bind a session"), pipe.attachment.bind(
+        session
+    ):
+        pass
+    with pytest.raises(SessionStateError, match="cannot create a session"):
+        pipe.attachment.create_session(4, 4)

@@ -216,7 +216,7 @@ def test_a_live_prompt_change_is_the_same_switch_given_up_front(tiny_pipe):
 
 
 def test_send_switches_then_runs_the_next_chunk_and_a_live_prompt_replaces_the_plan(tiny_pipe):
-    live = stream(tiny_pipe, PROMPTS, 12, frames_per_prompt=9)
+    live = stream(tiny_pipe, PROMPTS[:2], 12, frames_per_prompt=9)
     first = live.send(None)
     second = live.send("a fish")
     assert (first.plan.prompt, second.plan.prompt, second.plan.recache) == ("a cat", "a fish", True)
@@ -272,7 +272,7 @@ def test_stream_misuse_is_refused(tiny_pipe):
         started.collect()
     with pytest.raises(ValueError, match="every prompt must be a non-empty string"):
         started.set_prompt("  ")
-    other = stream(tiny_pipe, PROMPTS, 6, frames_per_prompt=3)
+    other = stream(tiny_pipe, PROMPTS[:2], 6, frames_per_prompt=3)
     with pytest.raises(ValueError, match=r"state is of a video of shape \(1, 16, 9, 4, 4\)"):
         other.load_state_dict(started.state_dict())
 
@@ -330,3 +330,17 @@ def test_only_the_core_engine_drives_the_chunk_lifecycle():
                 if isinstance(node, ast.Attribute) and node.attr in LIFECYCLE:
                     offenders.append(f"{path.relative_to(REPOSITORY)}:{node.lineno} {node.attr}")
     assert offenders == []
+
+
+def test_a_stream_keeps_only_the_current_chunks_trace_and_can_record_none(tiny_pipe):
+    """The session holds one chunk's trace however long the stream; ``collect`` gathers every
+    chunk's; ``record_trace=False`` records nothing and computes the same video."""
+    traced = stream(tiny_pipe, PROMPTS[:2], 15, frames_per_prompt=6, output_type="latent")
+    whole = traced.collect()
+    assert len(traced.session.trace()) == 1 and len(whole.trace) == 5
+    assert [memory.chunk_index for memory in whole.trace] == list(range(5))
+    untraced = stream(tiny_pipe, PROMPTS[:2], 15, frames_per_prompt=6, output_type="latent",
+                      record_trace=False)
+    chunks = list(untraced)
+    assert all(chunk.memory is None for chunk in chunks)
+    assert torch.equal(torch.cat([chunk.latents for chunk in chunks], 2), whole.latents)
