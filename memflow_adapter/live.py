@@ -12,6 +12,7 @@ from typing import TextIO
 import numpy as np
 import torch
 
+from .extras import import_optional
 from .pipeline import StreamingVideoOutput, VideoStream
 
 
@@ -46,12 +47,8 @@ class VideoFileWriter:
     Frames are ``[m, H, W, 3]`` float arrays in ``[0, 1]`` (the pipeline's ``"np"`` output)."""
 
     def __init__(self, path: str | Path, fps: int) -> None:
-        try:
-            import imageio
-        except ImportError as error:  # pragma: no cover - the video extra is missing
-            raise ImportError(
-                "writing mp4 needs the video extra: pip install 'memflow-adapter[video]'"
-            ) from error
+        imageio = import_optional("imageio", "video", "writing mp4")
+        import_optional("imageio_ffmpeg", "video", "writing mp4")
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._writer = imageio.get_writer(str(self.path), fps=fps, macro_block_size=16)

@@ -6,17 +6,19 @@ import os
 import pathlib
 from collections import Counter
 from collections.abc import Sequence
-
-from matplotlib.artist import Artist
-from matplotlib.axes import Axes
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.container import BarContainer
-from matplotlib.figure import Figure
-from matplotlib.lines import Line2D
-from matplotlib.ticker import MaxNLocator
+from typing import TYPE_CHECKING
 
 from .config import MemFlowConfig
+from .extras import import_optional
 from .introspection import ChunkMemory
+
+if TYPE_CHECKING:
+    from matplotlib.artist import Artist
+    from matplotlib.axes import Axes
+    from matplotlib.container import BarContainer
+    from matplotlib.lines import Line2D
+
+_PURPOSE = "drawing the memory timeline"
 
 _OWN, _SINK, _WINDOW = "#f28e2b", "#4e79a7", "#a9cce3"
 _BANK, _ACTIVATED = "#1b1b1b", "#d62728"
@@ -57,6 +59,11 @@ def draw_memory_timeline(
             recorded with a bank; ``batch_index`` is outside the recorded batch.
     """
     _check_arguments(trace, config, layer, batch_index)
+    Figure = import_optional("matplotlib.figure", "video", _PURPOSE).Figure
+    FigureCanvasAgg = import_optional(
+        "matplotlib.backends.backend_agg", "video", _PURPOSE
+    ).FigureCanvasAgg
+    MaxNLocator = import_optional("matplotlib.ticker", "video", _PURPOSE).MaxNLocator
     figure = Figure(figsize=_figure_size(trace, config), layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
@@ -204,6 +211,7 @@ def _draw_activations(
 
 def _ring_handle(share: int, num_heads: int) -> Line2D:
     """A legend entry for a ring of a frame activated by ``share`` of ``num_heads`` heads."""
+    Line2D = import_optional("matplotlib.lines", "video", _PURPOSE).Line2D
     return Line2D(
         [],
         [],

@@ -25,7 +25,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import imageio.v3 as iio
 import numpy as np
 import PIL.Image
 import torch
@@ -33,6 +32,7 @@ from diffusers import DiffusionPipeline
 from tqdm.auto import tqdm
 
 from memflow_adapter.eval.runner import iter_video_batches
+from memflow_adapter.extras import import_optional
 from memflow_adapter.tiny_wan import build_tiny_wan_pipeline
 
 from .latents import DatasetError, VideoLatents
@@ -82,6 +82,7 @@ def read_frames(path: Path, fps: float, max_frames: int) -> list[PIL.Image.Image
     """The video resampled to ``fps`` (nearest earlier frame), cut to ``4k + 1`` frames, at most
     ``max_frames``; a missing or undecodable file raises ``VideoReadError``."""
     frames = np.concatenate(list(iter_video_batches(path)))
+    iio = import_optional("imageio.v3", "video", "reading training videos")
     source_fps = float(iio.immeta(path, plugin="pyav")["fps"])
     count = min(max_frames, int(len(frames) * fps / source_fps))
     count = (count - 1) // TEMPORAL_FACTOR * TEMPORAL_FACTOR + 1

@@ -24,10 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
-
+from ..extras import import_optional
 from .metrics import nanmean
 
 if TYPE_CHECKING:
@@ -187,6 +184,12 @@ def plot_segment_scores(
 ) -> Path:
     """A PNG of per-segment CLIP score, consistency and cross-segment consistency (means over
     each configuration's videos), one line per configuration and panel."""
+    purpose = "plotting segment scores"
+    Figure = import_optional("matplotlib.figure", "video", purpose).Figure
+    FigureCanvasAgg = import_optional(
+        "matplotlib.backends.backend_agg", "video", purpose
+    ).FigureCanvasAgg
+    MaxNLocator = import_optional("matplotlib.ticker", "video", purpose).MaxNLocator
     figure = Figure(figsize=(13.5, 3.8), layout="constrained")
     FigureCanvasAgg(figure)
     panels = figure.subplots(1, len(_PLOTTED))
