@@ -29,6 +29,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/attention_overhead.py --heads 2
 	$(PY) bench/streaming_scaling.py
+	$(PY) bench/stream_latency.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache outputs

@@ -19,6 +19,7 @@ import time
 import torch
 
 from memflow_adapter import MemFlowConfig
+from memflow_adapter.cli import DEMO_PROMPTS
 from memflow_adapter.hooks import remove_memflow
 from memflow_adapter.pipeline import MemFlowStreamingPipeline, PromptSchedule
 from memflow_adapter.tiny_wan import build_tiny_wan_pipeline
@@ -31,12 +32,6 @@ from memflow_adapter.world.pipeline import (
 )
 from memflow_adapter.world.render import HEIGHT, WIDTH
 from memflow_adapter.world.scoring import WORLD_LAYOUTS, script_schedule
-
-PROMPTS = (
-    "a red fox walks through a snowy forest",
-    "a small boat sails on a blue lake",
-    "the red fox walks back into the forest",
-)
 
 
 def parse_args() -> argparse.Namespace:
@@ -100,11 +95,13 @@ def main() -> None:
     config = MemFlowConfig.reference()
     streaming = MemFlowStreamingPipeline(pipe, config, device="cpu")
     frames = args.chunks * config.frames_per_chunk
+    prompts = DEMO_PROMPTS[: args.chunks]  # every prompt gets a chunk
+    frames_per_prompt = args.chunks // len(prompts) * config.frames_per_chunk
     compare(
         f"tiny random-weight Wan, {args.size}x{args.size} px, {args.chunks} chunks of 3 latent "
         f"frames ({4 * (frames - 1) + 1} video frames), reference memory",
         streaming,
-        dict(prompt=PromptSchedule.from_prompts(PROMPTS, frames // len(PROMPTS) + 1),
+        dict(prompt=PromptSchedule.from_prompts(prompts, frames_per_prompt),
              num_latent_frames=frames, height=args.size, width=args.size,
              max_sequence_length=32),
         args.repeats,
