@@ -11,8 +11,7 @@ from .hub import MemFlowAdapter, PublishedLayout
 from .introspection import ChunkMemory, PassActivation
 from .pipeline import MemFlowStreamingPipeline, PromptSchedule, StreamingVideoOutput
 from .session import PassKind, RecacheWindow, SessionStateError, StreamingSession
-
-__version__ = "0.1.0.dev0"
+from .version import __version__
 
 __all__ = [
     "ChunkMemory",

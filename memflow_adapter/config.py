@@ -5,10 +5,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from dataclasses import dataclass, fields
+import warnings
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .attention import ATTENTION_BACKENDS
+from .version import __version__
+
+#: The key that stamps a saved config with the library version that wrote it.
+VERSION_KEY = "memflow_adapter_version"
+#: Runtime choices: not part of a config's identity (equality, sessions, adapters) nor saved.
+RUNTIME_FIELDS = ("attention_backend",)
 
 #: ``MemFlowConfig.bank_staging`` values.
 BANK_STAGINGS = ("every_chunk", "interval")
@@ -44,7 +51,8 @@ class MemFlowConfig:
             frames per head.
         sma_top_k: how many sink/bank frames SMA keeps per batch element and head.
         attention_backend: one of ``ATTENTION_BACKENDS`` (``"sdpa"``, ``"math"``, ``"flex"``,
-            ``"xformers"``).
+            ``"xformers"``). A runtime choice: the same memory computed with another kernel is
+            the same config (equality, sessions, adapters), and it is not saved.
     """
 
     sink_frames: int = 3
@@ -56,7 +64,7 @@ class MemFlowConfig:
     nam: bool = True
     sma: bool = False
     sma_top_k: int = 3
-    attention_backend: str = "sdpa"
+    attention_backend: str = field(default="sdpa", compare=False)
 
     def __post_init__(self) -> None:
         for name in (
@@ -166,17 +174,25 @@ class MemFlowConfig:
 
     # -------------------------------------------------------------------------------------- JSON
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The saved form: every field but the runtime ones, stamped with the library version."""
+        data = {k: v for k, v in dataclasses.asdict(self).items() if k not in RUNTIME_FIELDS}
+        return {**data, VERSION_KEY: __version__}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MemFlowConfig:
+        """A config from its saved form. Keys this version does not know (written by a newer
+        one) are warned about and ignored; the version stamp is read past."""
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(set(data) - known - {VERSION_KEY})
         if unknown:
-            raise ValueError(
-                f"unknown MemFlowConfig keys {unknown}; expected a subset of {sorted(known)}"
+            writer = data.get(VERSION_KEY, "an unknown version")
+            warnings.warn(
+                f"ignoring MemFlowConfig keys {unknown} (written by memflow-adapter {writer}; "
+                f"this is {__version__}, which knows {sorted(known)})",
+                UserWarning,
+                stacklevel=2,
             )
-        return cls(**data)
+        return cls(**{key: value for key, value in data.items() if key in known})
 
     def to_json_string(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"

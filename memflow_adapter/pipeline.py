@@ -144,6 +144,8 @@ class MemFlowStreamingPipeline:
                 f"the transformer already streams with {attachment.config}, not {config}; "
                 "remove_memflow() it first"
             )
+        if attachment is not None:
+            attachment.config = config  # the same memory; runtime choices (the backend) apply
         self.attachment: MemFlowAttachment = attachment or apply_memflow(self.transformer, config)
         self.config = config
         self.schedule = schedule or FlowMatchSchedule()

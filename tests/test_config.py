@@ -112,9 +112,39 @@ def test_json_file_round_trip(tmp_path):
     assert MemFlowConfig.from_json_file(path) == MemFlowConfig.reference_sma()
 
 
-def test_unknown_json_keys_are_named():
-    with pytest.raises(ValueError, match=r"unknown MemFlowConfig keys \['bank_size'\]"):
-        MemFlowConfig.from_dict({"bank_size": 3})
+def test_keys_from_a_newer_version_are_warned_about_and_ignored():
+    saved = {**MemFlowConfig.reference_sma().to_dict(), "bank_size": 3,
+             "memflow_adapter_version": "9.0"}
+    expected = r"ignoring MemFlowConfig keys \['bank_size'\] \(written by memflow-adapter 9.0"
+    with pytest.warns(UserWarning, match=expected):
+        assert MemFlowConfig.from_dict(saved) == MemFlowConfig.reference_sma()
+
+
+def test_a_saved_config_carries_the_version_and_no_runtime_choice():
+    import memflow_adapter
+
+    saved = MemFlowConfig.reference(attention_backend="math").to_dict()
+    assert saved["memflow_adapter_version"] == memflow_adapter.__version__
+    assert "attention_backend" not in saved
+    # files written before the stamp, with the backend, still load
+    old = {k: v for k, v in saved.items() if k != "memflow_adapter_version"}
+    assert MemFlowConfig.from_dict({**old, "attention_backend": "math"}).attention_backend == "math"
+
+
+def test_the_attention_backend_is_not_part_of_a_configs_identity():
+    """The same memory run with another kernel is the same config: sessions, adapters and
+    pipelines accept it, and a pipeline on an attached model runs the backend it was given."""
+    from memflow_adapter.pipeline import MemFlowStreamingPipeline
+    from memflow_adapter.tiny_wan import build_tiny_wan_pipeline
+
+    assert MemFlowConfig(attention_backend="math") == MemFlowConfig()
+    assert hash(MemFlowConfig(attention_backend="math")) == hash(MemFlowConfig())
+    pipe = build_tiny_wan_pipeline(0)
+    MemFlowStreamingPipeline(pipe, MemFlowConfig.reference(), device="cpu")
+    streaming = MemFlowStreamingPipeline(
+        pipe, MemFlowConfig.reference(attention_backend="math"), device="cpu"
+    )
+    assert streaming.attachment.create_session(4, 4).config.attention_backend == "math"
 
 
 def test_json_must_be_an_object():
