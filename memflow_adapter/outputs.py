@@ -58,7 +58,10 @@ def write_outputs(
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = {
         "video": video or result.save_video(output_dir / "video.mp4", fps=fps),
-        "timeline": draw_memory_timeline(result.trace, config, output_dir / "memory_timeline.png"),
+        "timeline": draw_memory_timeline(
+            result.trace, config, output_dir / "memory_timeline.png",
+            prompt_switches=[chunk.chunk_index for chunk in result.chunks if chunk.recached],
+        ),
         "report": output_dir / "report.json",
     }
     seconds = [chunk.seconds for chunk in result.chunks]

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 _PURPOSE = "drawing the memory timeline"
 
 _OWN, _SINK, _WINDOW = "#f28e2b", "#4e79a7", "#a9cce3"
-_BANK, _ACTIVATED = "#1b1b1b", "#d62728"
+_BANK, _ACTIVATED, _SWITCH = "#1b1b1b", "#d62728", "#59a14f"
 _ACTIVATED_AREA = 240.0  # marker area (points^2) of a frame that every head activated
 
 
@@ -32,6 +32,7 @@ def draw_memory_timeline(
     layer: int = 0,
     batch_index: int = 0,
     title: str | None = None,
+    prompt_switches: Sequence[int] = (),
 ) -> pathlib.Path:
     """Draw, as a PNG, which latent frames each chunk's memory held: one column per chunk.
 
@@ -50,6 +51,8 @@ def draw_memory_timeline(
         layer: the self-attention layer whose bank and activations are drawn.
         batch_index: the batch element whose bank and activations are drawn.
         title: the figure title; default ``"MemFlow memory, layer {layer}"``.
+        prompt_switches: indices of the chunks that opened a new prompt (and recached), marked
+            by a dashed line before their column.
 
     Returns:
         ``path`` as a ``pathlib.Path``.
@@ -71,6 +74,7 @@ def draw_memory_timeline(
         *_draw_regions(axes, trace, config),
         *_draw_bank(axes, trace, layer, batch_index),
         *_draw_activations(axes, trace, layer, batch_index),
+        *_draw_switches(axes, prompt_switches),
     ]
     axes.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     axes.set_title(title if title is not None else f"MemFlow memory, layer {layer}")
@@ -207,6 +211,17 @@ def _draw_activations(
         columns, frames, s=areas, facecolors="none", edgecolors=_ACTIVATED, linewidths=1.5, zorder=4
     )
     return [_ring_handle(share, num_heads) for share in sorted({1, num_heads})]
+
+
+def _draw_switches(axes: Axes, prompt_switches: Sequence[int]) -> list[Artist]:
+    """A dashed line before each chunk that opened a new prompt; returns legend handles."""
+    lines = [
+        axes.axvline(chunk - 0.5, color=_SWITCH, linestyle="--", linewidth=1.2, zorder=2)
+        for chunk in prompt_switches
+    ]
+    if lines:
+        lines[0].set_label("prompt switch (recache)")
+    return lines[:1]
 
 
 def _ring_handle(share: int, num_heads: int) -> Line2D:

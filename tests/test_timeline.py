@@ -10,7 +10,7 @@ from matplotlib.image import imread
 from memflow_adapter import ChunkMemory, MemFlowConfig, StreamingSession
 from memflow_adapter.timeline import draw_memory_timeline
 
-from streaming_helpers import BATCH, DIM, HEADS, TOKENS, random_tokens, run_chunk
+from streaming_helpers import BATCH, DIM, HEADS, TOKENS, coded_qkv, random_tokens, run_chunk
 
 LAYERS, CHUNKS = 2, 12
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -102,3 +102,18 @@ def test_a_negative_batch_index_is_refused_when_the_trace_records_no_batch(tmp_p
     with pytest.raises(ValueError, match="batch_index must be >= 0, got -1"):
         draw_memory_timeline(trace, MemFlowConfig.longlive(), tmp_path / "t.png", batch_index=-1)
     assert not (tmp_path / "t.png").exists()
+
+
+def test_prompt_switches_are_marked_before_their_chunks(tmp_path):
+    config = MemFlowConfig.longlive(frames_per_chunk=1, local_frames=3, sink_frames=1)
+    session = StreamingSession(config, num_layers=1, tokens_per_frame=4)
+    for _ in range(6):
+        run_chunk(session, coded_qkv)
+    plain = draw_memory_timeline(session.trace(), config, tmp_path / "plain.png")
+    marked = draw_memory_timeline(session.trace(), config, tmp_path / "marked.png",
+                                  prompt_switches=[2, 4])
+    def green_pixels(path):  # the switch lines are the figure's only green
+        red, green, blue = np.moveaxis(imread(path)[..., :3], -1, 0)
+        return int(((green > red + 0.15) & (green > blue + 0.15)).sum())
+
+    assert green_pixels(plain) == 0 and green_pixels(marked) > 100

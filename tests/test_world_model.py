@@ -50,7 +50,11 @@ def test_the_world_demo_streams_a_story_and_scores_every_layout(world_model, tmp
     printed = capsys.readouterr().out
     script = make_script(3)
     assert all(prompt in printed for prompt in script.prompts)
+    # the layout is named with the world's own sizes, and the columns are explained
+    assert "'reference' memory layout (sink 2 | bank 4 | local 4, 2-frame chunks;" in printed
+    assert "return = script: back as the script describes it" in printed
     report = json.loads((tmp_path / "report.json").read_text())
+    assert report["layout_sizes"] == "sink 2 | bank 4 | local 4, 2-frame chunks"
     assert report["random_weights"] is False and report["prompts"] == script.prompts
     assert report["config"] == WORLD_MEMORY.to_dict() and report["guidance_scale"] == 1.5
     assert set(report["scores"]) == set(WORLD_LAYOUTS)
@@ -86,6 +90,8 @@ def test_make_demo_streams_a_held_out_story_with_the_packaged_trained_model(tmp_
         (["--world-model", "nowhere"], "holds no trained world transformer"),
         (["--world-model", "x", "--chunks", "4"], "--chunks applies to --model tiny-random"),
         (["--world-model", "x", "--guidance-scale", "0.5"], "--guidance-scale must be >= 1"),
+        (["--world-model", "x", "--guidance-scale", "inf"], "--guidance-scale must be >= 1 and "
+         "finite"),
     ],
 )
 def test_the_world_demo_refuses_what_does_not_apply(argv, message, tmp_path):

@@ -6,6 +6,7 @@ the same story under every layout for comparison."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 import numpy as np
@@ -38,14 +39,15 @@ def run_world_demo(
         )
     if not 0 <= script_seed < 1000:
         raise ValueError(f"--script must be a held-out script seed in 0..999, got {script_seed}")
-    if not guidance_scale >= 1.0:
+    if not 1.0 <= guidance_scale < math.inf:
         raise ValueError(
-            f"--guidance-scale must be >= 1 (1 disables guidance), got {guidance_scale}"
+            f"--guidance-scale must be >= 1 and finite (1 disables guidance), got {guidance_scale}"
         )
     script = make_script(script_seed)
     print(f"memflow demo: the narrative-world model {model} (a 1.6M-parameter Wan transformer "
           f"trained with the memory_finetune recipe). Held-out story {script_seed}, streamed "
-          f"with the {layout!r} memory layout, guidance scale {guidance_scale:g}:")
+          f"with the world's {layout!r} memory layout ({WORLD_LAYOUTS[layout].describe()}; the "
+          f"world's own sizes, not the paper's), guidance scale {guidance_scale:g}:")
     for index, prompt in enumerate(script.prompts, start=1):
         print(f"  {index}. {prompt}")
     pipe = load_world_pipeline(model)
@@ -60,9 +62,13 @@ def run_world_demo(
     sampling = {"seed": seed, "guidance_scale": guidance_scale}
     paths = write_outputs(result, config, output_dir, fps, {**report, **sampling})
     print(f"returning entity: {script.returning.name} = {script.returning.description}")
-    print("| layout | adherence % | return = first look | return = script | place back |")
+    print("the same story under every world layout (return = first look: back as it looked at "
+          "its first appearance in this video; return = script: back as the script describes "
+          "it; place back: the opening's place returns):")
+    print("| layout | sizes | adherence % | return = first look | return = script | place back |")
     for name, score in scores.items():
-        print(f"| {name} | {100 * score.adherence:.0f} | {score.return_looks} | "
+        print(f"| {name} | {WORLD_LAYOUTS[name].describe()} | {100 * score.adherence:.0f} | "
+              f"{score.return_looks} | "
               f"{score.return_truth} | {score.return_place} |")
     for name, path in paths.items():
         print(f"{name}: {path}")
@@ -81,6 +87,7 @@ def _report(model: Path, script: Script, script_seed: int, layout: str, scores: 
         "random_weights": False,
         "script_seed": script_seed,
         "layout": layout,
+        "layout_sizes": WORLD_LAYOUTS[layout].describe(),
         "prompts": script.prompts,
         "returning_entity": dataclasses.asdict(script.returning),
         "scores": {name: dataclasses.asdict(score) for name, score in scores.items()},
