@@ -1,4 +1,5 @@
-"""The Integration protocol: what a model family declares so the core can stream it (DESIGN s.5).
+"""The Integration protocol: what a model family declares so the core can stream it
+(architecture s.5).
 
 An integration never holds generation state; it only says where the attention modules are, how the
 model computes its self-attention queries/keys/values and its RoPE, how many tokens a latent frame

@@ -1,5 +1,5 @@
 """Original-layout Wan2.1 / Wan2.2 T2V checkpoints (Self-Forcing, LongLive, MemFlow) for diffusers'
-``WanTransformer3DModel`` (DESIGN s.7).
+``WanTransformer3DModel`` (architecture s.7).
 
 Two key layouts of the same weights:
 

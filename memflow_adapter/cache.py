@@ -1,4 +1,5 @@
-"""The frame cache of one self-attention layer: sink | memory bank | local window (DESIGN.md s.2).
+"""The frame cache of one self-attention layer: sink | memory bank | local window
+(architecture s.2).
 
 Keys are stored after RoPE, values as they are, both in diffusers' token layout
 ``[B, frames * T_f, H, D]``. One preallocated buffer per tensor holds the three regions back to

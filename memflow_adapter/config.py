@@ -23,7 +23,7 @@ BANK_STAGINGS = ("every_chunk", "interval")
 
 @dataclass(frozen=True)
 class MemFlowConfig:
-    """How one streaming video's KV cache is laid out and refreshed (DESIGN.md s.2-4).
+    """How one streaming video's KV cache is laid out and refreshed (architecture s.2-4).
 
     All sizes count latent frames. A chunk's queries attend, in one softmax, to
     ``[sink | memory bank | local window]`` where the local window (``local_frames``) includes the
@@ -38,9 +38,10 @@ class MemFlowConfig:
             published ``local_attn_size=12`` minus the 3 sink frames). ``None`` means unbounded:
             nothing is ever evicted (exactness tests, short videos).
         frames_per_chunk: latent frames generated per chunk (reference: 3).
-        record_interval: how many chunks share one bank slot while the bank fills (DESIGN s.3).
+        record_interval: how many chunks share one bank slot while the bank fills
+            (architecture s.3).
         bank_staging: which chunks offer their first frame to the bank. ``"every_chunk"`` (the
-            causal pipeline's, DESIGN s.3): every chunk stages it, and while the bank fills
+            causal pipeline's, architecture s.3): every chunk stages it, and while the bank fills
             ``record_interval`` consecutive commits share a slot (the bank fills with latent
             frames 6, 15, 24 in the reference). ``"interval"`` (the published interactive
             pipeline's): only chunks whose first frame is a multiple of ``record_interval *

@@ -1,4 +1,5 @@
-"""Narrative Adaptive Memory: score bank frames against a prompt, refresh the bank (DESIGN s.3)."""
+"""Narrative Adaptive Memory: score bank frames against a prompt, refresh the bank
+(architecture s.3)."""
 
 from __future__ import annotations
 
@@ -68,7 +69,7 @@ def select_kept_slots(scores: torch.Tensor, keep: int) -> torch.Tensor:
 
 
 def update_bank(cache: LayerCache, chunk_index: int, text_keys: torch.Tensor | None) -> None:
-    """Commit the staged frame at the start of chunk ``chunk_index`` (DESIGN s.3, steps 1-2).
+    """Commit the staged frame at the start of chunk ``chunk_index`` (architecture s.3, steps 1-2).
 
     While the bank fills, the frame goes to the slot the pointer names (``bank_staging=
     "every_chunk"``) or to the next free slot (``"interval"``); afterwards the bank keeps its

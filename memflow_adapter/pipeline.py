@@ -2,7 +2,7 @@
 
 ``stream()`` yields each chunk as it is made (its latents, its decoded frames, its memory trace
 and timings) and takes prompt changes between chunks; ``__call__`` collects a whole stream. Each
-chunk is one step of the core's streaming loop (``streaming.ChunkEngine``, DESIGN.md s.5b): NAM
+chunk is one step of the core's streaming loop (``streaming.ChunkEngine``, architecture s.5b): NAM
 refreshes the bank with the chunk's prompt, the first chunk of a new prompt segment recaches the
 window under it, the chunk is denoised in a few read-only passes and its clean frames are run once
 more at timestep 0 to write their keys and values (the context pass).

@@ -1,4 +1,4 @@
-"""The few-step flow-matching schedule of streaming generators (DESIGN.md s.1).
+"""The few-step flow-matching schedule of streaming generators (architecture s.1).
 
 A 1000-entry table: raw sigmas linearly spaced from 1 down to 0 over 1001 points with the last
 dropped, shifted by ``shift * s / (1 + (shift - 1) * s)``; timesteps are ``1000 * sigma``. A

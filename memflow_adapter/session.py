@@ -141,7 +141,7 @@ class StreamingSession:
                     self._trace.record_bank(layer, cache.bank_frame_index[:, : cache.bank_filled])
 
     def recache_window(self) -> RecacheWindow:
-        """The frames a recache pass started now would re-encode (DESIGN s.4b)."""
+        """The frames a recache pass started now would re-encode (architecture s.4b)."""
         cache_frames = self.config.cache_frames
         generated = self.next_frame
         count = generated if cache_frames is None else min(cache_frames, generated)
@@ -307,13 +307,13 @@ class StreamingSession:
         value: torch.Tensor,
         window: RecacheWindow,
     ) -> torch.Tensor:
-        """The recache pass's attention (DESIGN s.4b). Its queries attend, in both directions, to
-        the memory and to the recached frames the cache keeps. With a protected sink the pass
-        covers ``local_attn_size`` frames whose first ``sink_frames`` would land on the sink's
-        slots and are discarded: they are computed but take no part as keys, and the sink is
-        memory with its old keys. An unprotected sink is re-encoded in this pass, so its new keys
-        are memory (SMA candidates together with the bank, DESIGN s.4), and the rest of the pass
-        is always attended.
+        """The recache pass's attention (architecture s.4b). Its queries attend, in both
+        directions, to the memory and to the recached frames the cache keeps. With a protected
+        sink the pass covers ``local_attn_size`` frames whose first ``sink_frames`` would land on
+        the sink's slots and are discarded: they are computed but take no part as keys, and the
+        sink is memory with its old keys. An unprotected sink is re-encoded in this pass, so its
+        new keys are memory (SMA candidates together with the bank, architecture s.4), and the
+        rest of the pass is always attended.
 
         Args:
             query, key, value: ``[B, n * T_f, H, D]`` for the window's ``n`` frames.

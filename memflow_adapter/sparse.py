@@ -1,5 +1,5 @@
 """Sparse Memory Activation: per head, attend only to the memory frames relevant to the queries
-(DESIGN.md s.4).
+(architecture s.4).
 
 Memory frames are the sink and bank frames; the local window is always attended. Token tensors use
 diffusers' layout ``[B, frames * T_f, H, D]``.

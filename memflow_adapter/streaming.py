@@ -1,4 +1,4 @@
-"""One streaming loop (DESIGN.md s.5b): the chunk plan and the chunk step every caller drives.
+"""One streaming loop (architecture s.5b): the chunk plan and the chunk step every caller drives.
 
 The pipeline, the recipes, the eval and the narrative world all run a video the same way::
 

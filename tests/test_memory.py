@@ -1,4 +1,5 @@
-"""Narrative Adaptive Memory: the slot pointer, the scores and the bank refresh (DESIGN s.3)."""
+"""Narrative Adaptive Memory: the slot pointer, the scores and the bank refresh
+(architecture s.3)."""
 
 import math
 

@@ -99,7 +99,7 @@ def test_recache_happens_at_prompt_switches_and_the_cache_stays_bounded(tiny_pip
 @torch.no_grad()  # like the pipeline: some kernels differ in the last bit under autograd
 def test_the_loop_is_exactly_the_documented_schedule(tiny_pipe):
     """Supplied initial and per-step noise make a run reproducible by another implementation:
-    here, a hand-written loop over the session that follows DESIGN s.1 and s.4b."""
+    here, a hand-written loop over the session that follows architecture s.1 and s.4b."""
     config = MemFlowConfig.reference_sma()
     g = torch.Generator().manual_seed(3)
     latents = torch.randn(1, 16, 9, 4, 4, generator=g)

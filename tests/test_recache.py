@@ -1,4 +1,4 @@
-"""What a recache pass attends to (DESIGN.md s.4b, the published semantics).
+"""What a recache pass attends to (architecture s.4b, the published semantics).
 
 A probe makes attention readable: zero queries make every attended key weigh the same, and each
 frame's values are one-hot in a channel that names the frame and the pass that wrote it (channel

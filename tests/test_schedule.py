@@ -1,4 +1,4 @@
-"""The few-step flow-matching schedule (DESIGN s.1)."""
+"""The few-step flow-matching schedule (architecture s.1)."""
 
 import pytest
 import torch

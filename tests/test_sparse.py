@@ -1,4 +1,4 @@
-"""Sparse Memory Activation: per-head top-k routing over sink + bank frames (DESIGN s.4)."""
+"""Sparse Memory Activation: per-head top-k routing over sink + bank frames (architecture s.4)."""
 
 import torch
 from hypothesis import given, settings

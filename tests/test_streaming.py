@@ -1,5 +1,5 @@
 """One streaming loop: the chunk plan every caller uses, and ``stream()`` with per-chunk decoded
-frames, live prompt changes and pause/resume (DESIGN.md s.5b)."""
+frames, live prompt changes and pause/resume (architecture s.5b)."""
 
 import ast
 from pathlib import Path
