@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -285,9 +286,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Errors of bad input (files, arguments, configs, missing extras): one line, exit status 2.
+USER_ERRORS = (ValueError, OSError, ImportError, KeyError)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``memflow`` command; bad input is reported in one line on stderr (exit status 2)
+    instead of a traceback (set ``MEMFLOW_TRACEBACK=1`` to get the traceback)."""
     args = build_parser().parse_args(argv)
-    return args.handler(args)
+    try:
+        return args.handler(args)
+    except USER_ERRORS as error:
+        if os.environ.get("MEMFLOW_TRACEBACK"):
+            raise
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"memflow {args.command}: error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

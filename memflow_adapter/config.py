@@ -14,6 +14,10 @@ from .version import __version__
 
 #: The key that stamps a saved config with the library version that wrote it.
 VERSION_KEY = "memflow_adapter_version"
+#: The most latent frames one size may count: 16 times Wan's 1024-frame position table, far past
+#: any model's, and small enough that a typo (``sink_frames=10**12``) fails here, not in the
+#: allocator.
+MAX_FRAMES = 1 << 14
 #: Runtime choices: not part of a config's identity (equality, sessions, adapters) nor saved.
 RUNTIME_FIELDS = ("attention_backend",)
 
@@ -78,6 +82,13 @@ class MemFlowConfig:
             _require_int(name, getattr(self, name))
         if self.local_frames is not None:
             _require_int("local_frames", self.local_frames)
+        for name in ("sink_frames", "bank_frames", "local_frames", "frames_per_chunk",
+                     "record_interval", "sma_top_k"):
+            value = getattr(self, name)
+            if value is not None and value > MAX_FRAMES:
+                raise ValueError(
+                    f"{name} must be <= {MAX_FRAMES} (latent frames a cache can hold), got {value}"
+                )
         for name in ("nam", "sma"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")

@@ -27,7 +27,13 @@ from typing import Any
 import torch
 from huggingface_hub import HfApi, ModelCardData, snapshot_download
 from huggingface_hub.constants import HF_HUB_CACHE
-from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+from huggingface_hub.errors import (
+    HfHubHTTPError,
+    HFValidationError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+)
+from huggingface_hub.utils import validate_repo_id
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -317,9 +323,14 @@ def _resolve_folder(
     cache_dir: str | os.PathLike[str] | None,
     token: str | None,
 ) -> Path:
-    path = Path(repo_id_or_dir)
+    path = Path(repo_id_or_dir).expanduser()
     if path.is_dir():
         return path
+    if _looks_like_a_path(str(repo_id_or_dir)):
+        raise FileNotFoundError(
+            f"no MemFlow adapter folder at {str(repo_id_or_dir)!r} ({path.resolve()} does not "
+            "exist), and it is not a Hub repo id"
+        )
     try:
         return Path(snapshot_download(
             str(repo_id_or_dir),
@@ -334,6 +345,17 @@ def _resolve_folder(
             f"cannot load the MemFlow adapter {repo_id_or_dir!r}: it is not a local folder and "
             f"the Hub repository could not be fetched ({type(error).__name__}: {error})"
         ) from error
+
+
+def _looks_like_a_path(name: str) -> bool:
+    """A local path, not a Hub repo id (``name`` or ``namespace/name``)."""
+    if name.startswith((".", "/", "~")) or (os.sep != "/" and os.sep in name):
+        return True
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return True
+    return False
 
 
 def _converted_cache_folder(folder: Path, cache_dir: str | os.PathLike[str] | None) -> Path:

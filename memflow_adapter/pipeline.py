@@ -315,6 +315,9 @@ class MemFlowStreamingPipeline:
         return embeds
 
     def _latent_size(self, height: int, width: int) -> tuple[int, int]:
+        for name, value in (("height", height), ("width", width)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1 (pixels), got {value!r}")
         factor = self.pipe.vae_scale_factor_spatial
         if height % factor or width % factor:
             raise ValueError(

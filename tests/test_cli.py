@@ -28,7 +28,7 @@ def test_demo_writes_the_video_the_timeline_and_the_report(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_generate_runs_a_local_diffusers_folder_offline(tmp_path):
+def test_generate_runs_a_local_diffusers_folder_offline(tmp_path, capsys):
     model_dir = tmp_path / "tiny-wan"
     build_tiny_wan_pipeline(seed=1).save_pretrained(model_dir)
     out = tmp_path / "out"
@@ -47,8 +47,12 @@ def test_generate_runs_a_local_diffusers_folder_offline(tmp_path):
     assert main(["generate", *prompts, *options.split(), *guided]) == 0
     report = json.loads((out / "g" / "report.json").read_text())
     assert report["guidance_scale"] == 3.0 and report["negative_prompt"] == ""
-    with pytest.raises(ValueError, match=r"guidance_scale must be finite and >= 1 \(1 disables"):
-        main(["generate", *prompts, *options.split(), "--guidance-scale", "0.5"])
+    capsys.readouterr()
+    assert main(["generate", *prompts, *options.split(), "--guidance-scale", "0.5"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "memflow generate: error: guidance_scale must be finite and >= 1 (1 disables guidance), "
+        "got 0.5"
+    )
 
 
 def test_an_unknown_preset_is_refused(capsys):
@@ -94,3 +98,19 @@ def test_interactive_generation_takes_a_typed_prompt_from_the_next_chunk_on(
 def test_interactive_is_refused_for_the_world_demo():
     with pytest.raises(SystemExit, match="--interactive applies to --model tiny-random"):
         main(["demo", "--interactive"])
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["convert", "--base", "missing.pt", "--output", "out"], "missing.pt"),
+        (["generate", "--model", "no/such/folder/here", "--prompt", "a cat"], "no/such/folder"),
+    ],
+)
+def test_bad_input_is_one_line_and_a_non_zero_exit(argv, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MEMFLOW_TRACEBACK", raising=False)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"memflow {argv[0]}: error: ") and message in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err

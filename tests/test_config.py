@@ -56,6 +56,8 @@ def test_presets_take_overrides():
         ({"bank_frames": 0}, "bank_frames must be >= 1 when nam=True"),
         ({"nam": False}, "bank_frames must be 0 when nam=False"),
         ({"attention_backend": "cudnn"}, "attention_backend must be one of"),
+        ({"sink_frames": 10**12}, "sink_frames must be <= 16384 (latent frames a cache can hold)"),
+        ({"local_frames": 10**9}, "local_frames must be <= 16384"),
     ],
 )
 def test_invalid_values_are_rejected_with_the_parameter_named(overrides, message):

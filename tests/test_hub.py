@@ -133,6 +133,13 @@ def test_a_folder_without_an_adapter_is_a_clear_error(tmp_path):
         MemFlowAdapter.from_pretrained(tmp_path)
 
 
+@pytest.mark.parametrize("name", ["./adaptr", "outputs/run/adaptr", "~/adaptr"])
+def test_a_mistyped_local_folder_is_named_as_a_missing_folder(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no MemFlow adapter folder at .*adaptr"):
+        MemFlowAdapter.from_pretrained(name)
+
+
 def test_corrupt_or_missing_weights_are_clear_errors(adapter, tmp_path):
     folder = adapter.save_pretrained(tmp_path)
     (folder / "adapter_model.safetensors").write_bytes(b"\x00garbage" * 8)

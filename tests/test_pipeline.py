@@ -239,6 +239,8 @@ def test_decoded_output_and_mp4_export(tiny_pipe, tmp_path):
     [
         ({"output_type": "gif"}, "output_type must be"),
         ({"height": 30}, "multiples of the VAE's spatial factor 8"),
+        ({"height": -8}, r"height must be an int >= 1 \(pixels\), got -8"),
+        ({"width": 32.0}, r"width must be an int >= 1 \(pixels\), got 32.0"),
         ({"num_latent_frames": 0}, "num_latent_frames must be an int >= 1"),
         ({"latents": torch.zeros(1, 16, 2, 4, 4)}, r"latents must have shape \(1, 16, 15, 4, 4\)"),
         ({"frames_per_prompt": None}, "frames_per_prompt is required"),
