@@ -1,7 +1,6 @@
 """Prompt-group files (JSONL, JSON, text) and matching video files to groups."""
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -14,8 +13,9 @@ from memflow_adapter.eval.prompts import (
     sanitize_id,
     save_prompt_groups,
 )
+from memflow_adapter.eval.tiny import SAMPLE_PROMPTS
 
-FIXTURE = Path(__file__).parent / "fixtures" / "eval" / "sample_groups.jsonl"
+FIXTURE = SAMPLE_PROMPTS
 
 
 def prompts_of(groups):

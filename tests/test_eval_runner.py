@@ -13,14 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import (
-    BitImageProcessor,
-    CLIPConfig,
-    CLIPImageProcessor,
-    CLIPModel,
-    Dinov2Config,
-    Dinov2Model,
-)
 
 from memflow_adapter.eval import (
     ClipFeatures,
@@ -37,10 +29,16 @@ from memflow_adapter.eval import (
 from memflow_adapter.eval.cli import main as eval_main
 from memflow_adapter.eval.features import load_linear_head
 from memflow_adapter.eval.prompts import save_prompt_groups
-from memflow_adapter.tiny_wan import build_tiny_wan_pipeline, build_tiny_wan_tokenizer
+from memflow_adapter.eval.tiny import (
+    SAMPLE_PROMPTS,
+    TINY_SCORER_SIZE,
+    save_tiny_clip,
+    save_tiny_dino,
+)
+from memflow_adapter.tiny_wan import build_tiny_wan_pipeline
 
-FIXTURE = Path(__file__).parent / "fixtures" / "eval" / "sample_groups.jsonl"
-SIZE = 32  # tiny CLIP / DINO input size, and the generated videos' size
+FIXTURE = SAMPLE_PROMPTS
+SIZE = TINY_SCORER_SIZE  # tiny CLIP / DINO input size, and the generated videos' size
 # 3 prompts x 3 latent frames = 9 latent frames -> 4 * 8 + 1 = 33 decoded frames: 9 + 12 + 12
 SEGMENTS = [(0, 9), (9, 21), (21, 33)]
 GENERATE = (
@@ -50,56 +48,6 @@ GENERATE = (
 
 
 # ------------------------------------------------------------------------------ tiny models
-def save_tiny_clip(folder: Path) -> Path:
-    tokenizer = build_tiny_wan_tokenizer()
-    config = CLIPConfig(
-        text_config={
-            "vocab_size": tokenizer.vocab_size,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "max_position_embeddings": 32,
-            "pad_token_id": tokenizer.pad_token_id,
-            "bos_token_id": tokenizer.eos_token_id,
-            "eos_token_id": tokenizer.eos_token_id,
-        },
-        vision_config={
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "image_size": SIZE,
-            "patch_size": 8,
-        },
-        projection_dim=16,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        CLIPModel(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    size = {"shortest_edge": SIZE}
-    CLIPImageProcessor(size=size, crop_size={"height": SIZE, "width": SIZE}).save_pretrained(folder)
-    return folder
-
-
-def save_tiny_dino(folder: Path) -> Path:
-    config = Dinov2Config(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        image_size=SIZE,
-        patch_size=8,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(1)
-        Dinov2Model(config).save_pretrained(folder)
-    size = {"shortest_edge": SIZE}
-    BitImageProcessor(size=size, crop_size={"height": SIZE, "width": SIZE}).save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("scorers")
@@ -280,7 +228,8 @@ def test_an_aesthetic_head_adds_aesthetic_quality(generated, tmp_path, models, p
 
 
 def test_bad_settings_are_refused_before_any_work(tmp_path, prompts_file):
-    base = ["--prompts", str(prompts_file), "--output-dir", str(tmp_path), "--no-progress"]
+    base = ["--prompts", str(prompts_file), "--output-dir", str(tmp_path), "--no-progress",
+            "--clip-model", "tiny-random", "--dino-model", "tiny-random"]
     code, _, err = run_cli([*base, "--frames-per-prompt", "3", "--latent-frames", "5"])
     assert code == 2 and "past the video" in err
     code, _, err = run_cli(["--prompts", str(tmp_path / "nope.jsonl")])
@@ -430,3 +379,26 @@ def test_dino_features_are_the_normalised_cls_token(features):
     with torch.no_grad():
         pooled = dino.model(pixel_values=pixels).pooler_output  # DINOv2: layernormed CLS
     torch.testing.assert_close(dino.encode_images(frames), pooled)
+
+
+# ------------------------------------------------------------------------ offline smoke run
+def test_the_readme_smoke_run_is_offline_with_the_packaged_prompts_and_tiny_scorers(tmp_path):
+    code, out, err = run_cli([
+        "--prompts", "sample", "--limit", "1", "--frames-per-prompt", "3",
+        "--clip-model", "tiny-random", "--dino-model", "tiny-random",
+        "--output-dir", str(tmp_path), "--no-progress",
+    ])
+    assert code == 0, err
+    assert [r["status"] for r in read_csv(tmp_path / "videos.csv")] == ["ok"]
+    assert (tmp_path / "tiny-scorers" / "clip" / "config.json").is_file()
+
+
+def test_feature_models_that_cannot_be_loaded_stop_the_run_before_generating(tmp_path):
+    missing = str(tmp_path / "no-such-clip")
+    code, _, err = run_cli([
+        "--prompts", "sample", "--limit", "1", "--clip-model", missing,
+        "--dino-model", "tiny-random", "--output-dir", str(tmp_path / "out"),
+    ])
+    assert code == 2
+    assert err.strip().splitlines()[-1].startswith(f"memflow eval: error: --clip-model {missing!r}")
+    assert "--no-score" in err and not (tmp_path / "out" / "videos").exists()

@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any
 
 from ..config import PRESETS
 from .features import DEFAULT_AESTHETIC_CLIP_MODEL, DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL
+from .tiny import SAMPLE_PROMPTS, TINY_SCORER, save_tiny_clip, save_tiny_dino
 
 __all__ = ["add_eval_parser", "run_eval"]
 
@@ -44,7 +46,8 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     source.add_argument(
         "--prompts", required=True,
         help="prompt groups: JSONL (one {'prompts': [...]} per line), JSON, or text "
-             "(' | '-separated lines or blank-line separated blocks)",
+             "(' | '-separated lines or blank-line separated blocks); 'sample' for the packaged "
+             "four sample groups",
     )
     source.add_argument(
         "--videos", help="score the videos in this folder (and its sub-folders, one per "
@@ -91,11 +94,14 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     scoring = parser.add_argument_group("scoring")
     scoring.add_argument(
         "--clip-model", default=DEFAULT_CLIP_MODEL,
-        help=f"CLIP for the CLIP score and background consistency (default: {DEFAULT_CLIP_MODEL})",
+        help=f"CLIP for the CLIP score and background consistency: a Hub id or a folder "
+             f"(default: {DEFAULT_CLIP_MODEL}); '{TINY_SCORER}' for a tiny random one (offline "
+             "smoke runs; scores mean nothing)",
     )
     scoring.add_argument(
         "--dino-model", default=DEFAULT_DINO_MODEL,
-        help=f"DINO for subject consistency (default: {DEFAULT_DINO_MODEL})",
+        help=f"DINO for subject consistency: a Hub id or a folder (default: "
+             f"{DEFAULT_DINO_MODEL}); '{TINY_SCORER}' for a tiny random one",
     )
     scoring.add_argument(
         "--aesthetic-head", help="LAION aesthetic head state dict (.pth); without it aesthetic "
@@ -133,10 +139,15 @@ def run_eval(args: argparse.Namespace) -> int:
         print(f"memflow eval: error: {error}", file=sys.stderr)
         return 2
     try:
-        groups = load_prompt_groups(args.prompts)
+        groups = load_prompt_groups(SAMPLE_PROMPTS if args.prompts == "sample" else args.prompts)
     except PromptFileError as problem:
         print(f"memflow eval: error: {problem}", file=sys.stderr)
         return 2
+    if not args.no_score:
+        error = _check_scorers(args)
+        if error:
+            print(f"memflow eval: error: {error}", file=sys.stderr)
+            return 2
     groups = groups[: args.limit] if args.limit else groups
     tiny = args.videos is None and args.model in (None, TINY)
     sizes = _TINY_DEFAULTS if tiny else _PROTOCOL_DEFAULTS
@@ -180,8 +191,8 @@ def run_eval(args: argparse.Namespace) -> int:
         print(f"memflow eval: {made} of {len(entries)} video(s) ready under {args.output_dir}")
         return 0 if made else 1
     scorer = VideoScorer(
-        clip=args.clip_model,
-        dino=args.dino_model,
+        clip=_scorer_model(args.clip_model, save_tiny_clip, args.output_dir, "clip"),
+        dino=_scorer_model(args.dino_model, save_tiny_dino, args.output_dir, "dino"),
         aesthetic=args.aesthetic_head,
         aesthetic_clip=args.aesthetic_clip_model,
         device=args.device,
@@ -194,6 +205,37 @@ def run_eval(args: argparse.Namespace) -> int:
     for name, path in result.files.items():
         print(f"{name}: {path}")
     return 0 if len(result.failed) < len(result.video_rows) else 1
+
+
+def _check_scorers(args: argparse.Namespace) -> str | None:
+    """Whether the feature models can be had, checked before anything is generated (their
+    configs only; the weights load when scoring starts)."""
+    from transformers import AutoConfig
+
+    models = [("--clip-model", args.clip_model), ("--dino-model", args.dino_model)]
+    if args.aesthetic_head:
+        if not Path(args.aesthetic_head).is_file():
+            return f"--aesthetic-head: no such file {args.aesthetic_head!r}"
+        models.append(("--aesthetic-clip-model", args.aesthetic_clip_model))
+    for option, name in models:
+        if name == TINY_SCORER or Path(name).is_dir():
+            continue
+        try:
+            AutoConfig.from_pretrained(name)
+        except (OSError, ValueError) as problem:
+            reason = str(problem).strip().splitlines()[0]
+            return (
+                f"{option} {name!r} cannot be loaded ({reason}); offline, give a local folder, "
+                f"'{TINY_SCORER}' for a smoke run, or --no-score to generate only"
+            )
+    return None
+
+
+def _scorer_model(name: str, save_tiny: Any, output_dir: str, kind: str) -> str:
+    """``name``, or for ``tiny-random`` the folder the tiny model is saved into."""
+    if name != TINY_SCORER:
+        return name
+    return str(save_tiny(Path(output_dir) / "tiny-scorers" / kind))
 
 
 def _check_arguments(args: argparse.Namespace) -> str | None:
