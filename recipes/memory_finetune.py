@@ -45,7 +45,7 @@ from .flow import (
 )
 from .latents import DatasetError, LatentVideoDataset, VideoLatents
 from .rollout import backward_chunk_by_chunk, commit_clean_chunks
-from .training import Recipe, RecipeConfig, Trainable, main
+from .training import Recipe, RecipeConfig, Trainable, exit_on_bad_input, main
 
 NAME = "memory_finetune"
 WINDOWS = ("random", "prefix")
@@ -256,4 +256,4 @@ def cli(argv: Sequence[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    cli()
+    exit_on_bad_input(NAME, cli)

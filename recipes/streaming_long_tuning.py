@@ -44,7 +44,7 @@ from .dmd import distribution_matching_gradient, dmd_loss
 from .flow import NoiseRange, StepRandomness, flow_matching_loss, per_sample, sample_sigmas
 from .models import LoraSettings, add_lora, load_transformer
 from .rollout import Rollout, replay_with_gradient, self_forcing_rollout
-from .training import Recipe, RecipeConfig, Trainable, main
+from .training import Recipe, RecipeConfig, Trainable, exit_on_bad_input, main
 
 NAME = "streaming_long_tuning"
 
@@ -348,4 +348,4 @@ def cli(argv: Sequence[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    cli()
+    exit_on_bad_input(NAME, cli)

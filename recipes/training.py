@@ -15,9 +15,10 @@ import inspect
 import json
 import logging
 import os
+import sys
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -383,6 +384,19 @@ def _peak_memory(device: torch.device) -> int:
 
 def _format(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def exit_on_bad_input(name: str, run: Callable[[], object]) -> None:
+    """Run a recipe's command line: bad input (a missing or broken dataset, prompt file,
+    checkpoint or model folder) ends in one line on stderr and exit status 2 instead of a
+    traceback (``MEMFLOW_TRACEBACK=1`` shows it)."""
+    try:
+        run()
+    except (ValueError, OSError) as error:
+        if os.environ.get("MEMFLOW_TRACEBACK"):
+            raise
+        print(f"python -m memflow_adapter.recipes.{name}: error: {error}", file=sys.stderr)
+        sys.exit(2)
 
 
 def main(

@@ -2,6 +2,7 @@
 NaN stops, exact resume, gradient checkpointing, the output adapter, and a 2-process run."""
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -392,3 +393,18 @@ def test_two_processes_train_identical_weights(name, dataset, tmp_path):
     assert adapter.config == MemFlowConfig.reference(
         sink_frames=1, bank_frames=2, local_frames=4, frames_per_chunk=2, record_interval=1
     )
+
+
+def test_a_recipe_on_a_missing_dataset_ends_in_one_line_and_exit_status_2(tmp_path):
+    missing = tmp_path / "no-latents"
+    done = subprocess.run(
+        [sys.executable, "-m", "memflow_adapter.recipes.memory_finetune", "--tiny",
+         f"data.dataset={missing}", f"training.output_dir={tmp_path / 'out'}"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "MEMFLOW_TRACEBACK": ""},
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"python -m memflow_adapter.recipes.memory_finetune: error: dataset folder "
+        f"'{missing}' does not exist"
+    )
+    assert "Traceback" not in done.stderr

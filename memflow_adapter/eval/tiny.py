@@ -10,14 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import (
-    BitImageProcessor,
-    CLIPConfig,
-    CLIPImageProcessor,
-    CLIPModel,
-    Dinov2Config,
-    Dinov2Model,
-)
 
 from ..tiny_wan import build_tiny_wan_tokenizer
 
@@ -32,6 +24,9 @@ SAMPLE_PROMPTS = Path(__file__).with_name("sample_groups.jsonl")
 
 def save_tiny_clip(folder: Path) -> Path:
     """Save a tiny random CLIP (seed 0), its tokenizer and its image processor into ``folder``."""
+    # imported here: transformers warns at import of image processors without torchvision
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
     tokenizer = build_tiny_wan_tokenizer()
     size = TINY_SCORER_SIZE
     config = CLIPConfig(
@@ -69,6 +64,8 @@ def save_tiny_clip(folder: Path) -> Path:
 
 def save_tiny_dino(folder: Path) -> Path:
     """Save a tiny random DINOv2 (seed 1) and its image processor into ``folder``."""
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+
     size = TINY_SCORER_SIZE
     config = Dinov2Config(
         hidden_size=32,
