@@ -400,14 +400,16 @@ class VideoStream:
 
     def set_prompt(self, prompt: str) -> None:
         """Generate with ``prompt`` from the next chunk on: a new segment starting at its first
-        frame (scheduled switches from there on are replaced), so that chunk recaches the
+        frame (scheduled switches not applied yet are replaced), so that chunk recaches the
         window under ``prompt``, exactly as the same switch given up front would."""
         upcoming = self.next_chunk
         if upcoming is None:
             raise ValueError(
                 "the stream is complete: there is no next chunk to switch the prompt of"
             )
-        schedule = self._schedule.switched(prompt, upcoming.start)  # validates the prompt
+        schedule = self._schedule.switched(  # validates the prompt
+            prompt, upcoming.start, self.pipeline.config.frames_per_chunk
+        )
         self._condition(prompt)
         self._schedule = schedule
 

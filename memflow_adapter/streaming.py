@@ -197,10 +197,19 @@ class PromptSchedule:
         """Every chunk of a ``num_latent_frames`` video (``plan_chunks``), with its prompt."""
         return plan_chunks(self.segment_starts, num_latent_frames, frames_per_chunk, self.prompts)
 
-    def switched(self, prompt: str, start_frame: int) -> PromptSchedule:
-        """This schedule with a new segment of ``prompt`` from ``start_frame`` on, replacing the
-        entries that started at or after it (a live prompt change overrides what was planned)."""
-        kept = tuple(entry for entry in self.entries if entry[1] < start_frame)
+    def switched(self, prompt: str, start_frame: int, frames_per_chunk: int) -> PromptSchedule:
+        """This schedule with a new segment of ``prompt`` from chunk boundary ``start_frame`` on.
+        Entries that a stream in ``frames_per_chunk``-frame chunks has not applied before
+        ``start_frame`` are replaced: a live prompt change overrides what was planned."""
+        if start_frame % frames_per_chunk:
+            raise ValueError(
+                f"start_frame must be a chunk boundary (a multiple of {frames_per_chunk}), got "
+                f"{start_frame}"
+            )
+        kept = tuple(
+            (text, start) for text, start in self.entries
+            if -(-start // frames_per_chunk) * frames_per_chunk < start_frame
+        )
         return PromptSchedule((*kept, (prompt, start_frame)))
 
 

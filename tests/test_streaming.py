@@ -344,3 +344,13 @@ def test_a_stream_keeps_only_the_current_chunks_trace_and_can_record_none(tiny_p
     chunks = list(untraced)
     assert all(chunk.memory is None for chunk in chunks)
     assert torch.equal(torch.cat([chunk.latents for chunk in chunks], 2), whole.latents)
+
+
+def test_a_live_prompt_replaces_the_switches_not_applied_yet():
+    """Switches at 4 (applied at 6 with 3-frame chunks) and 9: a prompt typed for the chunk at
+    frame 6 replaces both; one at 3 that has applied stays."""
+    schedule = PromptSchedule((("a", 0), ("b", 3), ("c", 4), ("d", 9)))
+    assert schedule.switched("e", 6, 3).entries == (("a", 0), ("b", 3), ("e", 6))
+    assert schedule.switched("e", 0, 3).entries == (("e", 0),)
+    with pytest.raises(ValueError, match="start_frame must be a chunk boundary"):
+        schedule.switched("e", 5, 3)
