@@ -136,10 +136,10 @@ class MemFlowConfig:
         return start_frame % (self.record_interval * self.frames_per_chunk) == 0
 
     def describe(self) -> str:
-        """The layout in one line, e.g. ``sink 3 | bank 3 | local 9, 3-frame chunks, SMA top 3``."""
+        """The layout in one line, e.g. ``sink 3, bank 3, local 9, 3-frame chunks, SMA top 3``."""
         local = "unbounded" if self.local_frames is None else self.local_frames
         sma = f", SMA top {self.sma_top_k}" if self.sma else ""
-        return (f"sink {self.sink_frames} | bank {self.bank_frames} | local {local}, "
+        return (f"sink {self.sink_frames}, bank {self.bank_frames}, local {local}, "
                 f"{self.frames_per_chunk}-frame chunks{sma}")
 
     # ----------------------------------------------------------------------------- derived sizes

@@ -51,10 +51,10 @@ def test_the_world_demo_streams_a_story_and_scores_every_layout(world_model, tmp
     script = make_script(3)
     assert all(prompt in printed for prompt in script.prompts)
     # the layout is named with the world's own sizes, and the columns are explained
-    assert "'reference' memory layout (sink 2 | bank 4 | local 4, 2-frame chunks;" in printed
+    assert "'reference' memory layout (sink 2, bank 4, local 4, 2-frame chunks;" in printed
     assert "return = script: back as the script describes it" in printed
     report = json.loads((tmp_path / "report.json").read_text())
-    assert report["layout_sizes"] == "sink 2 | bank 4 | local 4, 2-frame chunks"
+    assert report["layout_sizes"] == "sink 2, bank 4, local 4, 2-frame chunks"
     assert report["random_weights"] is False and report["prompts"] == script.prompts
     assert report["config"] == WORLD_MEMORY.to_dict() and report["guidance_scale"] == 1.5
     assert set(report["scores"]) == set(WORLD_LAYOUTS)
