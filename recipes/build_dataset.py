@@ -36,6 +36,7 @@ from memflow_adapter.extras import import_optional
 from memflow_adapter.tiny_wan import build_tiny_wan_pipeline
 
 from .latents import DatasetError, VideoLatents
+from .training import exit_on_bad_input
 
 #: Wan's VAE: latent frame 0 is pixel frame 0, latent frame k >= 1 covers pixel frames 4k-3 .. 4k.
 TEMPORAL_FACTOR = 4
@@ -172,4 +173,4 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_bad_input("build_dataset", main)

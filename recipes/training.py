@@ -33,6 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from memflow_adapter import MemFlowAdapter, MemFlowConfig, StreamingSession
+from memflow_adapter.eval.runner import VideoReadError
 from memflow_adapter.integrations import find_integration
 from memflow_adapter.outputs import peak_process_memory_bytes
 from memflow_adapter.schedule import FlowMatchSchedule
@@ -392,7 +393,7 @@ def exit_on_bad_input(name: str, run: Callable[[], object]) -> None:
     traceback (``MEMFLOW_TRACEBACK=1`` shows it)."""
     try:
         run()
-    except (ValueError, OSError) as error:
+    except (ValueError, OSError, VideoReadError) as error:
         if os.environ.get("MEMFLOW_TRACEBACK"):
             raise
         print(f"python -m memflow_adapter.recipes.{name}: error: {error}", file=sys.stderr)

@@ -408,3 +408,17 @@ def test_a_recipe_on_a_missing_dataset_ends_in_one_line_and_exit_status_2(tmp_pa
         f"'{missing}' does not exist"
     )
     assert "Traceback" not in done.stderr
+
+
+def test_build_dataset_on_a_missing_video_ends_in_one_line_and_exit_status_2(tmp_path):
+    manifest = tmp_path / "videos.jsonl"
+    manifest.write_text(json.dumps({"video": str(tmp_path / "nope.mp4"), "prompts": ["a"]}))
+    done = subprocess.run(
+        [sys.executable, "-m", "memflow_adapter.recipes.build_dataset", "--tiny",
+         "--manifest", str(manifest), "--output", str(tmp_path / "ds")],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "MEMFLOW_TRACEBACK": ""},
+    )
+    assert done.returncode == 2
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("python -m memflow_adapter.recipes.build_dataset: error: ")
+    assert "nope.mp4" in last and "Traceback" not in done.stderr
