@@ -3,6 +3,7 @@ one progress line per chunk (what ``memflow generate --interactive`` runs)."""
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import threading
 import time
@@ -10,7 +11,6 @@ from pathlib import Path
 from typing import TextIO
 
 import numpy as np
-import torch
 
 from .extras import import_optional
 from .pipeline import StreamingVideoOutput, VideoStream
@@ -80,11 +80,8 @@ def play(
             "play() writes one video from 'np' frames: stream with output_type='np' and "
             f"num_videos=1, got {stream.output_type!r} and {stream.noise.shape[0]}"
         )
-    device = stream.pipeline.device
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     writer = VideoFileWriter(video_path, fps)
-    reports, trace = [], []
+    taken = []
     try:
         while stream.next_chunk is not None:
             typed = prompts.take() if prompts is not None else []
@@ -96,10 +93,8 @@ def play(
             chunk = next(stream)
             began = time.perf_counter()
             writer.write(chunk.frames[0])
+            taken.append(dataclasses.replace(chunk, frames=None))  # the frames are in the file
             report = chunk.report
-            reports.append(report)
-            if chunk.memory is not None:
-                trace.append(chunk.memory)
             print(
                 f"chunk {report.chunk_index + 1}/{stream.num_chunks}: latent frames "
                 f"{report.start_frame}-{report.start_frame + report.num_frames - 1}"
@@ -111,7 +106,4 @@ def play(
             )
     finally:
         writer.close()
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    return StreamingVideoOutput(
-        stream.video, None, trace, reports, peak, stream.seconds_to_first_frame
-    )
+    return stream.output(taken)

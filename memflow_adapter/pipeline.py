@@ -370,6 +370,8 @@ class VideoStream:
         )
         self._started = time.perf_counter()
         self.seconds_to_first_frame: float | None = None
+        if pipeline.device.type == "cuda":  # the output's peak is this stream's
+            torch.cuda.reset_peak_memory_stats(pipeline.device)
         for text in schedule.prompts:
             self._condition(text)
 
@@ -461,15 +463,20 @@ class VideoStream:
                 f"collect() needs a stream that has not started; {self._previous.index + 1} "
                 "chunk(s) were already taken from this one"
             )
-        device = self.pipeline.device
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
         chunks = list(tqdm(self, total=self.num_chunks, disable=not progress,
                            desc="MemFlow chunks"))
+        frames = _concatenate_frames([chunk.frames for chunk in chunks], self.output_type)
+        return self.output(chunks, frames)
+
+    def output(self, chunks: Sequence[StreamedChunk], frames: Any = None) -> StreamingVideoOutput:
+        """The video so far as one output: the latents, ``frames`` as given, the memory traces
+        and reports of ``chunks`` (those taken from this stream) and the CUDA peak since the
+        stream started."""
+        device = self.pipeline.device
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
         return StreamingVideoOutput(
             self.video,
-            _concatenate_frames([chunk.frames for chunk in chunks], self.output_type),
+            frames,
             [chunk.memory for chunk in chunks if chunk.memory is not None],
             [chunk.report for chunk in chunks],
             peak,

@@ -129,7 +129,7 @@ class StreamingSession:
         if self.config.nam and self.chunk_index >= 1:
             for layer, cache in enumerate(self.layers):
                 # with bank_staging="interval" the previous chunk may have staged nothing
-                if cache.has_staged_frame or self.config.bank_staging == "every_chunk":
+                if cache.has_staged_frame:
                     update_bank(cache, self.chunk_index, text_keys[layer])
         self._chunk_open = True
         self._chunk_passes = 0

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -231,7 +232,9 @@ def _check_scorers(args: argparse.Namespace) -> str | None:
     return None
 
 
-def _scorer_model(name: str, save_tiny: Any, output_dir: str, kind: str) -> str:
+def _scorer_model(
+    name: str, save_tiny: Callable[[Path], Path], output_dir: str, kind: str
+) -> str:
     """``name``, or for ``tiny-random`` the folder the tiny model is saved into."""
     if name != TINY_SCORER:
         return name
