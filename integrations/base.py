@@ -62,6 +62,18 @@ class Integration(ABC):
         frame ``frame_offset`` instead of 0."""
 
     @abstractmethod
+    def rope_frames(self) -> int:
+        """How many temporal positions the model's RoPE rotates to (``0 .. n - 1``); a longer
+        stream is re-based to fit (architecture s.2b)."""
+
+    @abstractmethod
+    def rotate_keys(self, keys: torch.Tensor, frame_shift: torch.Tensor) -> torch.Tensor:
+        """Post-RoPE ``keys`` ``[B, n * T_f, H, D]`` of ``n`` frames, rotated as if RoPE had put
+        frame ``i`` of batch element ``b`` ``frame_shift[b, i]`` positions later (``[B, n]``
+        int64, ``|shift| < rope_frames()``; negative moves earlier). Only the temporal part of
+        the rotation changes."""
+
+    @abstractmethod
     def tokens_per_frame(self, latent_height: int, latent_width: int) -> int:
         """``T_f``: tokens of one latent frame of the given latent size."""
 

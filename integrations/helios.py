@@ -52,6 +52,13 @@ HELIOS_LATENT_FRAMES_PER_CHUNK: int = (
 )
 
 
+#: The temporal positions a streaming Helios rotates to before it re-bases. Its RoPE computes
+#: angles on the fly (no table), but Helios itself only ever rotates window-relative indices, and
+#: its base Wan2.1-T2V-14B's table holds 1024 frames: keeping positions below that keeps every
+#: angle as precise (float32) as the positions the weights were trained on.
+HELIOS_ROPE_FRAMES = 1024
+
+
 class HeliosStreamingSelfAttnProcessor:
     """Self-attention of one Helios block over the pass's own tokens, with the attention itself
     done by the session."""
@@ -148,6 +155,19 @@ class HeliosIntegration(WanIntegration):
         return HeliosRotaryPosEmbed.forward(
             rope, frame_indices + frame_offset, height=height, width=width, device=device
         )
+
+    def rope_frames(self) -> int:
+        return HELIOS_ROPE_FRAMES
+
+    def rotate_keys(self, keys: torch.Tensor, frame_shift: torch.Tensor) -> torch.Tensor:
+        """The model's RoPE at frame indices ``frame_shift`` on a 1x1 grid (height and width
+        rotate by 0), applied as the processor applies it."""
+        rope = self.model.rope
+        freqs = HeliosRotaryPosEmbed.forward(rope, frame_shift, height=1, width=1,
+                                             device=keys.device)  # [B, 2D, n, 1, 1]
+        freqs = freqs.flatten(2).transpose(1, 2)  # [B, n, 2D]
+        tokens_per_frame = keys.shape[1] // frame_shift.shape[1]
+        return apply_rotary_emb_transposed(keys, freqs.repeat_interleave(tokens_per_frame, dim=1))
 
     def latent_decoder(self, vae: nn.Module) -> LatentDecoder:
         """Wan's causal decoder with a fresh cache every ``HELIOS_LATENT_FRAMES_PER_CHUNK`` latent

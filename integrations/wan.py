@@ -135,9 +135,10 @@ class WanIntegration(Integration):
         stop = frame_offset + num_frames
         if stop > rope.max_seq_len:
             raise ValueError(
-                f"latent frame {stop - 1} is beyond the model's RoPE table "
-                f"(rope_max_seq_len={rope.max_seq_len}); generate fewer frames or load the model "
-                "with a larger rope_max_seq_len"
+                f"RoPE position {stop - 1} is beyond the model's table (rope_max_seq_len="
+                f"{rope.max_seq_len}); a session from the MemFlow attachment "
+                "(attachment.create_session) re-bases positions to fit, a session built without "
+                "rope= does not"
             )
         split_sizes = [rope.t_dim, rope.h_dim, rope.w_dim]
         tables = []
@@ -155,6 +156,32 @@ class WanIntegration(Integration):
                 ).reshape(1, num_frames * pph * ppw, 1, -1)
             )
         return tables[0], tables[1]
+
+    def rope_frames(self) -> int:
+        return self.model.rope.max_seq_len
+
+    def rotate_keys(self, keys: torch.Tensor, frame_shift: torch.Tensor) -> torch.Tensor:
+        """Rotate by the temporal rows of RoPE's own table: row ``|shift|``, with the sine's
+        sign flipped for a negative shift (``cos`` is even, ``sin`` odd); the height and width
+        channels rotate by 0."""
+        rope = self.model.rope
+        magnitude = frame_shift.abs()
+        if int(magnitude.max()) >= rope.max_seq_len:
+            raise ValueError(
+                f"frame_shift must be smaller than the RoPE table (rope_max_seq_len="
+                f"{rope.max_seq_len}) in magnitude, got {int(magnitude.max())}"
+            )
+        tokens_per_frame = keys.shape[1] // frame_shift.shape[1]
+        cos = torch.ones((*frame_shift.shape, keys.shape[-1]), dtype=rope.freqs_cos.dtype,
+                         device=keys.device)
+        sin = torch.zeros_like(cos)
+        table_cos = rope.freqs_cos[:, : rope.t_dim].to(keys.device)
+        table_sin = rope.freqs_sin[:, : rope.t_dim].to(keys.device)
+        cos[..., : rope.t_dim] = table_cos[magnitude]
+        sin[..., : rope.t_dim] = table_sin[magnitude] * frame_shift.sign()[..., None]
+        per_token = [table.repeat_interleave(tokens_per_frame, dim=1)[:, :, None]
+                     for table in (cos, sin)]
+        return apply_wan_rotary(keys, *per_token)
 
     def tokens_per_frame(self, latent_height: int, latent_width: int) -> int:
         _, p_h, p_w = self.model.config.patch_size

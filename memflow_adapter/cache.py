@@ -1,16 +1,18 @@
 """The frame cache of one self-attention layer: sink | memory bank | local window
 (architecture s.2).
 
-Keys are stored after RoPE, values as they are, both in diffusers' token layout
-``[B, frames * T_f, H, D]``. One preallocated buffer per tensor holds the three regions back to
-back:
+Keys are stored after RoPE, rotated at their frame's position (architecture s.2b), values as
+they are, both in diffusers' token layout ``[B, frames * T_f, H, D]`` and either in the attention
+dtype or quantized (``MemFlowConfig.cache_dtype``, architecture s.2c). One preallocated
+``FrameBuffer`` per tensor holds the three regions back to back:
 
     [ sink (S frames) | bank (M slots) | window (W frames, right-aligned, oldest first) ]
 
-so that once every region is full the whole cached context is a single view of the buffer. A
-separate one-frame staging slot holds the bank's next candidate. Bookkeeping is host-side Python
-integers, except the bank's absolute frame indices, which differ per batch element after NAM
-selection and therefore live on the device (``[B, M]``, -1 for an empty slot).
+so that once every region is full the whole cached context is a single view of the buffer
+(unquantized). A separate one-frame staging slot holds the bank's next candidate. Bookkeeping is
+host-side Python integers, except what differs per batch element after NAM selection and
+therefore lives on the device: the bank's absolute frame indices (``[B, M]``, -1 for an empty
+slot) and the sink's and bank's RoPE positions (``[B, S + M]``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from dataclasses import dataclass
 import torch
 
 from .config import MemFlowConfig
+from .frame_buffer import CACHE_DTYPES, FrameBuffer
+from .positions import RotateKeys, overflowed_positions
 
 
 @dataclass(frozen=True)
@@ -41,7 +45,7 @@ class LayerCache:
     """Bounded K/V storage of one attention layer for one video.
 
     Args:
-        config: the memory layout (sink, bank and window sizes).
+        config: the memory layout (sink, bank and window sizes) and the cache dtype.
         tokens_per_frame: ``T_f``, tokens of one latent frame after patchification.
     """
 
@@ -52,19 +56,22 @@ class LayerCache:
             raise ValueError(f"tokens_per_frame must be >= 1, got {tokens_per_frame}")
         self.config = config
         self.tokens_per_frame = tokens_per_frame
+        self.storage = CACHE_DTYPES[config.cache_dtype] if config.cache_dtype else None
         self.reset()
 
     def reset(self) -> None:
         """Drop every tensor (memory is freed) and forget every frame."""
         self.geometry: CacheGeometry | None = None
-        self.keys: torch.Tensor | None = None
-        self.values: torch.Tensor | None = None
+        self.keys: FrameBuffer | None = None
+        self.values: FrameBuffer | None = None
         self.window_capacity = self.config.window_capacity or 0
         self.frames_written = 0
         self.bank_filled = 0
+        self.position_base = 0  # RoPE position of frame f (window, staged) is f - position_base
         self.bank_frame_index: torch.Tensor | None = None
-        self.staged_keys: torch.Tensor | None = None
-        self.staged_values: torch.Tensor | None = None
+        self.memory_position: torch.Tensor | None = None
+        self.staged_keys: FrameBuffer | None = None
+        self.staged_values: FrameBuffer | None = None
         self.staged_frame = -1
 
     # ------------------------------------------------------------------------------ frame counts
@@ -86,6 +93,12 @@ class LayerCache:
         """Absolute indices of the frames the local window holds, oldest first."""
         return range(self.frames_written - self.window_count, self.frames_written)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every K/V buffer this cache holds (codes and scales)."""
+        buffers = (self.keys, self.values, self.staged_keys, self.staged_values)
+        return sum(buffer.nbytes for buffer in buffers if buffer is not None)
+
     def _region_start(self, region: str) -> int:
         """First frame slot of a region in the buffer."""
         sink, bank = self.config.sink_frames, self.config.bank_frames
@@ -99,9 +112,9 @@ class LayerCache:
     def _read(self, pieces: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """K/V of buffer slots given as ``(first_slot, count)`` pieces, concatenated in order.
 
-        Adjacent pieces merge, so a context that is contiguous in the buffer comes back as a view.
+        Adjacent pieces merge, so a context that is contiguous in the buffer comes back as a view
+        (unquantized).
         """
-        assert self.keys is not None and self.values is not None
         merged: list[list[int]] = []
         for start, count in pieces:
             if count == 0:
@@ -110,13 +123,12 @@ class LayerCache:
                 merged[-1][1] += count
             else:
                 merged.append([start, count])
-        t = self.tokens_per_frame
-        keys = [self.keys[:, s * t : (s + n) * t] for s, n in merged]
-        values = [self.values[:, s * t : (s + n) * t] for s, n in merged]
+        if not merged:
+            return self.keys.read(0, 0), self.values.read(0, 0)
+        keys = [self.keys.read(s, n) for s, n in merged]
+        values = [self.values.read(s, n) for s, n in merged]
         if len(keys) == 1:
             return keys[0], values[0]
-        if not keys:
-            return self.keys[:, :0], self.values[:, :0]
         return torch.cat(keys, dim=1), torch.cat(values, dim=1)
 
     def memory(self, include_sink: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -182,8 +194,13 @@ class LayerCache:
         t = self.tokens_per_frame
         to_sink = max(0, min(num_frames, self.config.sink_frames - start_frame))
         if to_sink:
-            self.keys[:, start_frame * t : (start_frame + to_sink) * t] = keys[:, : to_sink * t]
-            self.values[:, start_frame * t : (start_frame + to_sink) * t] = values[:, : to_sink * t]
+            self.keys.write(start_frame, keys[:, : to_sink * t])
+            self.values.write(start_frame, values[:, : to_sink * t])
+            self.memory_position[:, start_frame : start_frame + to_sink] = torch.arange(
+                start_frame - self.position_base,
+                start_frame + to_sink - self.position_base,
+                device=self.geometry.device,
+            )
         to_window = num_frames - to_sink
         if to_window:
             if self.config.window_capacity is None:
@@ -192,20 +209,22 @@ class LayerCache:
         self.frames_written += num_frames
 
     def _shift_into_window(self, keys: torch.Tensor, values: torch.Tensor, count: int) -> None:
+        """Move the window's kept frames left by ``count`` slots (their stored codes as they
+        are), then write the ``count`` new frames at its end."""
         capacity = self.window_capacity
         if capacity == 0:
             return
         t = self.tokens_per_frame
+        start = self._region_start("window")
         keep = min(self.window_count, capacity - min(count, capacity))
-        start = self._region_start("window") * t
-        end = start + capacity * t
-        old_keys, old_values = self.window()
-        # cat copies, so the overlapping shift inside the buffer reads nothing it has overwritten.
-        new_keys = torch.cat([old_keys[:, old_keys.shape[1] - keep * t :], keys], dim=1)
-        new_values = torch.cat([old_values[:, old_values.shape[1] - keep * t :], values], dim=1)
-        new_keys, new_values = new_keys[:, -capacity * t :], new_values[:, -capacity * t :]
-        self.keys[:, end - new_keys.shape[1] : end] = new_keys
-        self.values[:, end - new_values.shape[1] : end] = new_values
+        if keep:
+            first_kept = start + capacity - keep
+            for buffer in (self.keys, self.values):
+                # raw() copies, so the overlapping move reads nothing it has overwritten.
+                buffer.write_raw(first_kept - count, buffer.raw(first_kept, keep))
+        written = min(count, capacity)
+        self.keys.write(start + capacity - written, keys[:, -written * t :])
+        self.values.write(start + capacity - written, values[:, -written * t :])
 
     def stage(self, keys: torch.Tensor, values: torch.Tensor, frame: int) -> None:
         """Hold one frame (``[B, T_f, H, D]``) as the bank's next candidate, replacing the last."""
@@ -215,8 +234,10 @@ class LayerCache:
                 f"got {keys.shape[1]} tokens"
             )
         self._allocate_for(keys)
-        self.staged_keys = keys.detach().clone()
-        self.staged_values = values.detach().clone()
+        self.staged_keys = FrameBuffer(keys, 1, self.tokens_per_frame, self.storage)
+        self.staged_values = FrameBuffer(values, 1, self.tokens_per_frame, self.storage)
+        self.staged_keys.write(0, keys.detach())
+        self.staged_values.write(0, values.detach())
         self.staged_frame = frame
 
     def commit_staged_to_slot(self, slot: int) -> None:
@@ -224,11 +245,11 @@ class LayerCache:
         if not 0 <= slot < self.config.bank_frames:
             raise ValueError(f"slot must be in [0, {self.config.bank_frames}), got {slot}")
         self._require_staged()
-        t = self.tokens_per_frame
-        first = (self._region_start("bank") + slot) * t
-        self.keys[:, first : first + t] = self.staged_keys
-        self.values[:, first : first + t] = self.staged_values
+        first = self._region_start("bank") + slot
+        self.keys.write_raw(first, self.staged_keys.raw(0, 1))
+        self.values.write_raw(first, self.staged_values.raw(0, 1))
         self.bank_frame_index[:, slot] = self.staged_frame
+        self.memory_position[:, first] = self.staged_frame - self.position_base
         self.bank_filled = max(self.bank_filled, slot + 1)
         self._clear_staged()
 
@@ -248,17 +269,16 @@ class LayerCache:
         expected = (self.geometry.batch_size, bank_frames - 1)
         if tuple(keep.shape) != expected:
             raise ValueError(f"keep must have shape {expected}, got {tuple(keep.shape)}")
-        t = self.tokens_per_frame
-        first = self._region_start("bank") * t
+        first, last = self._region_start("bank"), self._region_start("bank") + bank_frames - 1
         for buffer, staged in ((self.keys, self.staged_keys), (self.values, self.staged_values)):
-            bank = buffer[:, first : first + bank_frames * t].unflatten(1, (bank_frames, t))
-            index = keep.view(*keep.shape, 1, 1, 1).expand(-1, -1, *bank.shape[2:])
-            kept = torch.gather(bank, 1, index)
-            bank[:, : bank_frames - 1] = kept
-            bank[:, bank_frames - 1] = staged
-        kept_frames = torch.gather(self.bank_frame_index, 1, keep)
-        self.bank_frame_index[:, : bank_frames - 1] = kept_frames
-        self.bank_frame_index[:, bank_frames - 1] = self.staged_frame
+            buffer.gather_frames(first, bank_frames, keep)
+            buffer.write_raw(last, staged.raw(0, 1))
+        for index, newest in (
+            (self.bank_frame_index, self.staged_frame),
+            (self.memory_position[:, first:], self.staged_frame - self.position_base),
+        ):
+            index[:, : bank_frames - 1] = torch.gather(index, 1, keep)
+            index[:, bank_frames - 1] = newest
         self._clear_staged()
 
     def overwrite(
@@ -285,20 +305,48 @@ class LayerCache:
         t = self.tokens_per_frame
         if not protect_sink and start_frame < self.sink_count:
             # The pass's first frames are the sink's frames start_frame .. sink_count - 1.
-            span = slice(start_frame * t, self.sink_count * t)
             count = (self.sink_count - start_frame) * t
-            self.keys[:, span] = keys[:, :count]
-            self.values[:, span] = values[:, :count]
+            self.keys.write(start_frame, keys[:, :count])
+            self.values.write(start_frame, values[:, :count])
         first = max(start_frame, self.window_frames.start)
         if first < self.frames_written:
-            slot = self._window_slot(first)
-            count = self.frames_written - first
             source = slice((first - start_frame) * t, num_frames * t)
-            self.keys[:, slot * t : (slot + count) * t] = keys[:, source]
-            self.values[:, slot * t : (slot + count) * t] = values[:, source]
+            self.keys.write(self._window_slot(first), keys[:, source])
+            self.values.write(self._window_slot(first), values[:, source])
+
+    # --------------------------------------------------------------------------------- positions
+    def rebase(self, shift: int, policy: str, rotate: RotateKeys) -> None:
+        """Move every cached frame's RoPE position ``shift`` frames earlier (architecture s.2b).
+
+        Window and staged frames move by exactly ``shift``; sink and bank frames whose position
+        would fall below 0 take the one ``policy`` gives (``positions.overflowed_positions``).
+        Cached keys are rotated by each frame's change of position with ``rotate``.
+        """
+        if shift < 1:
+            raise ValueError(f"shift must be >= 1, got {shift}")
+        if self.keys is not None:
+            batch, device = self.geometry.batch_size, self.geometry.device
+            window_first = self.frames_written - self.window_count
+            if self.window_count:
+                moves = torch.full((batch, self.window_count), -shift, device=device)
+                self.keys.rotate_frames(self._window_slot(window_first), moves, rotate)
+            if self.staged_keys is not None:
+                self.staged_keys.rotate_frames(0, torch.full((batch, 1), -shift, device=device),
+                                               rotate)
+            window_position = window_first - self.position_base - shift
+            for first, count in ((0, self.sink_count), (self._region_start("bank"),
+                                                         self.bank_filled)):
+                if not count:
+                    continue
+                old = self.memory_position[:, first : first + count]
+                new = overflowed_positions(old, shift, window_position, policy)
+                self.keys.rotate_frames(first, new - old, rotate)
+                old.copy_(new)
+        self.position_base += shift
 
     # ----------------------------------------------------------------------------- save/restore
-    _COUNTERS = ("frames_written", "bank_filled", "staged_frame", "window_capacity")
+    _COUNTERS = ("frames_written", "bank_filled", "staged_frame", "window_capacity",
+                 "position_base")
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Everything needed to continue bit-identically, as tensors (safetensors-compatible)."""
@@ -306,12 +354,14 @@ class LayerCache:
             name: torch.tensor(getattr(self, name), dtype=torch.long) for name in self._COUNTERS
         }
         if self.keys is not None:
-            state["keys"] = self.keys.clone()
-            state["values"] = self.values.clone()
+            state["dtype"] = _encode(str(self.geometry.dtype).removeprefix("torch."))
+            state.update(self.keys.state("keys"))
+            state.update(self.values.state("values"))
             state["bank_frame_index"] = self.bank_frame_index.clone()
+            state["memory_position"] = self.memory_position.clone()
         if self.staged_keys is not None:
-            state["staged_keys"] = self.staged_keys.clone()
-            state["staged_values"] = self.staged_values.clone()
+            state.update(self.staged_keys.state("staged_keys"))
+            state.update(self.staged_values.state("staged_values"))
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -320,9 +370,15 @@ class LayerCache:
         if missing:
             raise KeyError(f"layer cache state is missing {missing}")
         counters = {name: int(state[name]) for name in self._COUNTERS}
-        has_buffers = "keys" in state
-        if has_buffers:
-            keys, values = state["keys"], state["values"]
+        buffers: dict[str, FrameBuffer] = {}
+        if "keys" in state:
+            dtype = getattr(torch, _decode(state["dtype"]))
+            for name in ("keys", "values", "staged_keys", "staged_values"):
+                if name in state:
+                    buffers[name] = FrameBuffer.from_state(
+                        state, name, self.tokens_per_frame, dtype, self.storage
+                    )
+            keys = buffers["keys"].codes
             frames = self.config.sink_frames + self.config.bank_frames + counters["window_capacity"]
             if keys.ndim != 4 or keys.shape[1] != frames * self.tokens_per_frame:
                 raise ValueError(
@@ -330,27 +386,31 @@ class LayerCache:
                     f"[B, {frames * self.tokens_per_frame}, H, D] for this config and "
                     f"tokens_per_frame={self.tokens_per_frame}"
                 )
-            if values.shape != keys.shape:
+            if buffers["values"].codes.shape != keys.shape:
                 raise ValueError("layer cache state has values and keys of different shapes")
-            expected_index = (keys.shape[0], self.config.bank_frames)
-            if tuple(state["bank_frame_index"].shape) != expected_index:
-                raise ValueError(
-                    f"layer cache state has bank_frame_index of shape "
-                    f"{tuple(state['bank_frame_index'].shape)}, expected {expected_index}"
-                )
+            for name, slots in (("bank_frame_index", self.config.bank_frames),
+                                ("memory_position", self.config.sink_frames
+                                 + self.config.bank_frames)):
+                if tuple(state[name].shape) != (keys.shape[0], slots):
+                    raise ValueError(
+                        f"layer cache state has {name} of shape {tuple(state[name].shape)}, "
+                        f"expected {(keys.shape[0], slots)}"
+                    )
         elif counters["frames_written"]:
             raise ValueError("layer cache state counts written frames but holds no keys/values")
         self.reset()
         for name, value in counters.items():
             setattr(self, name, value)
-        if has_buffers:
-            self.geometry = CacheGeometry.of(state["keys"])
-            self.keys = state["keys"].clone()
-            self.values = state["values"].clone()
+        if buffers:
+            self.keys, self.values = buffers["keys"], buffers["values"]
+            self.staged_keys = buffers.get("staged_keys")
+            self.staged_values = buffers.get("staged_values")
+            keys = self.keys.codes
+            self.geometry = CacheGeometry(
+                keys.shape[0], keys.shape[2], keys.shape[3], self.keys.dtype, keys.device
+            )
             self.bank_frame_index = state["bank_frame_index"].clone()
-        if "staged_keys" in state:
-            self.staged_keys = state["staged_keys"].clone()
-            self.staged_values = state["staged_values"].clone()
+            self.memory_position = state["memory_position"].clone()
 
     # -------------------------------------------------------------------------------- validation
     def check_frames(self, keys: torch.Tensor, values: torch.Tensor, name: str) -> int:
@@ -379,21 +439,25 @@ class LayerCache:
     def _allocate_for(self, like: torch.Tensor) -> None:
         if self.keys is not None:
             return
+        if self.storage is not None and not like.is_floating_point():
+            raise TypeError(f"a quantized cache stores floating-point K/V, got {like.dtype}")
         self.geometry = CacheGeometry.of(like)
         self._allocate_buffers(self.window_capacity)
+        memory_slots = self.config.sink_frames + self.config.bank_frames
+        batch, device = self.geometry.batch_size, self.geometry.device
         self.bank_frame_index = torch.full(
-            (self.geometry.batch_size, self.config.bank_frames),
-            -1,
-            dtype=torch.long,
-            device=self.geometry.device,
+            (batch, self.config.bank_frames), -1, dtype=torch.long, device=device
         )
+        self.memory_position = torch.full((batch, memory_slots), -1, dtype=torch.long,
+                                          device=device)
 
     def _allocate_buffers(self, window_capacity: int) -> None:
         g = self.geometry
         frames = self.config.sink_frames + self.config.bank_frames + window_capacity
-        shape = (g.batch_size, frames * self.tokens_per_frame, g.num_heads, g.head_dim)
-        self.keys = torch.zeros(shape, dtype=g.dtype, device=g.device)
-        self.values = torch.zeros(shape, dtype=g.dtype, device=g.device)
+        like = torch.empty((g.batch_size, 0, g.num_heads, g.head_dim), dtype=g.dtype,
+                           device=g.device)
+        self.keys = FrameBuffer(like, frames, self.tokens_per_frame, self.storage)
+        self.values = FrameBuffer(like, frames, self.tokens_per_frame, self.storage)
         self.window_capacity = window_capacity
 
     def _grow_window(self, needed: int) -> None:
@@ -402,17 +466,13 @@ class LayerCache:
             return
         old_keys, old_values, old_capacity = self.keys, self.values, self.window_capacity
         self._allocate_buffers(max(needed, 2 * old_capacity))
-        t = self.tokens_per_frame
-        head = self._region_start("window") * t
-        old_end = head + old_capacity * t
-        self.keys[:, :head] = old_keys[:, :head]
-        self.values[:, :head] = old_values[:, :head]
-        filled = self.window_count * t
-        if filled:
-            self.keys[:, self.keys.shape[1] - filled :] = old_keys[:, old_end - filled : old_end]
-            self.values[:, self.values.shape[1] - filled :] = old_values[
-                :, old_end - filled : old_end
-            ]
+        head = self._region_start("window")
+        filled = self.window_count
+        for new, old in ((self.keys, old_keys), (self.values, old_values)):
+            new.write_raw(0, old.raw(0, head))
+            if filled:
+                new.write_raw(new.num_frames - filled, old.raw(head + old_capacity - filled,
+                                                               filled))
 
     def _require_allocated(self) -> None:
         if self.keys is None:
@@ -425,3 +485,11 @@ class LayerCache:
     def _clear_staged(self) -> None:
         self.staged_keys = self.staged_values = None
         self.staged_frame = -1
+
+
+def _encode(text: str) -> torch.Tensor:
+    return torch.tensor(list(text.encode("utf-8")), dtype=torch.uint8)
+
+
+def _decode(tensor: torch.Tensor) -> str:
+    return bytes(tensor.tolist()).decode("utf-8")

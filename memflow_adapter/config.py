@@ -10,6 +10,8 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .attention import ATTENTION_BACKENDS
+from .frame_buffer import CACHE_DTYPES
+from .positions import POSITION_OVERFLOWS
 from .version import __version__
 
 #: The key that stamps a saved config with the library version that wrote it.
@@ -55,6 +57,14 @@ class MemFlowConfig:
         sma: Sparse Memory Activation: attend only to the ``sma_top_k`` most relevant sink/bank
             frames per head.
         sma_top_k: how many sink/bank frames SMA keeps per batch element and head.
+        cache_dtype: how cached keys and values are stored. ``None`` (reference): in the
+            attention dtype, exactly as computed. ``"float8_e4m3fn"`` or ``"int8"``: quantized
+            with one float32 scale per frame and head, dequantized on read (architecture s.2c);
+            attention, NAM and SMA all read the same dequantized keys.
+        position_overflow: where sink and bank frames go once a stream is longer than the
+            model's RoPE table and their true offset no longer fits (architecture s.2b):
+            ``"before_window"`` (just before the oldest frame that keeps its offset) or
+            ``"clamp"`` (the oldest position). No effect while the video fits in the table.
         attention_backend: one of ``ATTENTION_BACKENDS`` (``"sdpa"``, ``"math"``, ``"flex"``,
             ``"xformers"``). A runtime choice: the same memory computed with another kernel is
             the same config (equality, sessions, adapters), and it is not saved.
@@ -69,6 +79,8 @@ class MemFlowConfig:
     nam: bool = True
     sma: bool = False
     sma_top_k: int = 3
+    cache_dtype: str | None = None
+    position_overflow: str = "before_window"
     attention_backend: str = field(default="sdpa", compare=False)
 
     def __post_init__(self) -> None:
@@ -121,6 +133,16 @@ class MemFlowConfig:
             raise ValueError(
                 f"bank_staging must be one of {list(BANK_STAGINGS)}, got {self.bank_staging!r}"
             )
+        if self.cache_dtype is not None and self.cache_dtype not in CACHE_DTYPES:
+            raise ValueError(
+                f"cache_dtype must be None (the attention dtype) or one of "
+                f"{list(CACHE_DTYPES)}, got {self.cache_dtype!r}"
+            )
+        if self.position_overflow not in POSITION_OVERFLOWS:
+            raise ValueError(
+                f"position_overflow must be one of {list(POSITION_OVERFLOWS)}, "
+                f"got {self.position_overflow!r}"
+            )
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(
                 f"attention_backend must be one of {sorted(ATTENTION_BACKENDS)}, "
@@ -139,8 +161,9 @@ class MemFlowConfig:
         """The layout in one line, e.g. ``sink 3, bank 3, local 9, 3-frame chunks, SMA top 3``."""
         local = "unbounded" if self.local_frames is None else self.local_frames
         sma = f", SMA top {self.sma_top_k}" if self.sma else ""
+        cache = f", {self.cache_dtype} cache" if self.cache_dtype else ""
         return (f"sink {self.sink_frames}, bank {self.bank_frames}, local {local}, "
-                f"{self.frames_per_chunk}-frame chunks{sma}")
+                f"{self.frames_per_chunk}-frame chunks{sma}{cache}")
 
     # ----------------------------------------------------------------------------- derived sizes
     @property
@@ -156,6 +179,14 @@ class MemFlowConfig:
         if self.local_frames is None:
             return None
         return self.sink_frames + self.local_frames
+
+    @property
+    def position_span(self) -> int | None:
+        """RoPE positions one chunk needs at once: a recache of ``cache_frames`` then the chunk
+        (architecture s.2b); ``None`` when the window is unbounded."""
+        if self.cache_frames is None:
+            return None
+        return self.cache_frames + self.frames_per_chunk
 
     # ----------------------------------------------------------------------------------- presets
     @classmethod

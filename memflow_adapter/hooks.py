@@ -19,6 +19,7 @@ from torch import nn
 
 from .config import MemFlowConfig
 from .integrations import Integration, find_integration
+from .positions import RopeTable
 from .session import SessionStateError, StreamingSession
 
 GUARD_HOOK = "memflow_guard"
@@ -81,6 +82,7 @@ class MemFlowAttachment:
             tokens_per_frame=self.integration.tokens_per_frame(latent_height, latent_width),
             record_trace=record_trace,
             trace_chunks=trace_chunks,
+            rope=RopeTable(self.integration.rope_frames(), self.integration.rotate_keys),
         )
 
     def text_keys(self, prompt_embeds: torch.Tensor) -> list[torch.Tensor]:
@@ -124,14 +126,15 @@ class _PassGuardHook(ModelHook):
 
 
 class _RopeOffsetHook(ModelHook):
-    """Makes RoPE give the running pass's absolute latent-frame positions."""
+    """Makes RoPE give the running pass's latent-frame positions (absolute until the video
+    outgrows the RoPE table, then re-based: ``StreamingSession.pass_start_position``)."""
 
     def __init__(self, attachment: MemFlowAttachment) -> None:
         super().__init__()
         self.attachment = attachment
 
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        offset = self.attachment.require_session().pass_start_frame
+        offset = self.attachment.require_session().pass_start_position
         return self.attachment.integration.rope_forward(module, offset, *args, **kwargs)
 
 

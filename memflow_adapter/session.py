@@ -28,6 +28,7 @@ from .cache import LayerCache
 from .config import MemFlowConfig
 from .introspection import ChunkMemory, MemoryTrace
 from .memory import update_bank
+from .positions import RopeTable
 from .sparse import select_memory_frames, sparse_memory_attention
 
 
@@ -68,6 +69,9 @@ class StreamingSession:
         record_trace: keep the per-chunk memory trace (see ``trace()``).
         trace_chunks: keep the trace of the most recent chunks only (``None``: every chunk), so
             that a long stream's trace stays bounded.
+        rope: the model's RoPE positions (``Integration.rope_table()``); a stream longer than
+            ``rope.frames`` latent frames is re-based to fit (architecture s.2b). ``None``: no
+            table, positions are always the absolute frames.
     """
 
     def __init__(
@@ -77,6 +81,7 @@ class StreamingSession:
         tokens_per_frame: int,
         record_trace: bool = True,
         trace_chunks: int | None = None,
+        rope: RopeTable | None = None,
     ) -> None:
         if not isinstance(config, MemFlowConfig):
             raise TypeError(f"config must be a MemFlowConfig, got {type(config).__name__}")
@@ -89,8 +94,20 @@ class StreamingSession:
             isinstance(trace_chunks, bool) or not isinstance(trace_chunks, int) or trace_chunks < 1
         ):
             raise ValueError(f"trace_chunks must be None or an int >= 1, got {trace_chunks!r}")
+        if rope is not None:
+            if not isinstance(rope, RopeTable):
+                raise TypeError(f"rope must be a RopeTable or None, got {type(rope).__name__}")
+            span = config.position_span
+            if span is not None and span > rope.frames:
+                raise ValueError(
+                    f"the model's RoPE table holds {rope.frames} latent frames, but this layout "
+                    f"needs {span} positions at once (a recache of sink_frames + local_frames = "
+                    f"{config.cache_frames} frames, then a chunk of frames_per_chunk="
+                    f"{config.frames_per_chunk}): use a smaller sink_frames or local_frames"
+                )
         self.record_trace = record_trace
         self.trace_chunks = trace_chunks
+        self.rope = rope
         self.layers = [LayerCache(config, tokens_per_frame) for _ in range(num_layers)]
         self.reset()
 
@@ -100,6 +117,7 @@ class StreamingSession:
             cache.reset()
         self.chunk_index = 0  # chunks committed so far
         self.next_frame = 0  # absolute index of the next chunk's first frame
+        self.position_base = 0  # RoPE position of frame f is f - position_base (architecture s.2b)
         self._trace = MemoryTrace(self.trace_chunks)
         self._chunk_open = False
         self._chunk_passes = 0
@@ -126,11 +144,16 @@ class StreamingSession:
             )
         if self.config.nam:
             self._check_text_keys(text_keys)
+        shift = self._rebase_shift()
         if self.config.nam and self.chunk_index >= 1:
             for layer, cache in enumerate(self.layers):
                 # with bank_staging="interval" the previous chunk may have staged nothing
                 if cache.has_staged_frame:
                     update_bank(cache, self.chunk_index, text_keys[layer])
+        if shift:
+            for cache in self.layers:
+                cache.rebase(shift, self.config.position_overflow, self.rope.rotate)
+            self.position_base += shift
         self._chunk_open = True
         self._chunk_passes = 0
         self._chunk_frames = None
@@ -139,6 +162,22 @@ class StreamingSession:
             for layer, cache in enumerate(self.layers):
                 if cache.bank_frame_index is not None:
                     self._trace.record_bank(layer, cache.bank_frame_index[:, : cache.bank_filled])
+
+    def _rebase_shift(self) -> int:
+        """How far every RoPE position must move before the next chunk so that it fits in the
+        table (0: it fits). A re-base moves the oldest frame a recache may re-encode to position
+        0, so that as many chunks as possible follow before the next one (architecture s.2b)."""
+        if self.rope is None:
+            return 0
+        if self.next_frame + self.config.frames_per_chunk - self.position_base <= self.rope.frames:
+            return 0
+        if self.config.cache_frames is None:
+            raise ValueError(
+                f"the video has reached the end of the model's RoPE table ({self.rope.frames} "
+                "latent frames) and an unbounded local window (local_frames=None) keeps every "
+                "frame, so its positions cannot be re-based: use a bounded local_frames"
+            )
+        return self.next_frame - self.config.cache_frames - self.position_base
 
     def recache_window(self) -> RecacheWindow:
         """The frames a recache pass started now would re-encode (architecture s.4b)."""
@@ -211,14 +250,9 @@ class StreamingSession:
 
     @property
     def cache_bytes(self) -> int:
-        """Bytes held by every layer's cache tensors (bounded unless the window is unbounded)."""
-        tensors = [
-            tensor
-            for cache in self.layers
-            for tensor in (cache.keys, cache.values, cache.staged_keys, cache.staged_values)
-            if tensor is not None
-        ]
-        return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
+        """Bytes held by every layer's cache tensors, quantization scales included (bounded
+        unless the window is unbounded)."""
+        return sum(cache.nbytes for cache in self.layers)
 
     @property
     def current_pass(self) -> PassKind | None:
@@ -234,6 +268,12 @@ class StreamingSession:
             return self._recache.start_frame
         return self.next_frame
 
+    @property
+    def pass_start_position(self) -> int:
+        """RoPE position of the running pass's first frame: ``pass_start_frame`` until the
+        video outgrows the model's RoPE table, then re-based (architecture s.2b)."""
+        return self.pass_start_frame - self.position_base
+
     # ------------------------------------------------------------------------------- attention
     def attend(
         self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
@@ -243,7 +283,7 @@ class StreamingSession:
         Args:
             layer: the layer's index, ``0 .. num_layers - 1``.
             query, key, value: ``[B, n * T_f, H, D]`` for the pass's ``n`` frames; query and key
-                after RoPE at their absolute frame positions.
+                after RoPE at the pass's positions (``pass_start_position`` onwards).
 
         Returns:
             ``[B, n * T_f, H, D]`` attention output.
@@ -412,6 +452,7 @@ class StreamingSession:
             "session.num_layers": torch.tensor(self.num_layers),
             "session.chunk_index": torch.tensor(self.chunk_index),
             "session.next_frame": torch.tensor(self.next_frame),
+            "session.position_base": torch.tensor(self.position_base),
         }
         for index, cache in enumerate(self.layers):
             for name, tensor in cache.state_dict().items():
@@ -429,6 +470,7 @@ class StreamingSession:
             "session.num_layers",
             "session.chunk_index",
             "session.next_frame",
+            "session.position_base",
         ]
         missing = [name for name in required if name not in state]
         if missing:
@@ -460,6 +502,7 @@ class StreamingSession:
         self.layers = staging
         self.chunk_index = int(state["session.chunk_index"])
         self.next_frame = int(state["session.next_frame"])
+        self.position_base = int(state["session.position_base"])
 
     # ------------------------------------------------------------------------------- validation
     def _check_text_keys(self, text_keys: Sequence[torch.Tensor] | None) -> None:

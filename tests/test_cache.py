@@ -56,7 +56,7 @@ def test_a_full_context_is_a_view_of_the_buffer_not_a_copy():
         cache.stage(frame_coded(100 + slot, 1), frame_coded(100 + slot, 1), 100 + slot)
         cache.commit_staged_to_slot(slot)
     keys, _ = cache.context()
-    assert keys.data_ptr() == cache.keys.data_ptr()
+    assert keys.data_ptr() == cache.keys.codes.data_ptr()
     assert frames_of(keys) == [0, 1, 2, 100, 101, 102, 6, 7, 8, 9, 10, 11]
 
 
@@ -77,7 +77,7 @@ def test_staging_replaces_the_previous_candidate_and_commit_clears_it():
     cache = LayerCache(MemFlowConfig.reference(), TOKENS)
     cache.stage(frame_coded(0, 1), frame_coded(0, 1), 0)
     cache.stage(frame_coded(3, 1), frame_coded(3, 1), 3)
-    assert cache.staged_frame == 3 and frames_of(cache.staged_keys) == [3]
+    assert cache.staged_frame == 3 and frames_of(cache.staged_keys.codes) == [3]
     cache.commit_staged_to_slot(1)
     assert cache.staged_frame == -1
     assert cache.bank_frame_index.tolist() == [[-1, 3, -1]] * 2
@@ -134,11 +134,11 @@ def test_bad_shapes_are_rejected(tokens, message):
 def test_a_write_with_another_geometry_is_rejected_and_changes_nothing():
     cache = LayerCache(MemFlowConfig.longlive(), TOKENS)
     commit_chunks(cache, [3])
-    before = cache.keys.clone()
+    before = cache.keys.codes.clone()
     other = torch.zeros(2, 3 * TOKENS, HEADS + 1, 8)
     with pytest.raises(ValueError, match="do not match this cache"):
         cache.append(other, other, 3)
-    assert torch.equal(cache.keys, before) and cache.frames_written == 3
+    assert torch.equal(cache.keys.codes, before) and cache.frames_written == 3
 
 
 def test_values_must_match_keys():

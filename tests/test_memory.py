@@ -78,7 +78,7 @@ def test_bank_never_exceeds_its_size_and_always_holds_the_newest_candidate_once_
         cache = session.layers[0]
         # the candidate is always the newest committed chunk's first frame
         assert cache.staged_frame == first_frames[-1]
-        assert cache.staged_keys[0, :, 0, 0].tolist() == [first_frames[-1]] * TOKENS
+        assert cache.staged_keys.codes[0, :, 0, 0].tolist() == [first_frames[-1]] * TOKENS
         held = cache.bank_frame_index[:, : cache.bank_filled]
         assert cache.bank_filled <= bank
         assert set(held.flatten().tolist()) <= set(first_frames[:-1])
