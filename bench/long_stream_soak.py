@@ -1,0 +1,210 @@
+"""Does a stream far longer than the model's RoPE table stay flat? Per-chunk time, process memory
+and cache bytes of one multi-thousand-chunk video through a RoPE table of a few chunks.
+
+Runs the real ``MemFlowStreamingPipeline`` on the embedded tiny random-weight Wan, latents only
+(no VAE decode), with a 2-step schedule (timesteps 1000, 500), no memory trace and a prompt
+switch (with its KV recache) every ``--chunks-per-prompt`` chunks, cycling three prompts. The
+transformer's RoPE table is first cut to ``--rope-frames`` latent frames, exactly as a model built
+with ``rope_max_seq_len=--rope-frames`` has it, so that the session re-bases its positions every
+few chunks (architecture s.2b) for the whole video. The stream is iterated chunk by chunk; after
+each ``next()`` the script records its wall time, ``StreamedChunk.report.cache_bytes``, the
+process's resident memory (``/proc/self/statm``) and the session's ``position_base``.
+
+Printed at chunks 10, 100, 1000 and 5000 (chunk ``n`` is the ``n``-th chunk streamed; those past
+``--chunks`` are left out and the last chunk is added): the per-chunk time (median of the 9
+chunks around it) and the RSS and cache bytes at that chunk, each with its ratio to chunk 10 (all
+1.00 when nothing grows with the video), and the position base. The last line counts the latent
+frames streamed against the table's length.
+
+What is allowed to grow: the ``VideoStream`` keeps the whole video's clean latents
+(``stream.video``, read back by every recache) and its initial noise (``stream.noise``), each
+``[1, 16, F, size / 8, size / 8]`` float32 for ``F = 3 * --chunks`` latent frames, 12 KiB per
+chunk each at 64 px, about 61 MB each for 5000 chunks. Both are allocated in full when the stream
+is made, before chunk 1, so they are in every RSS row (not in the ratios) and are printed in the
+header; the cache, the prompts' conditioning and the memory trace stay bounded.
+
+    .venv/bin/python bench/long_stream_soak.py              # 5000 chunks, ~9 min on 2 cores
+    .venv/bin/python bench/long_stream_soak.py --chunks 60  # a few seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from memflow_adapter import MemFlowConfig
+from memflow_adapter.config import PRESETS
+from memflow_adapter.pipeline import MemFlowStreamingPipeline, PromptSchedule, VideoStream
+from memflow_adapter.schedule import FlowMatchSchedule
+from memflow_adapter.tiny_wan import build_tiny_wan_pipeline
+
+#: Chunks (1-based) the table reports; the first is the baseline of the ratios.
+CHECKPOINTS = (10, 100, 1000, 5000)
+#: Chunks whose median time is reported at a checkpoint.
+SMOOTHING = 9
+#: The 2-step schedule: the per-chunk cost is dominated by the transformer passes, not the count.
+STEPS = (1000, 500)
+PROMPTS = (
+    "a red fox walks through a snowy forest",
+    "a small boat sails on a blue lake",
+    "the red fox walks back into the forest",
+)
+#: Presets with a bounded window (full_history keeps every frame and cannot be re-based).
+BOUNDED_PRESETS = tuple(name for name in PRESETS if name != "full_history")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """What one chunk cost and left behind."""
+
+    seconds: float
+    rss_bytes: int
+    cache_bytes: int
+    position_base: int
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--chunks", type=int, default=5000, help="chunks of 3 latent frames")
+    parser.add_argument("--rope-frames", type=int, default=16,
+                        help="latent frames of the shortened RoPE table")
+    parser.add_argument("--preset", choices=BOUNDED_PRESETS, default="reference")
+    parser.add_argument("--chunks-per-prompt", type=int, default=50)
+    parser.add_argument("--size", type=int, default=64, help="video height = width in pixels")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.chunks < CHECKPOINTS[0]:
+        parser.error(f"--chunks must be >= {CHECKPOINTS[0]} (the baseline chunk)")
+    if args.chunks_per_prompt < 1:
+        parser.error("--chunks-per-prompt must be >= 1")
+    if args.size % 16 or args.size // 16 > args.rope_frames:
+        parser.error(
+            "--size must be a multiple of 16 (8x VAE, 2x2 patches) with at most --rope-frames "
+            "patches per side (the table's height and width rows are cut too)"
+        )
+    return args
+
+
+def shorten_rope(transformer: nn.Module, frames: int) -> None:
+    """Cut a Wan transformer's RoPE tables (``freqs_cos`` / ``freqs_sin`` buffers, ``[positions,
+    head_dim]``) to their first ``frames`` rows, as ``rope_max_seq_len=frames`` would build them."""
+    rope = transformer.rope
+    rope.max_seq_len = frames
+    rope.freqs_cos = rope.freqs_cos[:frames].clone()
+    rope.freqs_sin = rope.freqs_sin[:frames].clone()
+
+
+def rss_bytes() -> int:
+    """Resident memory of this process now (``/proc/self/statm``'s second field, in pages)."""
+    with open("/proc/self/statm", encoding="ascii") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def open_stream(pipe, args: argparse.Namespace) -> VideoStream:
+    """The soak's video: ``--chunks`` chunks, a new prompt every ``--chunks-per-prompt``."""
+    config = MemFlowConfig.preset(args.preset)
+    streaming = MemFlowStreamingPipeline(
+        pipe, config, schedule=FlowMatchSchedule(steps=STEPS), device="cpu"
+    )
+    segments = -(-args.chunks // args.chunks_per_prompt)
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(segments)]
+    return streaming.stream(
+        PromptSchedule.from_prompts(prompts, args.chunks_per_prompt * config.frames_per_chunk),
+        num_latent_frames=args.chunks * config.frames_per_chunk,
+        height=args.size,
+        width=args.size,
+        generator=torch.Generator().manual_seed(args.seed),
+        output_type="latent",
+        max_sequence_length=32,
+        record_trace=False,
+    )
+
+
+def soak(stream: VideoStream) -> list[Sample]:
+    """Run every chunk of ``stream``, one ``next()`` at a time, sampling after each."""
+    samples = []
+    while True:
+        start = time.perf_counter()
+        try:
+            chunk = next(stream)
+        except StopIteration:
+            return samples
+        seconds = time.perf_counter() - start
+        samples.append(
+            Sample(seconds, rss_bytes(), chunk.report.cache_bytes, stream.session.position_base)
+        )
+
+
+def reported_chunks(num_chunks: int) -> list[int]:
+    """The checkpoints within the video, and its last chunk."""
+    chunks = [c for c in CHECKPOINTS if c <= num_chunks]
+    return chunks if chunks[-1] == num_chunks else [*chunks, num_chunks]
+
+
+def median_seconds(samples: list[Sample], chunk: int) -> float:
+    """Median time of the ``SMOOTHING`` chunks centred on ``chunk`` (1-based), moved inward at
+    the video's ends."""
+    first = max(0, min(chunk - 1 - SMOOTHING // 2, len(samples) - SMOOTHING))
+    return statistics.median(s.seconds for s in samples[first : first + SMOOTHING])
+
+
+def print_table(samples: list[Sample]) -> None:
+    """Per reported chunk: time, RSS and cache bytes with their ratios to the first, and the
+    position base."""
+    chunks = reported_chunks(len(samples))
+    base = samples[chunks[0] - 1]
+    base_seconds = median_seconds(samples, chunks[0])
+    print(
+        f"\n{'chunk':>6}{'ms/chunk':>10}{'x':>6}{'RSS MB':>9}{'x':>6}"
+        f"{'cache B':>10}{'x':>6}{'pos base':>10}"
+    )
+    for chunk in chunks:
+        sample, seconds = samples[chunk - 1], median_seconds(samples, chunk)
+        print(
+            f"{chunk:>6}{seconds * 1e3:>10.1f}{seconds / base_seconds:>6.2f}"
+            f"{sample.rss_bytes / 1e6:>9.1f}{sample.rss_bytes / base.rss_bytes:>6.2f}"
+            f"{sample.cache_bytes:>10}{sample.cache_bytes / base.cache_bytes:>6.2f}"
+            f"{sample.position_base:>10}"
+        )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    began = time.perf_counter()
+    pipe = build_tiny_wan_pipeline(seed=args.seed)
+    shorten_rope(pipe.transformer, args.rope_frames)
+    stream = open_stream(pipe, args)
+    config = stream.pipeline.config
+    video_bytes = stream.video.nbytes + stream.noise.nbytes
+    print(
+        f"tiny random-weight Wan, {args.size}x{args.size} px, RoPE table cut to "
+        f"{args.rope_frames} latent frames, {args.preset} ({config.describe()}), {len(STEPS)} "
+        f"steps, prompt switch every {args.chunks_per_prompt} chunks, "
+        f"{torch.get_num_threads()} threads"
+    )
+    print(
+        f"the stream's video + noise latents: {tuple(stream.video.shape)} float32 x 2 = "
+        f"{video_bytes / 1e6:.1f} MB, allocated before chunk 1 (in every RSS row)"
+    )
+    samples = soak(stream)
+    print_table(samples)
+    frames = len(samples) * config.frames_per_chunk
+    print(
+        f"\n{frames} latent frames through a {args.rope_frames}-frame RoPE table "
+        f"(positions re-based by {samples[-1].position_base} frames); "
+        f"total {time.perf_counter() - began:.1f} s"
+    )
+
+
+if __name__ == "__main__":
+    main()
