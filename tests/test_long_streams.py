@@ -64,7 +64,7 @@ def test_every_family_streams_210_frames_through_a_16_frame_table_with_a_flat_ca
     )
     assert torch.isfinite(output).all()
     assert session.position_base > 0
-    assert all(0 <= p and p + CHUNK <= TABLE for p in positions)
+    assert all(p >= 0 and p + CHUNK <= TABLE for p in positions)
     assert len(set(cache_bytes[6:])) == 1  # constant once sink, bank and window are full
 
 
@@ -89,7 +89,8 @@ MAX_CHUNKS = 64
 
 
 def wan_stream(model, config, chunks, switches=(), session_state=None, from_chunk=0):
-    """A tiny Wan stream (the same latents whatever its length, up to ``MAX_CHUNKS``) with the recache at each chunk of ``switches`` (the prompt alternates).
+    """A tiny Wan stream (the same latents whatever its length, up to ``MAX_CHUNKS``) with the
+    recache at each chunk of ``switches`` (the prompt alternates).
     Returns every denoising output ``[1, 16, 3 * chunks, 4, 4]`` and the session."""
     generator = torch.Generator().manual_seed(0)
     prompts = [torch.randn(1, 8, 16, generator=generator) for _ in range(2)]
@@ -177,9 +178,8 @@ def test_an_unbounded_window_past_the_table_is_refused_before_the_chunk_changes_
         before = session.state_dict()
         with pytest.raises(ValueError, match="unbounded local window.*local_frames=None"):
             session.begin_chunk()
-        with pytest.raises(SessionStateError, match="needs an open chunk"):
-            with session.denoise_pass():
-                pass
+        with pytest.raises(SessionStateError, match="needs an open chunk"), session.denoise_pass():
+            pass
     assert all(torch.equal(session.state_dict()[k], v) for k, v in before.items())
 
 

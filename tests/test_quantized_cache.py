@@ -7,12 +7,12 @@ from dataclasses import replace
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from test_long_streams import CHUNK, wan_stream
 
 from memflow_adapter import MemFlowConfig, StreamingSession
 from memflow_adapter.cache import LayerCache
 from memflow_adapter.frame_buffer import FrameBuffer, dequantize_frames, quantize_frames
 
-from test_long_streams import CHUNK, wan_stream
 from tiny_models import tiny_wan
 
 QUANTIZED = ["float8_e4m3fn", "int8"]
@@ -29,10 +29,9 @@ def test_a_frame_round_trips_within_half_a_step_of_its_format(cache_dtype, gener
     assert codes.dtype == STORAGE[cache_dtype] and scale.shape == (2, 3, 4)
     error = (dequantize_frames(codes, scale, TOKENS, torch.float32) - tokens).abs()
     step = scale.repeat_interleave(TOKENS, dim=1)[..., None]  # one code step, per frame and head
-    if cache_dtype == "int8":
-        bound = step / 2
-    else:  # 3 mantissa bits: half a step is 1/16 of the value; below 2**-6 steps are 2**-9
-        bound = tokens.abs() / 16 + step * 2**-10
+    # int8: half a step; fp8 has 3 mantissa bits: half a step is 1/16 of the value, and below
+    # 2**-6 (subnormals) steps are 2**-9 of the scale
+    bound = step / 2 if cache_dtype == "int8" else tokens.abs() / 16 + step * 2**-10
     assert (error <= bound * (1 + 1e-6)).all()
 
 
