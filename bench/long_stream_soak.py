@@ -23,8 +23,12 @@ chunk each at 64 px, about 61 MB each for 5000 chunks. Both are allocated in ful
 is made, before chunk 1, so they are in every RSS row (not in the ratios) and are printed in the
 header; the cache, the prompts' conditioning and the memory trace stay bounded.
 
-    .venv/bin/python bench/long_stream_soak.py              # 5000 chunks, ~9 min on 2 cores
-    .venv/bin/python bench/long_stream_soak.py --chunks 60  # a few seconds
+A chunk takes 25-30 ms at the defaults (64 px, one or two threads), so the default 5000 chunks
+take about 2.5 minutes. When another process shares the cores, pass ``--threads 1``: two threads
+competing with it for two cores ran some chunks 50 times slower, which swamps the ratios.
+
+    .venv/bin/python bench/long_stream_soak.py                          # 5000 chunks, ~2.5 min
+    .venv/bin/python bench/long_stream_soak.py --chunks 60 --threads 1  # a few seconds
 """
 
 from __future__ import annotations
@@ -37,10 +41,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from memflow_adapter import MemFlowConfig
 from memflow_adapter.config import PRESETS
+from memflow_adapter.integrations.wan import shorten_rope_table
 from memflow_adapter.pipeline import MemFlowStreamingPipeline, PromptSchedule, VideoStream
 from memflow_adapter.schedule import FlowMatchSchedule
 from memflow_adapter.tiny_wan import build_tiny_wan_pipeline
@@ -91,15 +95,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             "patches per side (the table's height and width rows are cut too)"
         )
     return args
-
-
-def shorten_rope(transformer: nn.Module, frames: int) -> None:
-    """Cut a Wan transformer's RoPE tables (``freqs_cos`` / ``freqs_sin`` buffers, ``[positions,
-    head_dim]``) to their first ``frames`` rows, as ``rope_max_seq_len=frames`` would build them."""
-    rope = transformer.rope
-    rope.max_seq_len = frames
-    rope.freqs_cos = rope.freqs_cos[:frames].clone()
-    rope.freqs_sin = rope.freqs_sin[:frames].clone()
 
 
 def rss_bytes() -> int:
@@ -163,15 +158,15 @@ def print_table(samples: list[Sample]) -> None:
     base = samples[chunks[0] - 1]
     base_seconds = median_seconds(samples, chunks[0])
     print(
-        f"\n{'chunk':>6}{'ms/chunk':>10}{'x':>6}{'RSS MB':>9}{'x':>6}"
-        f"{'cache B':>10}{'x':>6}{'pos base':>10}"
+        f"\n{'chunk':>6}{'ms/chunk':>10}{'x time':>8}{'RSS MB':>9}{'x RSS':>7}"
+        f"{'cache B':>10}{'x cache':>9}{'pos base':>10}"
     )
     for chunk in chunks:
         sample, seconds = samples[chunk - 1], median_seconds(samples, chunk)
         print(
-            f"{chunk:>6}{seconds * 1e3:>10.1f}{seconds / base_seconds:>6.2f}"
-            f"{sample.rss_bytes / 1e6:>9.1f}{sample.rss_bytes / base.rss_bytes:>6.2f}"
-            f"{sample.cache_bytes:>10}{sample.cache_bytes / base.cache_bytes:>6.2f}"
+            f"{chunk:>6}{seconds * 1e3:>10.1f}{seconds / base_seconds:>8.2f}"
+            f"{sample.rss_bytes / 1e6:>9.1f}{sample.rss_bytes / base.rss_bytes:>7.2f}"
+            f"{sample.cache_bytes:>10}{sample.cache_bytes / base.cache_bytes:>9.2f}"
             f"{sample.position_base:>10}"
         )
 
@@ -182,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     began = time.perf_counter()
     pipe = build_tiny_wan_pipeline(seed=args.seed)
-    shorten_rope(pipe.transformer, args.rope_frames)
+    shorten_rope_table(pipe.transformer, args.rope_frames)
     stream = open_stream(pipe, args)
     config = stream.pipeline.config
     video_bytes = stream.video.nbytes + stream.noise.nbytes

@@ -11,6 +11,12 @@ test.
 
     .venv/bin/python bench/narrative_eval.py --scripts 20          # the packaged model
     .venv/bin/python bench/narrative_eval.py --model outputs/world/model --scripts 50
+    .venv/bin/python bench/narrative_eval.py --rope-frames 10 --position-overflow clamp
+    .venv/bin/python bench/narrative_eval.py --cache-dtype int8
+
+``--rope-frames`` shortens the model's RoPE table so that the stories stream past it: the
+returning entity's first appearance (frames 4..7) is then far beyond the table when it returns
+(frames 20..23), and only the re-based memory positions (``--position-overflow``) can place it.
 """
 
 from __future__ import annotations
@@ -22,6 +28,9 @@ from pathlib import Path
 
 import torch
 
+from memflow_adapter.frame_buffer import CACHE_DTYPES
+from memflow_adapter.integrations.wan import shorten_rope_table
+from memflow_adapter.positions import POSITION_OVERFLOWS
 from memflow_adapter.world import load_world_pipeline, make_script
 from memflow_adapter.world.pipeline import WORLD_GUIDANCE_SCALE, WORLD_MODEL_DIR
 from memflow_adapter.world.scoring import (
@@ -64,20 +73,35 @@ def main() -> None:
     parser.add_argument("--switch-offset", type=int, default=0,
                         help="move every prompt switch this many latent frames late (1: off the "
                         "2-frame chunk boundaries, applied and recached at the next one)")
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="score the held-out scripts of seeds first .. first + N - 1")
+    parser.add_argument("--rope-frames", type=int,
+                        help="shorten the model's RoPE table to this many latent frames, so that "
+                        "the stories stream past it (re-based positions)")
+    parser.add_argument("--position-overflow", choices=POSITION_OVERFLOWS,
+                        help="where memory frames go past the RoPE table (default: the config's)")
+    parser.add_argument("--cache-dtype", choices=sorted(CACHE_DTYPES),
+                        help="a quantized KV cache (default: the model dtype)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path,
                         help="also write the tables and every story's scores as JSON")
     args = parser.parse_args()
-    if not 1 <= args.scripts <= 1000:
-        parser.error(f"--scripts must be in 1..1000 (held-out seeds), got {args.scripts}")
+    seeds = range(args.first_seed, args.first_seed + args.scripts)
+    if args.scripts < 1 or seeds.start < 0 or seeds.stop > 1000:
+        parser.error(f"--first-seed and --scripts must pick seeds in 0..999 (held out), got "
+                     f"{seeds.start}..{seeds.stop - 1}")
     torch.set_num_threads(args.threads)
     pipe = load_world_pipeline(args.model)
-    scripts = [make_script(seed) for seed in range(args.scripts)]
+    if args.rope_frames:
+        shorten_rope_table(pipe.transformer, args.rope_frames)
+    overrides = {name: getattr(args, name) for name in ("position_overflow", "cache_dtype")
+                 if getattr(args, name)}
+    scripts = {seed: make_script(seed) for seed in seeds}
     per_story = {}
     for layout in args.layouts:
-        streaming = streaming_world(pipe, layout)
+        streaming = streaming_world(pipe, layout, **overrides)
         per_story[layout] = []
-        for seed, script in enumerate(scripts):
+        for seed, script in scripts.items():
             generated = generate_script(
                 streaming, script, seed, args.guidance_scale, args.switch_offset
             )
@@ -86,9 +110,11 @@ def main() -> None:
                 score_script(script, generated.video, generated.chunk_seconds, schedule)
             )
     table = {layout: mean_scores(scores) for layout, scores in per_story.items()}
-    print(f"{args.scripts} held-out scripts, 24 latent frames (12 chunks) each, guidance scale "
-          f"{args.guidance_scale:g}, switches {args.switch_offset} frame(s) late, "
-          f"{args.threads} CPU threads; rates in %")
+    table_frames = pipe.transformer.rope.max_seq_len
+    print(f"{args.scripts} held-out scripts (seeds {seeds.start}..{seeds.stop - 1}), 24 latent "
+          f"frames (12 chunks) each through a {table_frames}-frame RoPE table, guidance scale "
+          f"{args.guidance_scale:g}, switches {args.switch_offset} frame(s) late, config "
+          f"overrides {overrides or 'none'}, {args.threads} CPU threads; rates in %")
     print("| layout | " + " | ".join(COLUMNS.values()) + " |")
     print("| --- " * (len(COLUMNS) + 1) + "|")
     for layout, row in table.items():
@@ -101,8 +127,9 @@ def main() -> None:
     if args.json:
         stories = {layout: [dataclasses.asdict(score) for score in scores]
                    for layout, scores in per_story.items()}
-        result = {"scripts": args.scripts, "guidance_scale": args.guidance_scale,
-                  "switch_offset": args.switch_offset,
+        result = {"seeds": [seeds.start, seeds.stop - 1], "guidance_scale": args.guidance_scale,
+                  "switch_offset": args.switch_offset, "rope_frames": table_frames,
+                  "config_overrides": overrides,
                   "layouts": table, f"paired_against_{BASELINE}": paired, "stories": stories}
         args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
 

@@ -53,6 +53,20 @@ def apply_wan_rotary(
     return out.type_as(hidden_states)
 
 
+def shorten_rope_table(model: nn.Module, frames: int) -> None:
+    """Keep the first ``frames`` temporal positions of a Wan-layout model's RoPE table: the same
+    weights as a model configured with ``rope_max_seq_len=frames`` (a table row does not depend on
+    the table's length). For tests and benchmarks of streams past the table."""
+    rope = model.rope
+    valid = isinstance(frames, int) and not isinstance(frames, bool)
+    if not valid or not 1 <= frames <= rope.max_seq_len:
+        raise ValueError(f"frames must be an int in 1..{rope.max_seq_len}, got {frames!r}")
+    rope.max_seq_len = frames
+    rope.freqs_cos = rope.freqs_cos[:frames].clone()
+    rope.freqs_sin = rope.freqs_sin[:frames].clone()
+    model.register_to_config(rope_max_seq_len=frames)
+
+
 class WanStreamingSelfAttnProcessor:
     """Self-attention of one Wan block, with the attention itself done by the session."""
 

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from memflow_adapter import MemFlowConfig, SessionStateError, StreamingSession, apply_memflow
 from memflow_adapter.hooks import remove_memflow
 from memflow_adapter.integrations import find_integration
+from memflow_adapter.integrations.wan import shorten_rope_table
 from memflow_adapter.positions import RopeTable, overflowed_positions
 
 from families import FAMILIES, Family
@@ -21,8 +22,9 @@ rows = pytest.mark.parametrize("family", FAMILIES.values(), ids=FAMILIES.keys())
 WINDOW_ONLY = MemFlowConfig.reference(sink_frames=0, bank_frames=0, nam=False)
 
 
-def shorten_rope_table(monkeypatch, model, frames: int) -> None:
-    """Make ``model``'s integration declare a ``frames``-position RoPE table."""
+def declare_rope_frames(monkeypatch, model, frames: int) -> None:
+    """Make ``model``'s integration declare a ``frames``-position RoPE table (every family; the
+    Wan tests below also use a real 16-row table)."""
     monkeypatch.setattr(type(find_integration(model)), "rope_frames", lambda self: frames)
 
 
@@ -55,7 +57,7 @@ def test_every_family_streams_210_frames_through_a_16_frame_table_with_a_flat_ca
     family, preset, generator, monkeypatch
 ):
     model = family.build()
-    shorten_rope_table(monkeypatch, model, TABLE)
+    declare_rope_frames(monkeypatch, model, TABLE)
     frames = 70 * CHUNK
     positions = []
     output, session, cache_bytes = stream(
@@ -79,7 +81,7 @@ def test_a_re_based_window_equals_the_same_stream_with_a_table_long_enough(
     frames = 30 * CHUNK
     inputs = family.make_inputs(generator, frames)
     fits, fitting, _ = stream(family, model, WINDOW_ONLY, inputs, frames)
-    shorten_rope_table(monkeypatch, model, TABLE)
+    declare_rope_frames(monkeypatch, model, TABLE)
     rebased, session, _ = stream(family, model, WINDOW_ONLY, inputs, frames)
     assert fitting.position_base == 0 and session.position_base > 0
     torch.testing.assert_close(rebased, fits, rtol=1e-5, atol=1e-5)
@@ -126,6 +128,17 @@ def test_a_video_that_fits_the_table_is_bit_identical_to_one_with_a_longer_table
     short, _ = wan_stream(tiny_wan(rope_max_seq_len=TABLE), config, 5, switches=(3,))
     long, session = wan_stream(tiny_wan(), config, 5, switches=(3,))
     assert session.position_base == 0 and torch.equal(short, long)
+
+
+def test_a_shortened_rope_table_is_the_table_of_a_model_configured_that_short():
+    shortened = tiny_wan()
+    shorten_rope_table(shortened, TABLE)
+    built = tiny_wan(rope_max_seq_len=TABLE)
+    assert shortened.rope.max_seq_len == shortened.config.rope_max_seq_len == TABLE
+    assert torch.equal(shortened.rope.freqs_cos, built.rope.freqs_cos)
+    assert torch.equal(shortened.rope.freqs_sin, built.rope.freqs_sin)
+    with pytest.raises(ValueError, match="frames must be an int in 1..16"):
+        shorten_rope_table(shortened, 17)
 
 
 def test_re_based_recaches_of_a_tiny_wan_with_a_16_frame_table_match_a_1024_frame_one():

@@ -21,6 +21,7 @@ import math
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -106,14 +107,17 @@ def script_schedule(script: Script, switch_offset: int = 0) -> PromptSchedule:
     return PromptSchedule(tuple(zip(script.prompts, starts, strict=True)))
 
 
-def streaming_world(pipe: NarrativeWorldPipeline, layout: str) -> MemFlowStreamingPipeline:
-    """``pipe`` streamed with ``WORLD_LAYOUTS[layout]`` and ``WORLD_SCHEDULE`` (any previous
-    attachment removed)."""
+def streaming_world(
+    pipe: NarrativeWorldPipeline, layout: str, **config_overrides: Any
+) -> MemFlowStreamingPipeline:
+    """``pipe`` streamed with ``WORLD_LAYOUTS[layout]`` (with ``config_overrides``, e.g.
+    ``cache_dtype="int8"``) and ``WORLD_SCHEDULE`` (any previous attachment removed)."""
     if layout not in WORLD_LAYOUTS:
         raise ValueError(f"layout must be one of {sorted(WORLD_LAYOUTS)}, got {layout!r}")
     if get_memflow(pipe.transformer) is not None:
         remove_memflow(pipe.transformer)
-    return MemFlowStreamingPipeline(pipe, WORLD_LAYOUTS[layout], WORLD_SCHEDULE, device="cpu")
+    config = dataclasses.replace(WORLD_LAYOUTS[layout], **config_overrides)
+    return MemFlowStreamingPipeline(pipe, config, WORLD_SCHEDULE, device="cpu")
 
 
 def _segment_frames(script: Script, schedule: PromptSchedule) -> list[range]:
