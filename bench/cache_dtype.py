@@ -24,6 +24,9 @@ contender, interleaved round-robin (all contenders at the same chunk in each rou
 * median seconds per chunk and its ratio to the model-dtype cache;
 * ``session.cache_bytes`` (keys and values of every layer, scales and the bank's staged frame
   included) in MB, its ratio, and bytes per cached frame per layer;
+* the seconds of one re-base of every layer's full cache (rotating its keys by 100 positions,
+  architecture s.2b; a stream past the RoPE table pays it once per re-base, every ~1000 frames
+  for Wan) and its ratio to a chunk;
 * max and RMS difference of the last denoising pass's output (the predicted flow ``[1, 16, 3,
   60, 104]``) of the last timed chunk against the model-dtype contender's (the RMS of which is
   printed for scale).
@@ -95,6 +98,7 @@ class Contender:
     fill_seconds: float = 0.0
     samples: list[float] = field(default_factory=list)
     output: torch.Tensor | None = None  # the last timed chunk's last denoising output
+    rebase_seconds: float = 0.0
 
 
 def positive_int(text: str) -> int:
@@ -208,6 +212,21 @@ def timed_chunk(model: WanTransformer3DModel, contender: Contender, inputs: Inpu
     contender.output = output
 
 
+def time_rebase(
+    model: WanTransformer3DModel, contender: Contender, latent_size: Sequence[int],
+    shift: int = 100,
+) -> None:
+    """One re-base of every layer's full cache by ``shift`` positions (architecture s.2b), on a
+    copy of the contender's session: what a stream past the RoPE table pays once per re-base."""
+    with attached(model, contender.session.config) as attachment:
+        copy = attachment.create_session(*latent_size, record_trace=False)
+        copy.load_state_dict(contender.session.state_dict())
+        start = time.perf_counter()
+        for cache in copy.layers:
+            cache.rebase(shift, copy.config.position_overflow, attachment.integration.rotate_keys)
+        contender.rebase_seconds = time.perf_counter() - start
+
+
 def make_inputs(
     model: WanTransformer3DModel, args: argparse.Namespace, config: MemFlowConfig, chunks: int
 ) -> Inputs:
@@ -239,7 +258,7 @@ def print_table(contenders: list[Contender]) -> None:
     print(
         f"{'cache':<18}{'s/chunk':>9}{'x time':>8}{'cache MB':>10}{'x bytes':>9}"
         f"{'B/frame/layer':>15}"
-        f"{'max |diff|':>12}{'RMS diff':>10}{'fill s':>8}"
+        f"{'max |diff|':>12}{'RMS diff':>10}{'fill s':>8}{'re-base s':>11}{'x chunk':>9}"
     )
     for contender in contenders:
         session, seconds = contender.session, statistics.median(contender.samples)
@@ -250,7 +269,8 @@ def print_table(contenders: list[Contender]) -> None:
             f"{session.cache_bytes / 1e6:>10.1f}"
             f"{session.cache_bytes / base.session.cache_bytes:>9.2f}{per_frame:>15.0f}"
             f"{diff.abs().max().item():>12.2e}{diff.square().mean().sqrt().item():>10.2e}"
-            f"{contender.fill_seconds:>8.1f}"
+            f"{contender.fill_seconds:>8.1f}{contender.rebase_seconds:>11.3f}"
+            f"{contender.rebase_seconds / seconds:>9.3f}"
         )
     print(f"RMS of the {base.name} output: {reference.square().mean().sqrt().item():.3e}")
 
@@ -287,6 +307,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     for _ in range(args.repeats):
         for contender in contenders:
             timed_chunk(model, contender, inputs)
+    for contender in contenders:
+        time_rebase(model, contender, args.latent_size)
     print_table(contenders)
     print(f"total: {time.perf_counter() - run_start:.1f} s")
 

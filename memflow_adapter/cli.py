@@ -14,6 +14,7 @@ import torch
 
 from . import __version__
 from .config import PRESETS, MemFlowConfig
+from .frame_buffer import CACHE_DTYPES
 from .eval.cli import add_eval_parser
 from .pipeline import MemFlowStreamingPipeline, PromptSchedule
 from .world.demo import WORLD_DEMO_SCRIPT, run_world_demo
@@ -46,7 +47,7 @@ def _demo(args: argparse.Namespace) -> int:
         try:
             model = Path(args.world_model) if args.world_model else WORLD_MODEL_DIR
             return run_world_demo(model, args.config, script, seed, Path(args.output_dir),
-                                  args.fps, guidance)
+                                  args.fps, guidance, args.cache_dtype)
         except (ValueError, FileNotFoundError) as error:
             raise SystemExit(f"memflow demo: {error}") from error
     world_only = {"--world-model": args.world_model, "--script": args.script,
@@ -70,7 +71,7 @@ def _random_tiny_demo(args: argparse.Namespace) -> int:
         "weights (nothing is downloaded). The video is noise-like by design: the demo shows the "
         "streaming memory at work, not image quality."
     )
-    config = MemFlowConfig.preset(args.config)
+    config = MemFlowConfig.preset(args.config, cache_dtype=args.cache_dtype)
     streaming = MemFlowStreamingPipeline(
         build_tiny_wan_pipeline(seed=args.seed), config, device="cpu"
     )
@@ -88,7 +89,7 @@ def _random_tiny_demo(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    config = MemFlowConfig.preset(args.config)
+    config = MemFlowConfig.preset(args.config, cache_dtype=args.cache_dtype)
     dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     streaming = MemFlowStreamingPipeline.from_pretrained(
         args.model, config, device=args.device, dtype=dtype
@@ -187,6 +188,11 @@ def _add_common(
 ) -> None:
     parser.add_argument(
         "--config", choices=PRESETS, default="reference", help="memory preset (default: reference)"
+    )
+    parser.add_argument(
+        "--cache-dtype", choices=sorted(CACHE_DTYPES), default=None,
+        help="store the KV cache quantized, one scale per frame and head (default: the model "
+        "dtype, exactly as computed)",
     )
     parser.add_argument("--output-dir", default="outputs", help="where to write (default: outputs)")
     parser.add_argument("--height", type=int, default=height, help="video height in pixels")

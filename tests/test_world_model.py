@@ -107,10 +107,12 @@ def test_world_options_are_refused_for_the_random_demo(tmp_path):
 
 
 def test_the_benchmark_prints_a_row_per_memory_layout(world_model, tmp_path):
+    """With the stories past a shortened RoPE table and a quantized cache, recorded as such."""
     table = tmp_path / "table.json"
     result = subprocess.run(
         [sys.executable, str(BENCH), "--model", str(world_model), "--scripts", "1",
-         "--threads", "1", "--json", str(table)],
+         "--first-seed", "7", "--rope-frames", "10", "--position-overflow", "clamp",
+         "--cache-dtype", "int8", "--threads", "1", "--json", str(table)],
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
@@ -121,7 +123,9 @@ def test_the_benchmark_prints_a_row_per_memory_layout(world_model, tmp_path):
     memory_layouts = [layout for layout in WORLD_LAYOUTS if layout != "window_only"]
     assert [row.split(" | ")[0][2:] for row in rows[2:]] == memory_layouts
     scores = json.loads(table.read_text())
-    assert scores["scripts"] == 1 and scores["guidance_scale"] == WORLD_GUIDANCE_SCALE
+    assert scores["seeds"] == [7, 7] and scores["guidance_scale"] == WORLD_GUIDANCE_SCALE
+    assert scores["rope_frames"] == 10 and "through a 10-frame RoPE table" in means
+    assert scores["config_overrides"] == {"position_overflow": "clamp", "cache_dtype": "int8"}
     assert all(0.0 <= scores["layouts"][layout]["adherence"] <= 1.0 for layout in WORLD_LAYOUTS)
     for layout in WORLD_LAYOUTS:  # the mean of one story is that story
         assert scores["stories"][layout][0]["adherence"] == scores["layouts"][layout]["adherence"]

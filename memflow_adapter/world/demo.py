@@ -32,7 +32,10 @@ def run_world_demo(
     output_dir: Path,
     fps: int,
     guidance_scale: float = WORLD_GUIDANCE_SCALE,
+    cache_dtype: str | None = None,
 ) -> int:
+    """Stream held-out story ``script_seed`` under every world layout (``layout`` shown and
+    written), each with a ``cache_dtype`` cache (``None``: the model dtype); returns 0."""
     if layout not in WORLD_LAYOUTS:
         raise ValueError(
             f"--config must be one of {sorted(WORLD_LAYOUTS)} for the world model, got {layout!r}"
@@ -51,12 +54,14 @@ def run_world_demo(
     for index, prompt in enumerate(script.prompts, start=1):
         print(f"  {index}. {prompt}")
     pipe = load_world_pipeline(model)
+    overrides = {"cache_dtype": cache_dtype} if cache_dtype else {}
     scores = {}
     for name in [layout, *(other for other in WORLD_LAYOUTS if other != layout)]:
-        generated = generate_script(streaming_world(pipe, name), script, seed, guidance_scale)
+        streaming = streaming_world(pipe, name, **overrides)
+        generated = generate_script(streaming, script, seed, guidance_scale)
         scores[name] = score_script(script, generated.video, generated.chunk_seconds)
         if name == layout:
-            shown, config = generated, WORLD_LAYOUTS[name]
+            shown, config = generated, streaming.config
     result = dataclasses.replace(shown.output, frames=_enlarged(shown.video)[None])
     report = _report(model, script, script_seed, layout, scores)
     sampling = {"seed": seed, "guidance_scale": guidance_scale}
