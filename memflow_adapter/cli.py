@@ -14,8 +14,8 @@ import torch
 
 from . import __version__
 from .config import PRESETS, MemFlowConfig
-from .frame_buffer import CACHE_DTYPES
 from .eval.cli import add_eval_parser
+from .frame_buffer import CACHE_DTYPES
 from .pipeline import MemFlowStreamingPipeline, PromptSchedule
 from .world.demo import WORLD_DEMO_SCRIPT, run_world_demo
 from .world.pipeline import WORLD_GUIDANCE_SCALE, WORLD_MODEL_DIR

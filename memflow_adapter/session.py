@@ -69,7 +69,8 @@ class StreamingSession:
         record_trace: keep the per-chunk memory trace (see ``trace()``).
         trace_chunks: keep the trace of the most recent chunks only (``None``: every chunk), so
             that a long stream's trace stays bounded.
-        rope: the model's RoPE positions (``Integration.rope_table()``); a stream longer than
+        rope: the model's RoPE positions (``MemFlowAttachment.create_session`` builds it from the
+            integration's ``rope_frames`` and ``rotate_keys``); a stream longer than
             ``rope.frames`` latent frames is re-based to fit (architecture s.2b). ``None``: no
             table, positions are always the absolute frames.
     """
@@ -498,11 +499,17 @@ class StreamingSession:
                     if key.startswith(prefix)
                 }
             )
+        position_base = int(state["session.position_base"])
+        if any(cache.position_base != position_base for cache in staging):
+            raise ValueError(
+                f"session state has position_base={position_base} but layer caches re-based to "
+                f"{sorted({cache.position_base for cache in staging})}"
+            )
         self.reset()
         self.layers = staging
         self.chunk_index = int(state["session.chunk_index"])
         self.next_frame = int(state["session.next_frame"])
-        self.position_base = int(state["session.position_base"])
+        self.position_base = position_base
 
     # ------------------------------------------------------------------------------- validation
     def _check_text_keys(self, text_keys: Sequence[torch.Tensor] | None) -> None:

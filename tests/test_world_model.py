@@ -45,16 +45,18 @@ def test_a_missing_model_folder_is_a_clear_error(tmp_path):
 
 def test_the_world_demo_streams_a_story_and_scores_every_layout(world_model, tmp_path, capsys):
     argv = ["demo", "--model", "world", "--world-model", str(world_model), "--script", "3",
-            "--guidance-scale", "1.5", "--output-dir", str(tmp_path)]
+            "--guidance-scale", "1.5", "--cache-dtype", "int8", "--output-dir", str(tmp_path)]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     script = make_script(3)
     assert all(prompt in printed for prompt in script.prompts)
     # the layout is named with the world's own sizes, and the columns are explained
-    assert "'reference' memory layout (sink 2, bank 4, local 4, 2-frame chunks;" in printed
+    layout = "'reference' memory layout (sink 2, bank 4, local 4, 2-frame chunks, int8 cache;"
+    assert layout in printed
     assert "return = script: back as the script describes it" in printed
     report = json.loads((tmp_path / "report.json").read_text())
-    assert report["layout_sizes"] == "sink 2, bank 4, local 4, 2-frame chunks"
+    assert report["layout_sizes"] == "sink 2, bank 4, local 4, 2-frame chunks, int8 cache"
+    assert report["config"]["cache_dtype"] == "int8"
     assert report["random_weights"] is False and report["prompts"] == script.prompts
     assert report["config"] == WORLD_MEMORY.to_dict() and report["guidance_scale"] == 1.5
     assert set(report["scores"]) == set(WORLD_LAYOUTS)
@@ -132,3 +134,22 @@ def test_the_benchmark_prints_a_row_per_memory_layout(world_model, tmp_path):
     for layout in memory_layouts:  # one story: each check holds with one layout at most
         looks = scores["paired_against_window_only"][layout]["return_looks"]
         assert looks["only_layout"] + looks["only_baseline"] <= 1 and looks["p_value"] == 1.0
+
+
+@pytest.mark.parametrize("cache_dtype", ["float8_e4m3fn", "int8"])
+def test_a_quantized_cache_keeps_nams_picks_on_held_out_stories(cache_dtype):
+    """The packaged model, the reference layout, two held-out stories: NAM's banks (every chunk,
+    every layer) under a quantized cache hold the frames they hold unquantized in at least
+    QUANTIZED_BANK_AGREEMENT of the cases (bench/quantized_world.py measures 50 stories)."""
+    pipe = load_world_pipeline(WORLD_MODEL_DIR)
+    same = total = 0
+    for seed in (300, 301):
+        script = make_script(seed)
+        banks = [
+            [chunk.bank for chunk in generate_script(streaming_world(pipe, "reference", **extra),
+                                                     script, seed).output.trace]
+            for extra in ({}, {"cache_dtype": cache_dtype})
+        ]
+        pairs = [(q[layer], e[layer]) for e, q in zip(*banks, strict=True) for layer in e]
+        same, total = same + sum(a == b for a, b in pairs), total + len(pairs)
+    assert same / total >= QUANTIZED_BANK_AGREEMENT[cache_dtype]

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..config import MemFlowConfig
 from ..outputs import write_outputs
 from .grammar import Script, make_script
 from .pipeline import WORLD_GUIDANCE_SCALE, load_world_pipeline
@@ -47,32 +48,34 @@ def run_world_demo(
             f"--guidance-scale must be >= 1 and finite (1 disables guidance), got {guidance_scale}"
         )
     script = make_script(script_seed)
+    overrides = {"cache_dtype": cache_dtype} if cache_dtype else {}
+    configs = {name: dataclasses.replace(config, **overrides)
+               for name, config in WORLD_LAYOUTS.items()}
     print(f"memflow demo: the narrative-world model {model} (a 1.6M-parameter Wan transformer "
           f"trained with the memory_finetune recipe). Held-out story {script_seed}, streamed "
-          f"with the world's {layout!r} memory layout ({WORLD_LAYOUTS[layout].describe()}; the "
+          f"with the world's {layout!r} memory layout ({configs[layout].describe()}; the "
           f"world's own sizes, not the paper's), guidance scale {guidance_scale:g}:")
     for index, prompt in enumerate(script.prompts, start=1):
         print(f"  {index}. {prompt}")
     pipe = load_world_pipeline(model)
-    overrides = {"cache_dtype": cache_dtype} if cache_dtype else {}
     scores = {}
     for name in [layout, *(other for other in WORLD_LAYOUTS if other != layout)]:
         streaming = streaming_world(pipe, name, **overrides)
         generated = generate_script(streaming, script, seed, guidance_scale)
         scores[name] = score_script(script, generated.video, generated.chunk_seconds)
         if name == layout:
-            shown, config = generated, streaming.config
+            shown = generated
     result = dataclasses.replace(shown.output, frames=_enlarged(shown.video)[None])
-    report = _report(model, script, script_seed, layout, scores)
+    report = _report(model, script, script_seed, layout, configs[layout], scores)
     sampling = {"seed": seed, "guidance_scale": guidance_scale}
-    paths = write_outputs(result, config, output_dir, fps, {**report, **sampling})
+    paths = write_outputs(result, configs[layout], output_dir, fps, {**report, **sampling})
     print(f"returning entity: {script.returning.name} = {script.returning.description}")
     print("the same story under every world layout (return = first look: back as it looked at "
           "its first appearance in this video; return = script: back as the script describes "
           "it; place back: the opening's place returns):")
     print("| layout | sizes | adherence % | return = first look | return = script | place back |")
     for name, score in scores.items():
-        print(f"| {name} | {WORLD_LAYOUTS[name].describe()} | {100 * score.adherence:.0f} | "
+        print(f"| {name} | {configs[name].describe()} | {100 * score.adherence:.0f} | "
               f"{score.return_looks} | "
               f"{score.return_truth} | {score.return_place} |")
     for name, path in paths.items():
@@ -86,13 +89,16 @@ def _enlarged(video) -> np.ndarray:
     return frames.repeat(VIDEO_SCALE, axis=1).repeat(VIDEO_SCALE, axis=2)
 
 
-def _report(model: Path, script: Script, script_seed: int, layout: str, scores: dict) -> dict:
+def _report(
+    model: Path, script: Script, script_seed: int, layout: str, config: MemFlowConfig,
+    scores: dict,
+) -> dict:
     return {
         "model": f"narrative world ({model})",
         "random_weights": False,
         "script_seed": script_seed,
         "layout": layout,
-        "layout_sizes": WORLD_LAYOUTS[layout].describe(),
+        "layout_sizes": config.describe(),
         "prompts": script.prompts,
         "returning_entity": dataclasses.asdict(script.returning),
         "scores": {name: dataclasses.asdict(score) for name, score in scores.items()},
