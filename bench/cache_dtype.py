@@ -53,6 +53,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
+from attention_overhead import positive_int  # bench/ is on sys.path when run as a script
 from diffusers import WanTransformer3DModel
 
 from memflow_adapter import MemFlowConfig, StreamingSession
@@ -99,14 +100,6 @@ class Contender:
     samples: list[float] = field(default_factory=list)
     output: torch.Tensor | None = None  # the last timed chunk's last denoising output
     rebase_seconds: float = 0.0
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an int >= 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {value}")
-    return value
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
