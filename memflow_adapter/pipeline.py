@@ -36,6 +36,7 @@ from .streaming import (
     Guidance,
     PromptConditioning,
     PromptSchedule,
+    RecentLatents,
     StepNoise,
     applied_segment_starts,
     next_chunk,
@@ -273,7 +274,7 @@ class MemFlowStreamingPipeline:
         return VideoStream(
             self,
             schedule,
-            noise=latents.to(self.device),
+            noise=latents.to("cpu"),
             step_noise=step_noise or _drawn_noise(generator, self.device),
             generator=generator,
             guidance=None if guidance_scale == 1.0 else guidance,
@@ -334,6 +335,12 @@ class VideoStream:
     Between chunks, ``set_prompt(text)`` (or ``send(text)``, which then runs the next chunk)
     starts a new prompt segment at the next chunk; ``state_dict()`` / ``load_state_dict()``
     pause and resume the stream (session, decoder cache, latents, schedule, noise).
+
+    What it holds: on the device, the session's bounded cache and the clean latents a recache
+    can read back (``recent``: the last ``cache_frames`` frames and one chunk; the chunks it
+    yields carry their own); in host memory, the video's initial noise ``noise``
+    ``[B, C, F, h, w]`` float32 (drawn at once, as diffusers' ``latents``, so that a seed gives
+    the same video however it is streamed), one chunk of it moved to the device per chunk.
     """
 
     def __init__(
@@ -354,7 +361,12 @@ class VideoStream:
         self.pipeline = pipeline
         self.session = session
         self.noise = noise
-        self.video = torch.zeros_like(noise, dtype=torch.float32)
+        batch, channels, num_frames, height, width = noise.shape
+        config = pipeline.config
+        self.recent = RecentLatents(
+            (batch, channels, height, width), config.cache_frames, config.frames_per_chunk,
+            num_frames, pipeline.device,
+        )
         self.output_type = output_type
         self._schedule = schedule
         self._step_noise = step_noise
@@ -430,10 +442,11 @@ class VideoStream:
             raise StopIteration
         attachment, device = self.pipeline.attachment, self.pipeline.device
         began = time.perf_counter()
+        self.recent.make_room(chunk)
         with torch.no_grad(), attachment.bind(self.session):
             clean = self._engine.step(
-                chunk, self._conditions[chunk.prompt], self.noise, self.video, self._step_noise,
-                self._guidance,
+                chunk, self._conditions[chunk.prompt], self.noise, self.recent.frames,
+                self._step_noise, self._guidance, video_start=self.recent.start,
             )
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
@@ -452,7 +465,7 @@ class VideoStream:
             chunk.index, chunk.start, chunk.num_frames, chunk.prompt, chunk.recache,
             generated - began, self.session.cache_bytes, decoded - generated,
         )
-        # a copy: the stream's own latents feed later recaches and must not change under it
+        # a copy: the stream's recent latents feed later recaches and are overwritten later
         memory = self.session.last_chunk_memory()
         return StreamedChunk(chunk, clean.clone(), frames, memory, report)
 
@@ -469,13 +482,17 @@ class VideoStream:
         return self.output(chunks, frames)
 
     def output(self, chunks: Sequence[StreamedChunk], frames: Any = None) -> StreamingVideoOutput:
-        """The video so far as one output: the latents, ``frames`` as given, the memory traces
-        and reports of ``chunks`` (those taken from this stream) and the CUDA peak since the
-        stream started."""
+        """The video so far as one output: the latents of ``chunks`` (those taken from this
+        stream, in order) along the frame axis, ``frames`` as given, their memory traces and
+        reports and the CUDA peak since the stream started."""
         device = self.pipeline.device
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+        latents = (
+            torch.cat([chunk.latents for chunk in chunks], dim=2)
+            if chunks else self.recent.frames[:, :, :0].clone()
+        )
         return StreamingVideoOutput(
-            self.video,
+            latents,
             frames,
             [chunk.memory for chunk in chunks if chunk.memory is not None],
             [chunk.report for chunk in chunks],
@@ -486,13 +503,14 @@ class VideoStream:
     # ----------------------------------------------------------------------------- pause/resume
     def state_dict(self) -> dict[str, Any]:
         """Everything the next chunk depends on: the session state, the decoder's cache, the
-        latents so far, the initial noise, the schedule, the last chunk and the generator's
+        recent latents, the initial noise, the schedule, the last chunk and the generator's
         state. Loading it into a stream made with the same arguments continues the video
         bit-identically (``torch.save`` keeps it)."""
         return {
             "session": self.session.state_dict(),
             "decoder": None if self._decoder is None else self._decoder.state(),
-            "video": self.video.clone(),
+            "recent": self.recent.frames.clone(),
+            "recent_start": self.recent.start,
             "noise": self.noise.clone(),
             "schedule": self._schedule.entries,
             "previous": self._previous,
@@ -501,10 +519,10 @@ class VideoStream:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a ``state_dict()``; on a bad state nothing changes."""
-        if tuple(state["video"].shape) != tuple(self.video.shape):
+        if tuple(state["noise"].shape) != tuple(self.noise.shape):
             raise ValueError(
-                f"the state is of a video of shape {tuple(state['video'].shape)}, this stream "
-                f"makes {tuple(self.video.shape)}"
+                f"the state is of a video of shape {tuple(state['noise'].shape)}, this stream "
+                f"makes {tuple(self.noise.shape)}"
             )
         if (state["generator"] is None) != (self._generator is None):
             raise ValueError("the state and this stream must both have a generator, or neither")
@@ -522,7 +540,8 @@ class VideoStream:
         self.session.load_state_dict(state["session"])
         if self._decoder is not None:
             self._decoder.load_state(state["decoder"])
-        self.video.copy_(state["video"])
+        self.recent.frames.copy_(state["recent"])
+        self.recent.start = state["recent_start"]
         self.noise = state["noise"].clone().to(self.noise.device)
         self._schedule = schedule
         self._previous = state["previous"]

@@ -287,6 +287,45 @@ def call_transformer(
     )[0]
 
 
+class RecentLatents:
+    """The clean latents a stream still needs, in a tensor of bounded size: the last ``keep``
+    frames before the next chunk (what its recache can read back, ``MemFlowConfig.cache_frames``)
+    and that chunk's own frames. A stream of any length holds these, not the whole video.
+
+    ``frames`` ``[B, C, capacity, h, w]`` float32 holds latent frames ``start ..``, where
+    ``capacity`` is ``keep + chunk_frames`` (the whole video when ``keep`` is ``None``, an
+    unbounded window, or the video is shorter).
+    """
+
+    def __init__(
+        self,
+        shape: tuple[int, int, int, int],
+        keep: int | None,
+        chunk_frames: int,
+        num_latent_frames: int,
+        device: torch.device | str,
+    ) -> None:
+        batch, channels, height, width = shape
+        capacity = num_latent_frames
+        if keep is not None:
+            capacity = min(num_latent_frames, keep + chunk_frames)
+        self.keep = keep
+        self.start = 0
+        self.frames = torch.zeros(
+            batch, channels, capacity, height, width, dtype=torch.float32, device=device
+        )
+
+    def make_room(self, chunk: ChunkPlan) -> None:
+        """Before ``chunk``: drop the frames older than the last ``keep`` before its start when
+        it would not fit otherwise (moving the kept ones to the front)."""
+        if chunk.stop - self.start <= self.frames.shape[2]:
+            return
+        first = chunk.start - self.keep
+        kept = self.frames[:, :, first - self.start : chunk.start - self.start].clone()
+        self.frames[:, :, : self.keep] = kept
+        self.start = first
+
+
 class Denoised(NamedTuple):
     """A denoised chunk: ``clean`` ``[B, C, f, h, w]`` float64, the last step's clean estimate,
     and ``exit_input``, the noisy float64 input of that step."""
@@ -333,36 +372,51 @@ class ChunkEngine:
         video: torch.Tensor,
         step_noise: StepNoise | None = None,
         guidance: Guidance | None = None,
+        *,
+        video_start: int = 0,
     ) -> torch.Tensor:
         """The whole chunk: open it (NAM, recache), denoise ``noise[:, :, start:stop]``, write the
         clean chunk into ``video`` and commit it (context pass).
 
         Args:
             noise: ``[B, C, F, h, w]`` the initial noise of the video (or of at least this chunk's
-                frames, indexed by absolute frame).
-            video: ``[B, C, F, h, w]`` float32 clean latents so far; the recache reads its past
-                frames, this chunk's frames are written into it.
+                frames, indexed by absolute frame), on any device: the chunk's frames are moved
+                to ``video``'s.
+            video: ``[B, C, F', h, w]`` float32 clean latents of frames ``video_start ..``: the
+                recache reads its past frames, this chunk's frames are written into it (a
+                ``RecentLatents.frames`` holds just those; a whole video with ``video_start``
+                0 does too).
+            video_start: the absolute latent frame of ``video``'s first frame.
 
         Returns:
             ``[B, C, f, h, w]`` float32, the clean chunk (a view of ``video``).
         """
-        self.open_chunk(chunk, cond, video)
-        denoised = self.denoise(
-            noise[:, :, chunk.start : chunk.stop], cond, chunk.index, step_noise, guidance
-        )
-        video[:, :, chunk.start : chunk.stop] = denoised.clean.float()
-        clean = video[:, :, chunk.start : chunk.stop]
+        self.open_chunk(chunk, cond, video, video_start)
+        chunk_noise = noise[:, :, chunk.start : chunk.stop].to(video.device)
+        denoised = self.denoise(chunk_noise, cond, chunk.index, step_noise, guidance)
+        written = slice(chunk.start - video_start, chunk.stop - video_start)
+        video[:, :, written] = denoised.clean.float()
+        clean = video[:, :, written]
         self.commit(clean, cond)
         return clean
 
-    def open_chunk(self, chunk: ChunkPlan, cond: PromptConditioning, video: torch.Tensor) -> None:
+    def open_chunk(
+        self, chunk: ChunkPlan, cond: PromptConditioning, video: torch.Tensor,
+        video_start: int = 0,
+    ) -> None:
         """NAM's commit for ``chunk`` (scored with ``cond``'s text keys), then, when the plan
-        says so, the recache pass over the clean frames of ``video`` ``[B, C, F, h, w]`` that the
-        session asks for."""
+        says so, the recache pass over the clean frames that the session asks for, read from
+        ``video`` ``[B, C, F', h, w]`` (frames ``video_start ..``)."""
         self.session.begin_chunk(cond.text_keys)
         if chunk.recache:
             with torch.no_grad(), self.session.switch_prompt() as window:
-                frames = video[:, :, window.start_frame : window.stop_frame]
+                if window.start_frame < video_start:
+                    raise ValueError(
+                        f"the recache needs latent frames {window.start_frame}.."
+                        f"{window.stop_frame - 1}; video starts at frame {video_start}"
+                    )
+                first = window.start_frame - video_start
+                frames = video[:, :, first : first + window.num_frames]
                 self._call(self.model, frames, 0.0, cond.embeds)
 
     def flow(

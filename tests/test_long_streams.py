@@ -2,6 +2,10 @@
 changes; past the table, positions are re-based, exactly for the frames that keep their offset,
 with a flat cache, on every family."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from hypothesis import given
@@ -196,6 +200,12 @@ def test_an_unbounded_window_past_the_table_is_refused_before_the_chunk_changes_
     assert all(torch.equal(session.state_dict()[k], v) for k, v in before.items())
 
 
+def test_the_default_policy_is_before_window_the_one_ahead_on_the_final_world_stories():
+    """Measured with bench/narrative_eval.py through a 10-frame table (architecture s.2b)."""
+    assert MemFlowConfig().position_overflow == "before_window"
+    assert MemFlowConfig.reference().position_overflow == "before_window"
+
+
 def test_clamp_puts_frames_that_no_longer_fit_at_position_zero():
     positions = torch.tensor([[0, 1, 2, 30, 38]])
     assert overflowed_positions(positions, 20, 22, "clamp").tolist() == [[0, 0, 0, 10, 18]]
@@ -224,3 +234,21 @@ def test_re_based_memory_positions_keep_their_order_and_stay_in_the_table(
     assert (new.diff(dim=1) >= 0).all()
     fits = old - shift >= 0
     assert torch.equal(new[fits], (old - shift)[fits])
+
+
+def test_the_soak_bench_streams_past_the_table_with_flat_memory_and_bounded_latents():
+    """bench/long_stream_soak.py, shortened: cache bytes flat, RSS flat, the stream's recent
+    latents one cache (sink 3 + local 9) plus one chunk."""
+    bench = Path(__file__).resolve().parent.parent / "bench" / "long_stream_soak.py"
+    result = subprocess.run(
+        [sys.executable, str(bench), "--chunks", "40", "--threads", "1"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "its recent clean latents: (1, 16, 15, 8, 8)" in result.stdout
+    rows = [line.split() for line in result.stdout.splitlines() if line.strip()[:2] in ("10", "40")]
+    assert [row[0] for row in rows] == ["10", "40"]
+    assert all(row[8] == "1.00" for row in rows)  # x cache
+    assert all(float(row[6]) <= 1.02 for row in rows)  # x RSS: the allocator may round up pages
+    assert int(rows[-1][-1]) > 0  # positions were re-based
+    assert "120 latent frames through a 16-frame RoPE table" in result.stdout

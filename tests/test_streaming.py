@@ -332,6 +332,42 @@ def test_only_the_core_engine_drives_the_chunk_lifecycle():
     assert offenders == []
 
 
+def test_a_stream_holds_only_the_latents_a_recache_reads_and_computes_the_whole_video_loop(
+    tiny_pipe,
+):
+    """The stream keeps the last ``cache_frames`` clean frames and one chunk on the device, not
+    the video; late recaches read the same frames as the engine driven over the whole video."""
+    config = MemFlowConfig.reference_sma()  # cache_frames 12, 3-frame chunks
+    g = torch.Generator().manual_seed(5)
+    noise = torch.randn(1, 16, 30, 4, 4, generator=g)
+    step_noise = {(c, s): torch.randn(1, 16, 3, 4, 4, generator=g)
+                  for c in range(10) for s in range(3)}
+    schedule = PromptSchedule(((PROMPTS[0], 0), (PROMPTS[1], 15), (PROMPTS[2], 27)))
+    streamed = streaming(tiny_pipe, config).stream(
+        schedule, 30, height=SIZE, width=SIZE, max_sequence_length=16, output_type="latent",
+        latents=noise, step_noise=lambda c, s, shape: step_noise[(c, s)],
+    )
+    assert tuple(streamed.recent.frames.shape) == (1, 16, 12 + 3, 4, 4)
+    result = streamed.collect()
+    assert streamed.recent.start > 0
+
+    pipe = streaming(tiny_pipe, config)
+    attachment = pipe.attachment
+    session = attachment.create_session(4, 4)
+    engine = ChunkEngine(tiny_pipe.transformer, session, pipe.schedule)
+    video = torch.zeros_like(noise)
+    with torch.no_grad(), attachment.bind(session):  # embeddings too, as the stream makes them
+        conditions = [
+            PromptConditioning.of(attachment, tiny_pipe.encode_prompt(
+                text, do_classifier_free_guidance=False, max_sequence_length=16, device="cpu")[0])
+            for text in PROMPTS
+        ]
+        for chunk in schedule.plan(30, 3):
+            engine.step(chunk, conditions[chunk.segment], noise, video,
+                        lambda c, s, shape: step_noise[(c, s)])
+    assert torch.equal(result.latents, video)
+
+
 def test_a_stream_keeps_only_the_current_chunks_trace_and_can_record_none(tiny_pipe):
     """The session holds one chunk's trace however long the stream; ``collect`` gathers every
     chunk's; ``record_trace=False`` records nothing and computes the same video."""
