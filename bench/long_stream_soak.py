@@ -49,11 +49,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from streaming_scaling import latent_video  # bench/ is on sys.path when run as a script
 
 from memflow_adapter import MemFlowConfig
 from memflow_adapter.config import PRESETS
 from memflow_adapter.integrations.wan import shorten_rope_table
-from memflow_adapter.pipeline import MemFlowStreamingPipeline, PromptSchedule, VideoStream
+from memflow_adapter.pipeline import MemFlowStreamingPipeline, VideoStream
 from memflow_adapter.schedule import FlowMatchSchedule
 from memflow_adapter.tiny_wan import build_tiny_wan_pipeline
 
@@ -66,11 +67,6 @@ CHECKPOINTS = (10, 100, 1000, 5000)
 WINDOW = 201
 #: The 2-step schedule: the per-chunk cost is dominated by the transformer passes, not the count.
 STEPS = (1000, 500)
-PROMPTS = (
-    "a red fox walks through a snowy forest",
-    "a small boat sails on a blue lake",
-    "the red fox walks back into the forest",
-)
 #: Presets with a bounded window (full_history keeps every frame and cannot be re-based).
 BOUNDED_PRESETS = tuple(name for name in PRESETS if name != "full_history")
 
@@ -120,18 +116,7 @@ def open_stream(pipe, args: argparse.Namespace) -> VideoStream:
     streaming = MemFlowStreamingPipeline(
         pipe, config, schedule=FlowMatchSchedule(steps=STEPS), device="cpu"
     )
-    segments = -(-args.chunks // args.chunks_per_prompt)
-    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(segments)]
-    return streaming.stream(
-        PromptSchedule.from_prompts(prompts, args.chunks_per_prompt * config.frames_per_chunk),
-        num_latent_frames=args.chunks * config.frames_per_chunk,
-        height=args.size,
-        width=args.size,
-        generator=torch.Generator().manual_seed(args.seed),
-        output_type="latent",
-        max_sequence_length=32,
-        record_trace=False,
-    )
+    return streaming.stream(**latent_video(args, config), record_trace=False)
 
 
 def soak(stream: VideoStream) -> list[Sample]:

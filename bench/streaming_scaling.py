@@ -51,23 +51,29 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
+def latent_video(args: argparse.Namespace, config: MemFlowConfig) -> dict:
+    """The arguments of one benchmark video: ``args.chunks`` chunks, latents only, ``PROMPTS`` in
+    turn with a new one every ``args.chunks_per_prompt`` chunks, seeded with ``args.seed``."""
+    segments = -(-args.chunks // args.chunks_per_prompt)
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(segments)]
+    frames_per_prompt = args.chunks_per_prompt * config.frames_per_chunk
+    return dict(
+        prompt=PromptSchedule.from_prompts(prompts, frames_per_prompt),
+        num_latent_frames=args.chunks * config.frames_per_chunk,
+        height=args.size,
+        width=args.size,
+        generator=torch.Generator().manual_seed(args.seed),
+        output_type="latent",
+        max_sequence_length=32,
+    )
+
+
 def run(pipe, config_name: str, args: argparse.Namespace) -> tuple[list[float], list[int]]:
     """One video; returns per-chunk seconds and cache bytes."""
     config = MemFlowConfig.preset(config_name)
     streaming = MemFlowStreamingPipeline(pipe, config, device="cpu")
-    frames_per_prompt = args.chunks_per_prompt * config.frames_per_chunk
-    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(-(-args.chunks // args.chunks_per_prompt))]
     try:
-        result = streaming(
-            PromptSchedule.from_prompts(prompts, frames_per_prompt),
-            num_latent_frames=args.chunks * config.frames_per_chunk,
-            height=args.size,
-            width=args.size,
-            generator=torch.Generator().manual_seed(args.seed),
-            output_type="latent",
-            max_sequence_length=32,
-            progress=False,
-        )
+        result = streaming(**latent_video(args, config), progress=False)
     finally:
         remove_memflow(pipe.transformer)
     return [c.seconds for c in result.chunks], [c.cache_bytes for c in result.chunks]
