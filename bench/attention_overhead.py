@@ -17,6 +17,11 @@ passes are read-only, so they can be repeated on the same state. Repetitions are
 across layouts (round-robin) after one warm-up pass each, and the median is reported with its
 ratio to the LongLive baseline.
 
+Beside each pass, in the same rounds, the bare attention kernel is timed on contiguous keys and
+values of exactly the size that pass attends to (``attention(q, k, v)`` on tensors made once):
+the floor a pass could reach. ``x kernel`` is the pass over its floor, so what it shows above
+1.00 is the library's own cost (routing, key-set copies, SMA's selection and gather).
+
 Random tensors stand in for the model's post-RoPE projections: the cost of attention does not
 depend on their values. Only the attention of one layer is measured, not the projections, the
 MLP or the cross-attention around it.
@@ -40,6 +45,7 @@ from dataclasses import dataclass
 import torch
 
 from memflow_adapter import MemFlowConfig, StreamingSession
+from memflow_adapter.attention import attention
 
 #: The layouts measured, in table order; the first one is the baseline of the ratios.
 LAYOUTS: dict[str, Callable[[], MemFlowConfig]] = {
@@ -48,6 +54,8 @@ LAYOUTS: dict[str, Callable[[], MemFlowConfig]] = {
     "memflow+sma": MemFlowConfig.reference_sma,
     "full_history": MemFlowConfig.full_history,
 }
+#: The clocks a pass can be timed with (``--clock``).
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
 BATCH_SIZE = 1
 #: Text tokens of the prompt (the T5 sequence length of Wan2.1); NAM scores bank frames with them.
 TEXT_TOKENS = 512
@@ -70,6 +78,9 @@ class Contender:
     session: StreamingSession
     fill_seconds: float
     samples: list[float]
+    kernel_keys: torch.Tensor  # [B, attended tokens, H, D], contiguous
+    kernel_values: torch.Tensor
+    kernel_samples: list[float]
 
 
 def positive_int(text: str) -> int:
@@ -101,6 +112,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--threads", type=positive_int, default=None, help="torch.set_num_threads (default: torch)"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of every random tensor")
+    parser.add_argument(
+        "--layouts", nargs="+", choices=list(LAYOUTS), default=list(LAYOUTS),
+        help="the layouts to measure (the first is the baseline of the ratios)",
+    )
+    parser.add_argument(
+        "--clock", choices=list(CLOCKS), default="wall",
+        help="wall: elapsed time; cpu: this process's CPU time (on a shared VM it leaves out the "
+        "time other guests take the cores, which wall time charges to whichever pass ran)",
+    )
     return parser.parse_args(argv)
 
 
@@ -149,25 +169,43 @@ def attended_frames(session: StreamingSession) -> int:
     return memory + cache.window_count + config.frames_per_chunk
 
 
-def time_denoise_pass(session: StreamingSession, qkv: tuple[torch.Tensor, ...]) -> float:
+def time_denoise_pass(
+    session: StreamingSession, qkv: tuple[torch.Tensor, ...], clock: Callable[[], float]
+) -> float:
     """Seconds one read-only denoising pass of layer 0 takes."""
-    start = time.perf_counter()
+    start = clock()
     with session.denoise_pass():
         session.attend(0, *qkv)
-    return time.perf_counter() - start
+    return clock() - start
 
 
-def measure(contenders: list[Contender], qkv: tuple[torch.Tensor, ...], repeats: int) -> None:
-    """One untimed warm-up pass per layout, then ``repeats`` rounds of one pass per layout.
+def time_kernel(contender: Contender, query: torch.Tensor, clock: Callable[[], float]) -> float:
+    """Seconds the bare attention kernel takes on the contender's floor keys and values."""
+    start = clock()
+    attention(query, contender.kernel_keys, contender.kernel_values,
+              contender.session.config.attention_backend)
+    return clock() - start
+
+
+def measure(
+    contenders: list[Contender],
+    qkv: tuple[torch.Tensor, ...],
+    repeats: int,
+    clock: Callable[[], float] = time.perf_counter,
+) -> None:
+    """One untimed warm-up pass and kernel per layout, then ``repeats`` rounds of one pass and
+    one kernel per layout.
 
     Interleaving the rounds spreads slow drifts of the machine (other load, clock changes) over
     all layouts instead of charging them to whichever runs last.
     """
     for contender in contenders:
-        time_denoise_pass(contender.session, qkv)
+        time_denoise_pass(contender.session, qkv, clock)
+        time_kernel(contender, qkv[0], clock)
     for _ in range(repeats):
         for contender in contenders:
-            contender.samples.append(time_denoise_pass(contender.session, qkv))
+            contender.samples.append(time_denoise_pass(contender.session, qkv, clock))
+            contender.kernel_samples.append(time_kernel(contender, qkv[0], clock))
 
 
 def print_geometry(args: argparse.Namespace, geometry: Geometry, frames_per_chunk: int) -> None:
@@ -180,25 +218,27 @@ def print_geometry(args: argparse.Namespace, geometry: Geometry, frames_per_chun
     print(
         f"measured chunk: {args.chunk} (chunks 0-{args.chunk - 1} filled by one context pass "
         "each), "
-        f"{args.repeats} timed passes per layout, seed {args.seed}, "
+        f"{args.repeats} timed passes per layout ({args.clock} clock), seed {args.seed}, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads"
     )
 
 
 def print_table(contenders: list[Contender]) -> None:
-    """Per layout: attended frames, median/min/max ms per pass, ratio to the first layout."""
+    """Per layout: attended frames, median/min/max ms per pass, ratio to the first layout, the
+    kernel's median and the pass over it."""
     baseline = statistics.median(contenders[0].samples)
     print(
         f"{'layout':<14}{'frames':>7}{'median ms':>11}{'min ms':>9}{'max ms':>9}"
-        f"{'x ' + contenders[0].name:>13}{'fill s':>8}"
+        f"{'x ' + contenders[0].name:>13}{'kernel ms':>11}{'x kernel':>10}{'fill s':>8}"
     )
     for contender in contenders:
         median = statistics.median(contender.samples)
+        kernel = statistics.median(contender.kernel_samples)
         print(
             f"{contender.name:<14}{attended_frames(contender.session):>7}"
             f"{median * 1e3:>11.1f}{min(contender.samples) * 1e3:>9.1f}"
-            f"{max(contender.samples) * 1e3:>9.1f}{median / baseline:>13.2f}"
-            f"{contender.fill_seconds:>8.1f}"
+            f"{max(contender.samples) * 1e3:>9.1f}{median / baseline:>13.3f}"
+            f"{kernel * 1e3:>11.1f}{median / kernel:>10.3f}{contender.fill_seconds:>8.1f}"
         )
 
 
@@ -208,8 +248,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     geometry = Geometry(args.tokens_per_frame, args.heads, args.head_dim)
-    configs = {name: preset() for name, preset in LAYOUTS.items()}
-    frames_per_chunk = configs["longlive"].frames_per_chunk
+    configs = {name: LAYOUTS[name]() for name in args.layouts}
+    frames_per_chunk = configs[args.layouts[0]].frames_per_chunk
     print_geometry(args, geometry, frames_per_chunk)
 
     generator = torch.Generator().manual_seed(args.seed)
@@ -219,9 +259,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     for name, config in configs.items():
         start = time.perf_counter()
         session = open_measured_chunk(config, geometry, args.chunk, text_keys, args.seed + 1)
-        contenders.append(Contender(name, session, time.perf_counter() - start, []))
+        fill_seconds = time.perf_counter() - start
+        floor = attended_frames(session) * geometry.tokens_per_frame
+        contenders.append(Contender(
+            name, session, fill_seconds, [], random_tokens(generator, geometry, floor),
+            random_tokens(generator, geometry, floor), [],
+        ))
 
-    measure(contenders, measured_qkv, args.repeats)
+    measure(contenders, measured_qkv, args.repeats, CLOCKS[args.clock])
     print_table(contenders)
     print(f"total: {time.perf_counter() - run_start:.1f} s")
 

@@ -9,10 +9,13 @@ dtype or quantized (``MemFlowConfig.cache_dtype``, architecture s.2c). One preal
     [ sink (S frames) | bank (M slots) | window (W frames, right-aligned, oldest first) ]
 
 so that once every region is full the whole cached context is a single view of the buffer
-(unquantized). A separate one-frame staging slot holds the bank's next candidate. Bookkeeping is
-host-side Python integers, except what differs per batch element after NAM selection and
-therefore lives on the device: the bank's absolute frame indices (``[B, M]``, -1 for an empty
-slot) and the sink's and bank's RoPE positions (``[B, S + M]``).
+(unquantized). Unquantized, the buffer also keeps a pass slot of one chunk after the window: a
+pass over new frames writes its own K/V there (``context_with``, ``window_with``), so its whole
+key set is one view too, with no per-pass concatenation. A separate one-frame staging slot holds
+the bank's next candidate. Bookkeeping is host-side Python integers, except what differs per
+batch element after NAM selection and therefore lives on the device: the bank's absolute frame
+indices (``[B, M]``, -1 for an empty slot) and the sink's and bank's RoPE positions (``[B, S +
+M]``).
 """
 
 from __future__ import annotations
@@ -95,9 +98,20 @@ class LayerCache:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of every K/V buffer this cache holds (codes and scales)."""
+        """Bytes of every cached frame this cache holds (codes and scales, staged included)."""
         buffers = (self.keys, self.values, self.staged_keys, self.staged_values)
         return sum(buffer.nbytes for buffer in buffers if buffer is not None)
+
+    @property
+    def pass_nbytes(self) -> int:
+        """Bytes of the pass slot (one chunk's K/V, unquantized caches only)."""
+        buffers = (self.keys, self.values)
+        return sum(buffer.pass_nbytes for buffer in buffers if buffer is not None)
+
+    @property
+    def pass_frames(self) -> int:
+        """Frames of the pass slot: one chunk when unquantized, none when quantized."""
+        return self.config.frames_per_chunk if self.storage is None else 0
 
     def _region_start(self, region: str) -> int:
         """First frame slot of a region in the buffer."""
@@ -115,14 +129,7 @@ class LayerCache:
         Adjacent pieces merge, so a context that is contiguous in the buffer comes back as a view
         (unquantized).
         """
-        merged: list[list[int]] = []
-        for start, count in pieces:
-            if count == 0:
-                continue
-            if merged and merged[-1][0] + merged[-1][1] == start:
-                merged[-1][1] += count
-            else:
-                merged.append([start, count])
+        merged = _merged(pieces)
         if not merged:
             return self.keys.read(0, 0), self.values.read(0, 0)
         keys = [self.keys.read(s, n) for s, n in merged]
@@ -130,6 +137,21 @@ class LayerCache:
         if len(keys) == 1:
             return keys[0], values[0]
         return torch.cat(keys, dim=1), torch.cat(values, dim=1)
+
+    def _read_with(
+        self, pieces: list[tuple[int, int]], keys: torch.Tensor, values: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``_read(pieces)`` followed by a pass's own ``keys`` / ``values``: one view of the
+        buffer when the pieces merge into one that ends at the window's end (unquantized; the
+        own K/V go to the pass slot, ``FrameBuffer.read_with``), else concatenated."""
+        merged = _merged(pieces)
+        if len(merged) == 1:
+            (first, count), = merged
+            return self.keys.read_with(first, count, keys), self.values.read_with(
+                first, count, values
+            )
+        cached_keys, cached_values = self._read(pieces)
+        return torch.cat([cached_keys, keys], dim=1), torch.cat([cached_values, values], dim=1)
 
     def memory(self, include_sink: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Sink frames (unless excluded) then filled bank slots: SMA's candidates.
@@ -157,16 +179,36 @@ class LayerCache:
             [(self._window_slot(self.frames_written - self.window_count), self.window_count)]
         )
 
+    def _context_pieces(self) -> list[tuple[int, int]]:
+        return [
+            (0, self.sink_count),
+            (self._region_start("bank"), self.bank_filled),
+            (self._window_slot(self.frames_written - self.window_count), self.window_count),
+        ]
+
     def context(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Everything a new chunk attends to besides itself: ``[sink | bank | window]`` K/V."""
         self._require_allocated()
-        return self._read(
-            [
-                (0, self.sink_count),
-                (self._region_start("bank"), self.bank_filled),
-                (self._window_slot(self.frames_written - self.window_count), self.window_count),
-            ]
-        )
+        return self._read(self._context_pieces())
+
+    def context_with(
+        self, keys: torch.Tensor, values: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole key set of a pass over new frames: ``[sink | bank | window | own]`` K/V,
+        ``[B, (context + n) * T_f, H, D]``, for the pass's own ``keys`` / ``values`` ``[B, n *
+        T_f, H, D]``. Once sink and bank are full (and unquantized) it is one view of the buffer
+        with the own K/V in the pass slot: valid until the next ``*_with`` read."""
+        self._require_allocated()
+        return self._read_with(self._context_pieces(), keys, values)
+
+    def window_with(
+        self, keys: torch.Tensor, values: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[window | own]`` K/V, as ``context_with`` (one view whenever unquantized: the
+        window is right-aligned against the pass slot)."""
+        self._require_allocated()
+        first = self._window_slot(self.frames_written - self.window_count)
+        return self._read_with([(first, self.window_count)], keys, values)
 
     def bank_by_frame(self) -> torch.Tensor:
         """Keys of the filled bank slots per frame: ``[B, bank_filled, T_f, H, D]``."""
@@ -375,8 +417,9 @@ class LayerCache:
             dtype = getattr(torch, _decode(state["dtype"]))
             for name in ("keys", "values", "staged_keys", "staged_values"):
                 if name in state:
+                    pass_frames = self.pass_frames if name in ("keys", "values") else 0
                     buffers[name] = FrameBuffer.from_state(
-                        state, name, self.tokens_per_frame, dtype, self.storage
+                        state, name, self.tokens_per_frame, dtype, self.storage, pass_frames
                     )
             keys = buffers["keys"].codes
             frames = self.config.sink_frames + self.config.bank_frames + counters["window_capacity"]
@@ -456,8 +499,10 @@ class LayerCache:
         frames = self.config.sink_frames + self.config.bank_frames + window_capacity
         like = torch.empty((g.batch_size, 0, g.num_heads, g.head_dim), dtype=g.dtype,
                            device=g.device)
-        self.keys = FrameBuffer(like, frames, self.tokens_per_frame, self.storage)
-        self.values = FrameBuffer(like, frames, self.tokens_per_frame, self.storage)
+        self.keys, self.values = (
+            FrameBuffer(like, frames, self.tokens_per_frame, self.storage, self.pass_frames)
+            for _ in range(2)
+        )
         self.window_capacity = window_capacity
 
     def _grow_window(self, needed: int) -> None:
@@ -485,6 +530,19 @@ class LayerCache:
     def _clear_staged(self) -> None:
         self.staged_keys = self.staged_values = None
         self.staged_frame = -1
+
+
+def _merged(pieces: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """``(first_slot, count)`` pieces without the empty ones, adjacent ones merged."""
+    merged: list[tuple[int, int]] = []
+    for start, count in pieces:
+        if count == 0:
+            continue
+        if merged and sum(merged[-1]) == start:
+            merged[-1] = (merged[-1][0], merged[-1][1] + count)
+        else:
+            merged.append((start, count))
+    return merged
 
 
 def _encode(text: str) -> torch.Tensor:

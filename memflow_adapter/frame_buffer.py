@@ -1,11 +1,13 @@
 """Frame-granular K/V storage, in the attention dtype or quantized (architecture s.2c).
 
 A ``FrameBuffer`` holds ``F`` frames of ``T_f`` tokens in diffusers' layout ``[B, F * T_f, H,
-D]``. Unquantized, reads are views of the buffer. Quantized (``"float8_e4m3fn"`` or ``"int8"``),
-each frame of each head is stored with one float32 scale (its largest magnitude over the frame's
-tokens and the head's channels, mapped to the format's largest value) and dequantized on read into
-the attention dtype; moving frames inside a cache moves the stored codes and scales as they are,
-so a frame is quantized once, when it is written.
+D]``. Unquantized, reads are views of the buffer, and a buffer may keep a pass slot after its
+last frame: ``read_with`` writes a pass's own tokens there, so that the buffer's last frames and
+the pass's own are one view (no per-pass concatenation of cached K/V). Quantized
+(``"float8_e4m3fn"`` or ``"int8"``), each frame of each head is stored with one float32 scale
+(its largest magnitude over the frame's tokens and the head's channels, mapped to the format's
+largest value) and dequantized on read into the attention dtype; moving frames inside a cache
+moves the stored codes and scales as they are, so a frame is quantized once, when it is written.
 """
 
 from __future__ import annotations
@@ -59,6 +61,8 @@ class FrameBuffer:
         num_frames: slots.
         tokens_per_frame: ``T_f``.
         storage: ``None`` (stored in ``like``'s dtype) or a ``CACHE_DTYPES`` value.
+        pass_frames: frames of the pass slot after the last frame (unquantized only): scratch
+            for ``read_with``, never saved.
     """
 
     def __init__(
@@ -67,13 +71,17 @@ class FrameBuffer:
         num_frames: int,
         tokens_per_frame: int,
         storage: torch.dtype | None = None,
+        pass_frames: int = 0,
     ) -> None:
         batch, _, heads, head_dim = like.shape
         self.dtype = like.dtype
         self.tokens_per_frame = tokens_per_frame
         self.storage = storage
-        shape = (batch, num_frames * tokens_per_frame, heads, head_dim)
-        self.codes = torch.zeros(shape, dtype=storage or like.dtype, device=like.device)
+        if pass_frames and storage is not None:
+            raise ValueError("a quantized buffer has no pass slot (the pass's own K/V are exact)")
+        shape = (batch, (num_frames + pass_frames) * tokens_per_frame, heads, head_dim)
+        self._with_pass = torch.zeros(shape, dtype=storage or like.dtype, device=like.device)
+        self.codes = self._with_pass[:, : num_frames * tokens_per_frame]
         self.scale = (
             torch.ones((batch, num_frames, heads), dtype=torch.float32, device=like.device)
             if storage is not None
@@ -81,13 +89,23 @@ class FrameBuffer:
         )
 
     @property
+    def pass_frames(self) -> int:
+        return self._with_pass.shape[1] // self.tokens_per_frame - self.num_frames
+
+    @property
     def num_frames(self) -> int:
         return self.codes.shape[1] // self.tokens_per_frame
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the stored frames (codes and scales), the pass slot not included."""
         tensors = [self.codes] if self.scale is None else [self.codes, self.scale]
         return sum(t.numel() * t.element_size() for t in tensors)
+
+    @property
+    def pass_nbytes(self) -> int:
+        """Bytes of the pass slot."""
+        return (self._with_pass.numel() - self.codes.numel()) * self._with_pass.element_size()
 
     def _tokens(self, first: int, count: int) -> slice:
         return slice(first * self.tokens_per_frame, (first + count) * self.tokens_per_frame)
@@ -102,6 +120,21 @@ class FrameBuffer:
         return dequantize_frames(
             codes, self.scale[:, first : first + count], self.tokens_per_frame, self.dtype
         )
+
+    def read_with(self, first: int, count: int, tokens: torch.Tensor) -> torch.Tensor:
+        """Frames ``first .. first + count - 1`` followed by ``tokens`` ``[B, n * T_f, H, D]``
+        (a pass's own K/V, attention dtype).
+
+        When those frames are the buffer's last, ``n`` fits the pass slot and ``tokens`` carry no
+        gradient, ``tokens`` are written into the pass slot and the result is one view of the
+        buffer (valid until the next ``read_with``); otherwise the two are concatenated.
+        """
+        n = tokens.shape[1] // self.tokens_per_frame
+        contiguous = first + count == self.num_frames and n <= self.pass_frames
+        if not contiguous or (tokens.requires_grad and torch.is_grad_enabled()):
+            return torch.cat([self.read(first, count), tokens], dim=1)
+        self._with_pass[:, self._tokens(self.num_frames, n)] = tokens
+        return self._with_pass[:, self._tokens(first, count + n)]
 
     def write(self, first: int, tokens: torch.Tensor) -> None:
         """Store ``[B, n * T_f, H, D]`` (attention dtype) into frames ``first .. first + n - 1``."""
@@ -175,8 +208,10 @@ class FrameBuffer:
         tokens_per_frame: int,
         dtype: torch.dtype,
         storage: torch.dtype | None,
+        pass_frames: int = 0,
     ) -> FrameBuffer:
-        """A buffer holding a ``state(prefix)``; validates the format against ``storage``."""
+        """A buffer holding a ``state(prefix)`` (and an empty pass slot of ``pass_frames``);
+        validates the format against ``storage``."""
         codes = state[prefix]
         expected = storage or dtype
         if codes.dtype != expected:
@@ -193,9 +228,9 @@ class FrameBuffer:
                 f"{prefix}_scale has shape {tuple(scale.shape)}, expected "
                 f"{(codes.shape[0], frames, codes.shape[2])}"
             )
-        buffer = cls.__new__(cls)
-        buffer.dtype, buffer.tokens_per_frame, buffer.storage = dtype, tokens_per_frame, storage
-        buffer.codes = codes.clone()
+        buffer = cls(codes[:, :0], frames, tokens_per_frame, storage, pass_frames)
+        buffer.dtype = dtype
+        buffer.codes.copy_(codes)
         buffer.scale = None if scale is None else scale.clone()
         return buffer
 

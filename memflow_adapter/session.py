@@ -29,7 +29,7 @@ from .config import MemFlowConfig
 from .introspection import ChunkMemory, MemoryTrace
 from .memory import update_bank
 from .positions import RopeTable
-from .sparse import select_memory_frames, sparse_memory_attention
+from .sparse import SparseKeySet, select_memory_frames, sparse_memory_attention
 
 
 class PassKind(str, Enum):
@@ -120,6 +120,8 @@ class StreamingSession:
         self.next_frame = 0  # absolute index of the next chunk's first frame
         self.position_base = 0  # RoPE position of frame f is f - position_base (architecture s.2b)
         self._trace = MemoryTrace(self.trace_chunks)
+        # per layer, SMA's reused key-set buffers (scratch, never saved)
+        self._sparse_key_sets = [SparseKeySet() for _ in self.layers]
         self._chunk_open = False
         self._chunk_passes = 0
         self._chunk_frames: int | None = None
@@ -251,9 +253,9 @@ class StreamingSession:
 
     @property
     def cache_bytes(self) -> int:
-        """Bytes held by every layer's cache tensors, quantization scales included (bounded
-        unless the window is unbounded)."""
-        return sum(cache.nbytes for cache in self.layers)
+        """Bytes held by every layer's cache tensors, quantization scales and the pass slot
+        included (bounded unless the window is unbounded)."""
+        return sum(cache.nbytes + cache.pass_nbytes for cache in self.layers)
 
     @property
     def current_pass(self) -> PassKind | None:
@@ -316,23 +318,13 @@ class StreamingSession:
         if cache.frames_written == 0:
             output = attention(query, key, value, self.config.attention_backend)
         elif self.config.sma:
-            window_keys, window_values = cache.window()
+            local_keys, local_values = cache.window_with(key, value)
             output = self._attend_memory_and(
-                layer,
-                kind,
-                query,
-                cache.memory(include_sink=True),
-                torch.cat([window_keys, key], dim=1),
-                torch.cat([window_values, value], dim=1),
+                layer, kind, query, cache.memory(include_sink=True), local_keys, local_values
             )
         else:
-            context_keys, context_values = cache.context()
-            output = attention(
-                query,
-                torch.cat([context_keys, key], dim=1),
-                torch.cat([context_values, value], dim=1),
-                self.config.attention_backend,
-            )
+            keys, values = cache.context_with(key, value)
+            output = attention(query, keys, values, self.config.attention_backend)
         if kind is PassKind.CONTEXT:
             cache.append(key, value, self.next_frame)
             if self.config.stages_bank_frame(self.next_frame):
@@ -428,6 +420,7 @@ class StreamingSession:
             selected,
             self.tokens_per_frame,
             backend,
+            self._sparse_key_sets[layer],
         )
 
     # ---------------------------------------------------------------------------- introspection

@@ -28,8 +28,11 @@ def select_memory_frames(
         ``[B, H, min(top_k, C)]`` int64 candidate indices, ascending (temporal order kept).
     """
     num_candidates = memory_keys.shape[1] // tokens_per_frame
-    query_descriptor = query.float().mean(dim=1)  # [B, H, D]
-    frame_descriptors = memory_keys.unflatten(1, (num_candidates, tokens_per_frame)).float().mean(2)
+    # float32 means without a float32 copy of the tokens (under bfloat16)
+    query_descriptor = query.mean(dim=1, dtype=torch.float32)  # [B, H, D]
+    frame_descriptors = memory_keys.unflatten(1, (num_candidates, tokens_per_frame)).mean(
+        2, dtype=torch.float32
+    )
     scores = torch.einsum("bhd,bchd->bhc", query_descriptor, frame_descriptors)
     return scores.topk(min(top_k, num_candidates), dim=-1).indices.sort(dim=-1).values
 
@@ -51,6 +54,63 @@ def gather_frames_per_head(
     return torch.gather(frames, 2, index).flatten(2, 3)
 
 
+class SparseKeySet:
+    """One layer's SMA key set, preallocated and reused from pass to pass: per head its selected
+    memory frames then the local tokens, head-major ``[B, H, k * T_f + L, D]`` for keys and for
+    values. ``assemble`` gathers the selection straight into the buffer (``gather(out=)``) and
+    copies the local tokens after it, so a pass neither allocates nor concatenates. The buffer
+    grows when a pass needs more tokens (the first chunks, a recache) and is reused otherwise.
+    Scratch only: what it holds is valid until the next ``assemble``."""
+
+    def __init__(self) -> None:
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+
+    def assemble(
+        self,
+        memory_keys: torch.Tensor,
+        memory_values: torch.Tensor,
+        local_keys: torch.Tensor,
+        local_values: torch.Tensor,
+        selected: torch.Tensor,
+        tokens_per_frame: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The key set of ``sparse_memory_attention``'s arguments, as ``[B, k * T_f + L, H, D]``
+        views of the buffer (keys, values)."""
+        batch, local, heads, head_dim = local_keys.shape
+        chosen = selected.shape[2] * tokens_per_frame
+        shape = (batch, heads, chosen + local, head_dim)
+        self._reserve(shape, local_keys)
+        sets = []
+        for buffer, memory, local_tokens in (
+            (self.keys, memory_keys, local_keys), (self.values, memory_values, local_values)
+        ):
+            key_set = buffer[:, :, : chosen + local]
+            frames = memory.unflatten(1, (-1, tokens_per_frame)).permute(0, 3, 1, 2, 4)
+            index = selected[..., None, None].expand(-1, -1, -1, *frames.shape[3:])
+            torch.gather(frames, 2, index, out=key_set[:, :, :chosen].unflatten(
+                2, (-1, tokens_per_frame)
+            ))
+            key_set[:, :, chosen:].copy_(local_tokens.transpose(1, 2))
+            sets.append(key_set.transpose(1, 2))
+        return sets[0], sets[1]
+
+    def _reserve(self, shape: tuple[int, int, int, int], like: torch.Tensor) -> None:
+        """Buffers holding at least ``shape`` ``[B, H, tokens, D]`` of ``like``'s dtype/device."""
+        current = self.keys
+        if (
+            current is not None
+            and current.shape[:2] + current.shape[3:] == shape[:2] + shape[3:]
+            and current.shape[2] >= shape[2]
+            and current.dtype == like.dtype
+            and current.device == like.device
+        ):
+            return
+        self.keys, self.values = (
+            torch.empty(shape, dtype=like.dtype, device=like.device) for _ in range(2)
+        )
+
+
 def sparse_memory_attention(
     query: torch.Tensor,
     memory_keys: torch.Tensor,
@@ -60,6 +120,7 @@ def sparse_memory_attention(
     selected: torch.Tensor,
     tokens_per_frame: int,
     backend: str = "sdpa",
+    key_set: SparseKeySet | None = None,
 ) -> torch.Tensor:
     """One softmax over ``[selected memory frames ; local tokens]``; the selection differs per head.
 
@@ -68,10 +129,18 @@ def sparse_memory_attention(
         memory_keys, memory_values: ``[B, C * T_f, H, D]``.
         local_keys, local_values: ``[B, L, H, D]`` (window frames and the pass's own tokens).
         selected: ``[B, H, k]`` from ``select_memory_frames``.
+        key_set: the layer's ``SparseKeySet`` to assemble the key set in without allocating;
+            ignored (a fresh concatenation) when a gradient must flow through the tensors.
 
     Returns:
         ``[B, N, H, D]``.
     """
+    tensors = (memory_keys, memory_values, local_keys, local_values)
+    if key_set is not None and not (
+        torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    ):
+        keys, values = key_set.assemble(*tensors, selected, tokens_per_frame)
+        return attention(query, keys, values, backend)
     keys = torch.cat(
         [
             gather_frames_per_head(memory_keys, selected, tokens_per_frame),

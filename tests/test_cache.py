@@ -159,3 +159,67 @@ def test_reset_frees_every_tensor():
     cache.reset()
     assert cache.keys is None and cache.values is None and cache.staged_keys is None
     assert cache.frames_written == 0 and cache.bank_filled == 0 and cache.staged_frame == -1
+
+
+# ------------------------------------------------------------------- copy-free key sets (issue 21)
+def shares_storage(tensor: torch.Tensor, buffer_codes: torch.Tensor) -> bool:
+    return tensor.untyped_storage().data_ptr() == buffer_codes.untyped_storage().data_ptr()
+
+
+def full_reference_cache(cache_dtype=None) -> LayerCache:
+    """Sink 3, bank 3 (filled), window 6: every region full after 5 chunks."""
+    cache = LayerCache(MemFlowConfig.reference(cache_dtype=cache_dtype), TOKENS)
+    commit_chunks(cache, [3] * 5)
+    for slot in range(3):
+        cache.stage(frame_coded(100 + slot, 1), frame_coded(100 + slot, 1), 100 + slot)
+        cache.commit_staged_to_slot(slot)
+    return cache
+
+
+def test_a_full_caches_key_set_with_the_pass_is_one_view_of_its_buffer_in_order():
+    cache = full_reference_cache()
+    own = frame_coded(15, 3)
+    keys, values = cache.context_with(own, own)
+    assert shares_storage(keys, cache.keys.codes) and shares_storage(values, cache.values.codes)
+    assert frames_of(keys) == [0, 1, 2, 100, 101, 102, *range(9, 15), 15, 16, 17]
+    context_keys, _ = cache.context()
+    assert torch.equal(keys, torch.cat([context_keys, own], dim=1))
+    window_keys, _ = cache.window_with(own, own)
+    assert shares_storage(window_keys, cache.keys.codes)
+    assert frames_of(window_keys) == [*range(9, 15), 15, 16, 17]
+
+
+def test_the_pass_slot_is_scratch_it_changes_no_cached_frame_and_is_not_saved():
+    cache = full_reference_cache()
+    before = cache.state_dict()
+    cache.context_with(frame_coded(15, 3), frame_coded(15, 3))
+    after = cache.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert cache.pass_nbytes == 2 * frame_coded(0, 3).nbytes  # one chunk of keys and values
+    restored = LayerCache(cache.config, TOKENS)
+    restored.load_state_dict(after)
+    assert restored.pass_frames == 3
+    assert torch.equal(restored.context_with(frame_coded(15, 3), frame_coded(15, 3))[0],
+                       cache.context_with(frame_coded(15, 3), frame_coded(15, 3))[0])
+
+
+def test_before_the_bank_fills_and_when_gradients_flow_the_key_set_is_concatenated():
+    cache = LayerCache(MemFlowConfig.reference(), TOKENS)
+    commit_chunks(cache, [3] * 5)  # bank empty: sink and window are not adjacent
+    own = frame_coded(15, 3)
+    keys, _ = cache.context_with(own, own)
+    assert not shares_storage(keys, cache.keys.codes)
+    assert frames_of(keys) == [0, 1, 2, *range(9, 15), 15, 16, 17]
+    full = full_reference_cache()
+    trained = own.clone().requires_grad_()
+    keys, _ = full.context_with(trained, trained)
+    keys.sum().backward()
+    assert torch.equal(trained.grad, torch.ones_like(own))  # the gradient reaches the own K/V
+
+
+def test_a_quantized_cache_has_no_pass_slot_its_own_kv_stay_exact():
+    cache = full_reference_cache("int8")
+    own = frame_coded(15, 3) + 0.1
+    keys, _ = cache.context_with(own, own)
+    assert cache.pass_frames == 0 and cache.pass_nbytes == 0
+    assert torch.equal(keys[:, -3 * TOKENS :], own)

@@ -5,7 +5,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from memflow_adapter.attention import attention
-from memflow_adapter.sparse import select_memory_frames, sparse_memory_attention
+from memflow_adapter.sparse import (
+    SparseKeySet,
+    gather_frames_per_head,
+    select_memory_frames,
+    sparse_memory_attention,
+)
 
 T = 5  # tokens per frame
 
@@ -95,3 +100,25 @@ def test_pruned_attention_equals_dense_attention_masked_to_the_selected_frames(g
     )
     sparse = sparse_memory_attention(query, memory_k, memory_v, local_k, local_v, selected, T)
     torch.testing.assert_close(sparse, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_the_reused_key_set_equals_the_concatenation_and_keeps_its_buffer(generator):
+    """SMA's key set is gathered into one preallocated buffer per layer: the same tensors as
+    ``cat([gathered memory, local])``, bit for bit, and the next pass reuses the buffer."""
+    b, h, d, candidates, local_frames = 2, 3, 8, 6, 2
+    query = torch.randn(b, 3 * T, h, d, generator=generator)
+    memory_k, memory_v, local_k, local_v = (
+        torch.randn(b, n * T, h, d, generator=generator)
+        for n in (candidates, candidates, local_frames, local_frames)
+    )
+    selected = select_memory_frames(query, memory_k, T, top_k=2)
+    key_set = SparseKeySet()
+    reused = sparse_memory_attention(query, memory_k, memory_v, local_k, local_v, selected, T,
+                                     key_set=key_set)
+    fresh = sparse_memory_attention(query, memory_k, memory_v, local_k, local_v, selected, T)
+    assert torch.equal(reused, fresh)
+    buffer = key_set.keys.data_ptr()
+    keys, _ = key_set.assemble(memory_k, memory_v, local_k[:, :T], local_v[:, :T], selected, T)
+    assert key_set.keys.data_ptr() == buffer  # a smaller pass fits the same buffer
+    gathered = gather_frames_per_head(memory_k, selected, T).transpose(1, 2)
+    assert torch.equal(keys, torch.cat([gathered, local_k[:, :T]], dim=1))
