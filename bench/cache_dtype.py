@@ -22,8 +22,9 @@ are read-only, so they would not change the cache. Then ``--repeats`` whole chun
 contender, interleaved round-robin (all contenders at the same chunk in each round), and printed:
 
 * median seconds per chunk and its ratio to the model-dtype cache;
-* ``session.cache_bytes`` (keys and values of every layer, scales and the bank's staged frame
-  included) in MB, its ratio, and bytes per cached frame per layer;
+* the stored frames' bytes (keys and values of every layer, scales and the bank's staged frame
+  included) in MB, its ratio, and bytes per cached frame per layer; then the pass slot's MB
+  (one chunk per layer, unquantized caches only; ``session.cache_bytes`` is the sum of both);
 * the seconds of one re-base of every layer's full cache (rotating its keys by 100 positions,
   architecture s.2b; a stream past the RoPE table pays it once per re-base, every ~1000 frames
   for Wan) and its ratio to a chunk;
@@ -243,6 +244,11 @@ def frame_slots(session: StreamingSession) -> int:
     return sum(b.num_frames for b in (cache.keys, cache.staged_keys) if b is not None)
 
 
+def stored_bytes(session: StreamingSession) -> int:
+    """Bytes of every layer's stored frames (the pass slot left out)."""
+    return sum(cache.nbytes for cache in session.layers)
+
+
 def print_table(contenders: list[Contender]) -> None:
     """Per contender: time, cache size and output difference, against the first."""
     base = contenders[0]
@@ -250,17 +256,20 @@ def print_table(contenders: list[Contender]) -> None:
     reference = base.output.float()
     print(
         f"{'cache':<18}{'s/chunk':>9}{'x time':>8}{'cache MB':>10}{'x bytes':>9}"
-        f"{'B/frame/layer':>15}"
+        f"{'B/frame/layer':>15}{'slot MB':>9}"
         f"{'max |diff|':>12}{'RMS diff':>10}{'fill s':>8}{'re-base s':>11}{'x chunk':>9}"
     )
+    base_bytes = stored_bytes(base.session)
     for contender in contenders:
         session, seconds = contender.session, statistics.median(contender.samples)
-        per_frame = session.cache_bytes / (session.num_layers * frame_slots(session))
+        stored = stored_bytes(session)
+        per_frame = stored / (session.num_layers * frame_slots(session))
+        slot = sum(cache.pass_nbytes for cache in session.layers)
         diff = contender.output.float() - reference
         print(
             f"{contender.name:<18}{seconds:>9.2f}{seconds / base_seconds:>8.2f}"
-            f"{session.cache_bytes / 1e6:>10.1f}"
-            f"{session.cache_bytes / base.session.cache_bytes:>9.2f}{per_frame:>15.0f}"
+            f"{stored / 1e6:>10.1f}{stored / base_bytes:>9.2f}{per_frame:>15.0f}"
+            f"{slot / 1e6:>9.1f}"
             f"{diff.abs().max().item():>12.2e}{diff.square().mean().sqrt().item():>10.2e}"
             f"{contender.fill_seconds:>8.1f}{contender.rebase_seconds:>11.3f}"
             f"{contender.rebase_seconds / seconds:>9.3f}"
