@@ -49,9 +49,17 @@ def gather_frames_per_head(
     Returns:
         ``[B, H, k * T_f, D]`` (head-major, ready to be concatenated per head).
     """
-    frames = tokens.unflatten(1, (-1, tokens_per_frame)).permute(0, 3, 1, 2, 4)  # [B, H, C, T, D]
-    index = selected[..., None, None].expand(-1, -1, -1, *frames.shape[3:])
+    frames, index = _head_major_frames(tokens, selected, tokens_per_frame)
     return torch.gather(frames, 2, index).flatten(2, 3)
+
+
+def _head_major_frames(
+    tokens: torch.Tensor, selected: torch.Tensor, tokens_per_frame: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``tokens`` ``[B, C * T_f, H, D]`` as a ``[B, H, C, T_f, D]`` view, and ``selected``
+    ``[B, H, k]`` as the ``gather`` index along its frame axis."""
+    frames = tokens.unflatten(1, (-1, tokens_per_frame)).permute(0, 3, 1, 2, 4)
+    return frames, selected[..., None, None].expand(-1, -1, -1, *frames.shape[3:])
 
 
 class SparseKeySet:
@@ -86,8 +94,7 @@ class SparseKeySet:
             (self.keys, memory_keys, local_keys), (self.values, memory_values, local_values)
         ):
             key_set = buffer[:, :, : chosen + local]
-            frames = memory.unflatten(1, (-1, tokens_per_frame)).permute(0, 3, 1, 2, 4)
-            index = selected[..., None, None].expand(-1, -1, -1, *frames.shape[3:])
+            frames, index = _head_major_frames(memory, selected, tokens_per_frame)
             torch.gather(frames, 2, index, out=key_set[:, :, :chosen].unflatten(
                 2, (-1, tokens_per_frame)
             ))
