@@ -91,17 +91,28 @@ def positive_int(text: str) -> int:
     return value
 
 
+def add_layer_arguments(parser: argparse.ArgumentParser, heads: int) -> None:
+    """The one-layer setting every attention bench takes: geometry (reference defaults but
+    ``heads``), layouts and seed."""
+    parser.add_argument("--heads", type=positive_int, default=heads, help="attention heads H")
+    parser.add_argument("--head-dim", type=positive_int, default=128, help="head width D")
+    parser.add_argument(
+        "--tokens-per-frame", type=positive_int, default=1560, help="tokens of one latent frame"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of every random tensor")
+    parser.add_argument(
+        "--layouts", nargs="+", choices=list(LAYOUTS), default=list(LAYOUTS),
+        help="the layouts to measure (the first is the baseline of the ratios)",
+    )
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The command line; defaults are the reference geometry."""
     parser = argparse.ArgumentParser(
         description="Per-pass cost of memory-aware self-attention (one layer, one chunk) for "
         "LongLive, MemFlow, MemFlow+SMA and full history, measured side by side."
     )
-    parser.add_argument("--heads", type=positive_int, default=12, help="attention heads H")
-    parser.add_argument("--head-dim", type=positive_int, default=128, help="head width D")
-    parser.add_argument(
-        "--tokens-per-frame", type=positive_int, default=1560, help="tokens of one latent frame"
-    )
+    add_layer_arguments(parser, heads=12)
     parser.add_argument(
         "--chunk", type=positive_int, default=20, help="index of the chunk whose passes are timed"
     )
@@ -110,11 +121,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--threads", type=positive_int, default=None, help="torch.set_num_threads (default: torch)"
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed of every random tensor")
-    parser.add_argument(
-        "--layouts", nargs="+", choices=list(LAYOUTS), default=list(LAYOUTS),
-        help="the layouts to measure (the first is the baseline of the ratios)",
     )
     parser.add_argument(
         "--clock", choices=list(CLOCKS), default="wall",

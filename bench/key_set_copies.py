@@ -23,6 +23,7 @@ from attention_overhead import (  # bench/ is on sys.path when run as a script
     LAYOUTS,
     TEXT_TOKENS,
     Geometry,
+    add_layer_arguments,
     attended_frames,
     open_measured_chunk,
     positive_int,
@@ -36,13 +37,9 @@ from memflow_adapter import StreamingSession
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--heads", type=positive_int, default=2)
-    parser.add_argument("--head-dim", type=positive_int, default=128)
-    parser.add_argument("--tokens-per-frame", type=positive_int, default=1560)
+    add_layer_arguments(parser, heads=2)
     parser.add_argument("--chunk", type=positive_int, default=8,
                         help="the chunk whose pass is profiled (8: sink, bank, window full)")
-    parser.add_argument("--layouts", nargs="+", choices=list(LAYOUTS), default=list(LAYOUTS))
-    parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
 
