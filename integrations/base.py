@@ -57,9 +57,14 @@ class Integration(ABC):
         """The module that computes the rotary embedding for a whole forward."""
 
     @abstractmethod
-    def rope_forward(self, rope: nn.Module, frame_offset: int, *args: Any, **kwargs: Any) -> Any:
+    def rope_forward(
+        self, rope: nn.Module, frame_offset: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> Any:
         """``rope``'s output for its usual inputs, with temporal positions starting at latent
-        frame ``frame_offset`` instead of 0."""
+        frame ``frame_offset`` (a 0-d int64 tensor, the session's ``pass_rope_position``)
+        instead of 0. Tensor ops only: no host sync and no Python branch on its value, so a
+        compiled model serves every chunk with one graph. The session keeps it inside
+        ``rope_frames()``."""
 
     @abstractmethod
     def rope_frames(self) -> int:

@@ -13,7 +13,7 @@ differs from Wan:
 * RoPE takes explicit frame indices (``indices_hidden_states``, ``0 .. F-1`` by default) and
   returns one tensor holding cos and sin, applied by ``apply_rotary_emb_transposed``. Under MemFlow
   those indices are relative to the pass: the rope hook adds the session's
-  ``pass_start_frame``, so the core calls every family with the same inputs.
+  ``pass_rope_position``, so the core calls every family with the same inputs.
 * The self-attention processor also receives ``original_context_length``; tokens before it are
   history (and only they get Helios's history key amplification). Streaming refuses them.
 * Latents are encoded and decoded one Helios chunk (9 latent frames) at a time.
@@ -142,7 +142,7 @@ class HeliosIntegration(WanIntegration):
     def rope_forward(
         self,
         rope: nn.Module,
-        frame_offset: int,
+        frame_offset: torch.Tensor,
         frame_indices: torch.Tensor,
         height: int,
         width: int,
@@ -153,7 +153,8 @@ class HeliosIntegration(WanIntegration):
         ``[B, 2 * D, F, height, width]``."""
         # The class's forward, not ``rope(...)``: the MemFlow hook has replaced the instance's.
         return HeliosRotaryPosEmbed.forward(
-            rope, frame_indices + frame_offset, height=height, width=width, device=device
+            rope, frame_indices + frame_offset.to(frame_indices.device), height=height, width=width,
+            device=device,
         )
 
     def rope_frames(self) -> int:

@@ -140,20 +140,15 @@ class WanIntegration(Integration):
         return self.model.rope
 
     def rope_forward(
-        self, rope: nn.Module, frame_offset: int, hidden_states: torch.Tensor
+        self, rope: nn.Module, frame_offset: torch.Tensor, hidden_states: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``rope(hidden_states)`` for frames ``frame_offset ..``: cos and sin ``[1, N, 1, D]``."""
+        """``rope(hidden_states)`` for frames ``frame_offset ..`` (0-d int64 tensor): cos and
+        sin ``[1, N, 1, D]``."""
         _, _, num_frames, height, width = hidden_states.shape
         _, p_h, p_w = rope.patch_size
         pph, ppw = height // p_h, width // p_w
-        stop = frame_offset + num_frames
-        if stop > rope.max_seq_len:
-            raise ValueError(
-                f"RoPE position {stop - 1} is beyond the model's table (rope_max_seq_len="
-                f"{rope.max_seq_len}); a session from the MemFlow attachment "
-                "(attachment.create_session) re-bases positions to fit, a session built without "
-                "rope= does not"
-            )
+        device = rope.freqs_cos.device
+        positions = frame_offset.to(device) + torch.arange(num_frames, device=device)
         split_sizes = [rope.t_dim, rope.h_dim, rope.w_dim]
         tables = []
         for table in (rope.freqs_cos, rope.freqs_sin):
@@ -162,7 +157,7 @@ class WanIntegration(Integration):
             tables.append(
                 torch.cat(
                     [
-                        frames[frame_offset:stop].view(num_frames, 1, 1, -1).expand(shape),
+                        frames.index_select(0, positions).view(num_frames, 1, 1, -1).expand(shape),
                         rows[:pph].view(1, pph, 1, -1).expand(shape),
                         cols[:ppw].view(1, 1, ppw, -1).expand(shape),
                     ],

@@ -69,6 +69,7 @@ class LayerCache:
         self.values: FrameBuffer | None = None
         self.window_capacity = self.config.window_capacity or 0
         self.frames_written = 0
+        self._recount()
         self.bank_filled = 0
         self.position_base = 0  # RoPE position of frame f (window, staged) is f - position_base
         self.bank_frame_index: torch.Tensor | None = None
@@ -83,13 +84,17 @@ class LayerCache:
         """Whether a frame waits in the staging slot for the bank's next commit."""
         return self.staged_frame >= 0
 
-    @property
-    def sink_count(self) -> int:
-        return min(self.config.sink_frames, self.frames_written)
+    def _recount(self) -> None:
+        """Update the frames each region holds after ``frames_written`` or the window changed.
 
-    @property
-    def window_count(self) -> int:
-        return min(self.window_capacity, max(0, self.frames_written - self.config.sink_frames))
+        They are stored, not derived on every read, so that what a pass reads (region counts,
+        slots) stops changing once the cache is full while ``frames_written`` keeps growing: a
+        compiled model meets the same guards from chunk to chunk (architecture s.2d).
+        """
+        self.sink_count = min(self.config.sink_frames, self.frames_written)
+        self.window_count = min(
+            self.window_capacity, max(0, self.frames_written - self.config.sink_frames)
+        )
 
     @property
     def window_frames(self) -> range:
@@ -122,6 +127,10 @@ class LayerCache:
         """Buffer slot of absolute frame ``frame``, which must be in the window."""
         return self._region_start("window") + self.window_capacity - (self.frames_written - frame)
 
+    def _window_first_slot(self) -> int:
+        """Buffer slot of the window's oldest frame (right-aligned: the window ends the buffer)."""
+        return self._region_start("window") + self.window_capacity - self.window_count
+
     # ------------------------------------------------------------------------------------- reads
     def _read(self, pieces: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """K/V of buffer slots given as ``(first_slot, count)`` pieces, concatenated in order.
@@ -141,17 +150,38 @@ class LayerCache:
     def _read_with(
         self, pieces: list[tuple[int, int]], keys: torch.Tensor, values: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``_read(pieces)`` followed by a pass's own ``keys`` / ``values``: one view of the
-        buffer when the pieces merge into one that ends at the window's end (unquantized; the
-        own K/V go to the pass slot, ``FrameBuffer.read_with``), else concatenated."""
+        """``_read(pieces)`` followed by a pass's own ``keys`` / ``values``.
+
+        Unquantized, the own K/V are first written into the pass slot (what a context pass
+        commits, ``held``); when the pieces merge into one that ends at the window's end and no
+        gradient must reach the own K/V, the result is then one view of the buffer. Otherwise
+        the pieces and the own K/V are concatenated.
+        """
+        if self.pass_frames:
+            self.keys.write_pass(keys)
+            self.values.write_pass(values)
         merged = _merged(pieces)
-        if len(merged) == 1:
+        gradient = torch.is_grad_enabled() and (keys.requires_grad or values.requires_grad)
+        if self.pass_frames and not gradient and len(merged) == 1:
             (first, count), = merged
-            return self.keys.read_with(first, count, keys), self.values.read_with(
-                first, count, values
-            )
+            if first + count == self.keys.num_frames:
+                count += keys.shape[1] // self.tokens_per_frame
+                return self.keys.read_into_pass(first, count), self.values.read_into_pass(
+                    first, count
+                )
         cached_keys, cached_values = self._read(pieces)
         return torch.cat([cached_keys, keys], dim=1), torch.cat([cached_values, values], dim=1)
+
+    def held(self, num_frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The own K/V the last ``context_with`` / ``window_with`` wrote into the pass slot:
+        views ``[B, num_frames * T_f, H, D]`` (unquantized caches only)."""
+        self._require_allocated()
+        if not self.pass_frames:
+            raise RuntimeError("a quantized cache has no pass slot to hold a pass's K/V")
+        first = self.keys.num_frames
+        return self.keys.read_into_pass(first, num_frames), self.values.read_into_pass(
+            first, num_frames
+        )
 
     def memory(self, include_sink: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Sink frames (unless excluded) then filled bank slots: SMA's candidates.
@@ -175,15 +205,13 @@ class LayerCache:
     def window(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The local window's stored frames, oldest first: ``[B, window_count * T_f, H, D]``."""
         self._require_allocated()
-        return self._read(
-            [(self._window_slot(self.frames_written - self.window_count), self.window_count)]
-        )
+        return self._read([(self._window_first_slot(), self.window_count)])
 
     def _context_pieces(self) -> list[tuple[int, int]]:
         return [
             (0, self.sink_count),
             (self._region_start("bank"), self.bank_filled),
-            (self._window_slot(self.frames_written - self.window_count), self.window_count),
+            (self._window_first_slot(), self.window_count),
         ]
 
     def context(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -207,8 +235,7 @@ class LayerCache:
         """``[window | own]`` K/V, as ``context_with`` (one view whenever unquantized: the
         window is right-aligned against the pass slot)."""
         self._require_allocated()
-        first = self._window_slot(self.frames_written - self.window_count)
-        return self._read_with([(first, self.window_count)], keys, values)
+        return self._read_with([(self._window_first_slot(), self.window_count)], keys, values)
 
     def bank_by_frame(self) -> torch.Tensor:
         """Keys of the filled bank slots per frame: ``[B, bank_filled, T_f, H, D]``."""
@@ -249,6 +276,7 @@ class LayerCache:
                 self._grow_window(self.window_count + to_window)
             self._shift_into_window(keys[:, to_sink * t :], values[:, to_sink * t :], to_window)
         self.frames_written += num_frames
+        self._recount()
 
     def _shift_into_window(self, keys: torch.Tensor, values: torch.Tensor, count: int) -> None:
         """Move the window's kept frames left by ``count`` slots (their stored codes as they
@@ -343,18 +371,34 @@ class LayerCache:
                 f"a recache must cover frames [start_frame, {self.frames_written}), got "
                 f"start_frame={start_frame} with {num_frames} frames"
             )
+        if start_frame > self.window_frames.start:
+            raise ValueError(
+                f"a recache must cover the whole window (from frame {self.window_frames.start}), "
+                f"got start_frame={start_frame}"
+            )
+        if not protect_sink and start_frame != 0:
+            raise ValueError(
+                "a recache that re-encodes the sink covers every frame from 0, got "
+                f"start_frame={start_frame}"
+            )
+        self.overwrite_newest(keys, values, protect_sink)
+
+    def overwrite_newest(
+        self, keys: torch.Tensor, values: torch.Tensor, protect_sink: bool
+    ) -> None:
+        """``overwrite`` for a pass over the newest frames, as the session's recache runs it
+        (the session has checked its frames): the sink takes the pass's first frames unless
+        protected, the window its last. What it reads stops changing once the cache is full,
+        as ``_recount`` says."""
         keys, values = keys.detach(), values.detach()
         t = self.tokens_per_frame
-        if not protect_sink and start_frame < self.sink_count:
-            # The pass's first frames are the sink's frames start_frame .. sink_count - 1.
-            count = (self.sink_count - start_frame) * t
-            self.keys.write(start_frame, keys[:, :count])
-            self.values.write(start_frame, values[:, :count])
-        first = max(start_frame, self.window_frames.start)
-        if first < self.frames_written:
-            source = slice((first - start_frame) * t, num_frames * t)
-            self.keys.write(self._window_slot(first), keys[:, source])
-            self.values.write(self._window_slot(first), values[:, source])
+        if not protect_sink and self.sink_count:
+            self.keys.write(0, keys[:, : self.sink_count * t])
+            self.values.write(0, values[:, : self.sink_count * t])
+        if self.window_count:
+            first, window = self._window_first_slot(), self.window_count * t
+            self.keys.write(first, keys[:, -window:])
+            self.values.write(first, values[:, -window:])
 
     # --------------------------------------------------------------------------------- positions
     def rebase(self, shift: int, policy: str, rotate: RotateKeys) -> None:
@@ -444,6 +488,7 @@ class LayerCache:
         self.reset()
         for name, value in counters.items():
             setattr(self, name, value)
+        self._recount()
         if buffers:
             self.keys, self.values = buffers["keys"], buffers["values"]
             self.staged_keys = buffers.get("staged_keys")

@@ -172,6 +172,10 @@ def _generate_and_write(
     seconds = [chunk.seconds for chunk in result.chunks]
     print(f"{len(seconds)} chunks, {sum(seconds) / len(seconds):.3f} s per chunk on average, "
           f"first frame after {result.seconds_to_first_frame:.2f} s")
+    if result.denoise_fps is not None:
+        print(f"{result.denoise_fps:.2f} FPS denoising, {result.end_to_end_fps:.2f} FPS with VAE "
+              f"decoding, on {result.hardware}; cache "
+              f"{result.chunks[-1].cache_bytes / 2**20:.1f} MiB")
     for name, path in paths.items():
         print(f"{name}: {path}")
     return 0

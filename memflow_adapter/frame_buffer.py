@@ -2,8 +2,8 @@
 
 A ``FrameBuffer`` holds ``F`` frames of ``T_f`` tokens in diffusers' layout ``[B, F * T_f, H,
 D]``. Unquantized, reads are views of the buffer, and a buffer may keep a pass slot after its
-last frame: ``read_with`` writes a pass's own tokens there, so that the buffer's last frames and
-the pass's own are one view (no per-pass concatenation of cached K/V). Quantized
+last frame: ``write_pass`` puts a pass's own tokens there, so that the buffer's last frames and
+the pass's own are one view (``read_into_pass``: no per-pass concatenation of cached K/V). Quantized
 (``"float8_e4m3fn"`` or ``"int8"``), each frame of each head is stored with one float32 scale
 (its largest magnitude over the frame's tokens and the head's channels, mapped to the format's
 largest value) and dequantized on read into the attention dtype; moving frames inside a cache
@@ -62,7 +62,7 @@ class FrameBuffer:
         tokens_per_frame: ``T_f``.
         storage: ``None`` (stored in ``like``'s dtype) or a ``CACHE_DTYPES`` value.
         pass_frames: frames of the pass slot after the last frame (unquantized only): scratch
-            for ``read_with``, never saved.
+            for ``write_pass``, never saved.
     """
 
     def __init__(
@@ -121,20 +121,20 @@ class FrameBuffer:
             codes, self.scale[:, first : first + count], self.tokens_per_frame, self.dtype
         )
 
-    def read_with(self, first: int, count: int, tokens: torch.Tensor) -> torch.Tensor:
-        """Frames ``first .. first + count - 1`` followed by ``tokens`` ``[B, n * T_f, H, D]``
-        (a pass's own K/V, attention dtype).
-
-        When those frames are the buffer's last, ``n`` fits the pass slot and ``tokens`` carry no
-        gradient, ``tokens`` are written into the pass slot and the result is one view of the
-        buffer (valid until the next ``read_with``); otherwise the two are concatenated.
-        """
+    def write_pass(self, tokens: torch.Tensor) -> None:
+        """Store a pass's own ``[B, n * T_f, H, D]`` (attention dtype, ``n`` up to the pass
+        slot) in the pass slot, without autograd history: scratch, valid until the next pass."""
         n = tokens.shape[1] // self.tokens_per_frame
-        contiguous = first + count == self.num_frames and n <= self.pass_frames
-        if not contiguous or (tokens.requires_grad and torch.is_grad_enabled()):
-            return torch.cat([self.read(first, count), tokens], dim=1)
-        self._with_pass[:, self._tokens(self.num_frames, n)] = tokens
-        return self._with_pass[:, self._tokens(first, count + n)]
+        if not n <= self.pass_frames:
+            raise ValueError(f"a pass slot of {self.pass_frames} frames cannot hold {n}")
+        self._with_pass[:, self._tokens(self.num_frames, n)] = tokens.detach()
+
+    def read_into_pass(self, first: int, count: int) -> torch.Tensor:
+        """Frames ``first .. first + count - 1`` where the range may run on into the pass slot:
+        one view of the buffer (unquantized only)."""
+        if self.scale is not None:
+            raise ValueError("a quantized buffer has no pass slot")
+        return self._with_pass[:, self._tokens(first, count)]
 
     def write(self, first: int, tokens: torch.Tensor) -> None:
         """Store ``[B, n * T_f, H, D]`` (attention dtype) into frames ``first .. first + n - 1``."""

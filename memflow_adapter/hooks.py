@@ -55,6 +55,12 @@ class MemFlowAttachment:
                 raise ValueError(
                     f"the session has {session.num_layers} layers, the model has {self.num_layers}"
                 )
+            if session.rope is None or session.rope.frames > self.integration.rope_frames():
+                raise ValueError(
+                    "the session must know the model's RoPE table (rope_frames="
+                    f"{self.integration.rope_frames()}) to keep every position inside it: make "
+                    "it with attachment.create_session"
+                )
         self._session = session
 
     @contextmanager
@@ -83,6 +89,7 @@ class MemFlowAttachment:
             record_trace=record_trace,
             trace_chunks=trace_chunks,
             rope=RopeTable(self.integration.rope_frames(), self.integration.rotate_keys),
+            device=next(self.model.parameters()).device,
         )
 
     def text_keys(self, prompt_embeds: torch.Tensor) -> list[torch.Tensor]:
@@ -117,7 +124,7 @@ class _PassGuardHook(ModelHook):
         self.attachment = attachment
 
     def pre_forward(self, module: nn.Module, *args: Any, **kwargs: Any):
-        if self.attachment.require_session().current_pass is None:
+        if not self.attachment.require_session().in_pass:
             raise SessionStateError(
                 "this transformer streams with MemFlow: call it inside session.denoise_pass(), "
                 "session.context_pass() or session.switch_prompt(), or remove_memflow() it first"
@@ -127,14 +134,15 @@ class _PassGuardHook(ModelHook):
 
 class _RopeOffsetHook(ModelHook):
     """Makes RoPE give the running pass's latent-frame positions (absolute until the video
-    outgrows the RoPE table, then re-based: ``StreamingSession.pass_start_position``)."""
+    outgrows the RoPE table, then re-based: ``StreamingSession.pass_rope_position``, a device
+    tensor, so that a compiled model neither syncs nor recompiles per chunk)."""
 
     def __init__(self, attachment: MemFlowAttachment) -> None:
         super().__init__()
         self.attachment = attachment
 
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        offset = self.attachment.require_session().pass_start_position
+        offset = self.attachment.require_session().pass_rope_position
         return self.attachment.integration.rope_forward(module, offset, *args, **kwargs)
 
 

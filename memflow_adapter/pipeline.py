@@ -10,7 +10,6 @@ more at timestep 0 to write their keys and values (the context pass).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,23 +40,37 @@ from .streaming import (
     applied_segment_starts,
     next_chunk,
 )
+from .timing import Mark, Stopwatch, hardware_name, seconds_between
 
 OUTPUT_TYPES = ("np", "pil", "pt", "latent")
 
 
 @dataclass(frozen=True)
 class ChunkReport:
-    """What one chunk cost and which prompt it used (``seconds``: generation, recache included;
-    ``decode_seconds``: decoding its frames)."""
+    """What one chunk cost and which prompt it used.
+
+    ``seconds`` (generation, recache included) and ``decode_seconds`` (decoding its frames) are
+    read from the marks taken while it ran; on CUDA those are events, and reading them waits
+    for the chunk's work to finish (the stream itself never does). ``video_frames``: the
+    frames it decoded (``None`` for ``"latent"`` output).
+    """
 
     chunk_index: int
     start_frame: int
     num_frames: int
     prompt: str
     recached: bool
-    seconds: float
     cache_bytes: int
-    decode_seconds: float = 0.0
+    video_frames: int | None
+    marks: tuple[Mark, Mark, Mark] = field(repr=False, compare=False)
+
+    @property
+    def seconds(self) -> float:
+        return seconds_between(self.marks[0], self.marks[1])
+
+    @property
+    def decode_seconds(self) -> float:
+        return seconds_between(self.marks[1], self.marks[2])
 
 
 @dataclass(frozen=True)
@@ -94,6 +107,7 @@ class StreamingVideoOutput:
         peak_memory_bytes: CUDA peak allocation during the run (``None`` on CPU).
         seconds_to_first_frame: from the start of the stream to the first chunk's frames (or
             latents, for ``"latent"``).
+        hardware: what ran it (``timing.hardware_name``).
     """
 
     latents: torch.Tensor
@@ -102,6 +116,27 @@ class StreamingVideoOutput:
     chunks: list[ChunkReport] = field(default_factory=list)
     peak_memory_bytes: int | None = None
     seconds_to_first_frame: float | None = None
+    hardware: str | None = None
+
+    @property
+    def denoise_fps(self) -> float | None:
+        """Video frames per second of the denoising loop (recaches included, decoding not):
+        the streaming speed the field reports. ``None`` without decoded frames."""
+        return self._fps(decode=False)
+
+    @property
+    def end_to_end_fps(self) -> float | None:
+        """Video frames per second from latents to decoded frames (VAE decoding included)."""
+        return self._fps(decode=True)
+
+    def _fps(self, decode: bool) -> float | None:
+        frames = [chunk.video_frames for chunk in self.chunks]
+        if not frames or None in frames:
+            return None
+        seconds = sum(
+            chunk.seconds + (chunk.decode_seconds if decode else 0.0) for chunk in self.chunks
+        )
+        return sum(frames) / seconds
 
     def save_video(self, path: str | Path, fps: int = 16, batch_index: int = 0) -> Path:
         """Write the decoded video to ``path`` (mp4 needs the ``video`` extra)."""
@@ -380,8 +415,9 @@ class VideoStream:
             pipeline.transformer, session, pipeline.schedule, dtype=pipeline.dtype,
             conditioning=conditioning,
         )
-        self._started = time.perf_counter()
-        self.seconds_to_first_frame: float | None = None
+        self._stopwatch = Stopwatch(pipeline.device)
+        self._started = self._stopwatch.mark()
+        self._first_frame: Mark | None = None
         if pipeline.device.type == "cuda":  # the output's peak is this stream's
             torch.cuda.reset_peak_memory_stats(pipeline.device)
         for text in schedule.prompts:
@@ -440,30 +476,29 @@ class VideoStream:
         chunk = self.next_chunk
         if chunk is None:
             raise StopIteration
-        attachment, device = self.pipeline.attachment, self.pipeline.device
-        began = time.perf_counter()
+        attachment = self.pipeline.attachment
+        began = self._stopwatch.mark()
         self.recent.make_room(chunk)
         with torch.no_grad(), attachment.bind(self.session):
             clean = self._engine.step(
                 chunk, self._conditions[chunk.prompt], self.noise, self.recent.frames,
                 self._step_noise, self._guidance, video_start=self.recent.start,
             )
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            generated = time.perf_counter()
-            frames = None
+            generated = self._stopwatch.mark()
+            frames, video_frames = None, None
             if self._decoder is not None:
                 video = self._decoder.decode(clean)
+                video_frames = video.shape[2]
                 frames = self.pipeline.pipe.video_processor.postprocess_video(
                     video, output_type=self.output_type
                 )
-        decoded = time.perf_counter()
-        if self.seconds_to_first_frame is None:
-            self.seconds_to_first_frame = decoded - self._started
+        decoded = self._stopwatch.mark()
+        if self._first_frame is None:
+            self._first_frame = decoded
         self._previous = chunk
         report = ChunkReport(
             chunk.index, chunk.start, chunk.num_frames, chunk.prompt, chunk.recache,
-            generated - began, self.session.cache_bytes, decoded - generated,
+            self.session.cache_bytes, video_frames, (began, generated, decoded),
         )
         # a copy: the stream's recent latents feed later recaches and are overwritten later
         memory = self.session.last_chunk_memory()
@@ -498,7 +533,16 @@ class VideoStream:
             [chunk.report for chunk in chunks],
             peak,
             self.seconds_to_first_frame,
+            hardware_name(device),
         )
+
+    @property
+    def seconds_to_first_frame(self) -> float | None:
+        """From the start of the stream to the first chunk's frames (latents for ``"latent"``);
+        ``None`` before the first chunk."""
+        if self._first_frame is None:
+            return None
+        return seconds_between(self._started, self._first_frame)
 
     # ----------------------------------------------------------------------------- pause/resume
     def state_dict(self) -> dict[str, Any]:

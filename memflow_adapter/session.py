@@ -12,6 +12,11 @@ A chunk goes through::
 
 Inside a pass, each attention layer calls ``session.attend(layer, q, k, v)`` with its post-RoPE
 queries and keys; the session decides what they attend to and what gets written.
+
+Everything a pass's ``attend`` reads is fixed when the pass starts (a ``PassPlan``, the region
+counts of the caches, the RoPE position as a device tensor), and a context pass's frames are
+committed when it ends: once the cache is full these are the same from chunk to chunk, so a
+compiled transformer meets the same guards every chunk (architecture s.2d).
 """
 
 from __future__ import annotations
@@ -36,6 +41,31 @@ class PassKind(str, Enum):
     DENOISE = "denoise"
     CONTEXT = "context"
     RECACHE = "recache"
+
+
+@dataclass(frozen=True)
+class PassPlan:
+    """What every layer's ``attend`` does in the running pass, fixed when the pass starts.
+
+    Only values that stop changing once the cache is full are here (never an absolute frame),
+    so the plans of two chunks in a full cache are equal, and so are the guards of a compiled
+    model that reads them.
+
+    Attributes:
+        kind: the pass.
+        cached: some frame is cached (every pass but those of the first chunk).
+        own_in_slot: the pass's own K/V go to the caches' pass slots (unquantized, allocated),
+            where a context pass's commit reads them; otherwise a context pass holds them
+            until it ends.
+        recache_frames: frames of a recache pass (0 for the other passes).
+        protect_sink: a recache keeps the sink's keys.
+    """
+
+    kind: PassKind
+    cached: bool
+    own_in_slot: bool
+    recache_frames: int = 0
+    protect_sink: bool = False
 
 
 @dataclass(frozen=True)
@@ -73,6 +103,8 @@ class StreamingSession:
             integration's ``rope_frames`` and ``rotate_keys``); a stream longer than
             ``rope.frames`` latent frames is re-based to fit (architecture s.2b). ``None``: no
             table, positions are always the absolute frames.
+        device: where the pass's RoPE position tensor lives (``pass_rope_position``): the
+            model's device, so that the model reads it without a host-to-device copy.
     """
 
     def __init__(
@@ -83,6 +115,7 @@ class StreamingSession:
         record_trace: bool = True,
         trace_chunks: int | None = None,
         rope: RopeTable | None = None,
+        device: torch.device | str = "cpu",
     ) -> None:
         if not isinstance(config, MemFlowConfig):
             raise TypeError(f"config must be a MemFlowConfig, got {type(config).__name__}")
@@ -109,6 +142,7 @@ class StreamingSession:
         self.record_trace = record_trace
         self.trace_chunks = trace_chunks
         self.rope = rope
+        self.device = torch.device(device)
         self.layers = [LayerCache(config, tokens_per_frame) for _ in range(num_layers)]
         self.reset()
 
@@ -121,14 +155,33 @@ class StreamingSession:
         self.position_base = 0  # RoPE position of frame f is f - position_base (architecture s.2b)
         self._trace = MemoryTrace(self.trace_chunks)
         # per layer, SMA's reused key-set buffers (scratch, never saved)
-        self._sparse_key_sets = [SparseKeySet() for _ in self.layers]
+        local = self.config.local_frames
+        capacity = None if local is None else (self.config.sma_top_k + local) * self.tokens_per_frame
+        self._sparse_key_sets = [SparseKeySet(capacity) for _ in self.layers]
         self._chunk_open = False
         self._chunk_passes = 0
         self._chunk_frames: int | None = None
         self._pass: PassKind | None = None
-        self._pass_layers: set[int] = set()
         self._recache: RecacheWindow | None = None
         self._broken: str | None = None
+        self._reset_pass_scratch(None)
+        self._set_next_position()
+
+    def _set_next_position(self) -> None:
+        """The RoPE position of the next chunk's first frame, as a device tensor: moved with
+        device ops from chunk to chunk, so a pass reads it without a host sync or a guard."""
+        position = self.next_frame - self.position_base
+        self._next_position = torch.tensor(position, dtype=torch.long, device=self.device)
+
+    def _reset_pass_scratch(self, plan: PassPlan | None) -> None:
+        """What one pass's ``attend`` calls fill in, per layer, for the pass's end to use."""
+        self._plan = plan
+        self._attended = [False] * self.num_layers
+        self._pass_frames = [0] * self.num_layers
+        # a context pass's own K/V, when they are not in the caches' pass slots
+        self._pending: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * self.num_layers
+        # SMA's activated frames per layer, for the trace
+        self._activated: list[torch.Tensor | None] = [None] * self.num_layers
 
     # ----------------------------------------------------------------------------- the lifecycle
     def begin_chunk(self, text_keys: Sequence[torch.Tensor] | None = None) -> None:
@@ -157,6 +210,7 @@ class StreamingSession:
             for cache in self.layers:
                 cache.rebase(shift, self.config.position_overflow, self.rope.rotate)
             self.position_base += shift
+            self._next_position.sub_(shift)
         self._chunk_open = True
         self._chunk_passes = 0
         self._chunk_frames = None
@@ -223,8 +277,22 @@ class StreamingSession:
         self._require_chunk_open("context_pass")
         with self._pass_scope(PassKind.CONTEXT):
             yield
+
+    def _commit_chunk(self) -> None:
+        """Write the context pass's frames into every layer's cache, stage the chunk's first
+        frame for the bank and close the chunk: when the pass has ended, so that no layer's
+        ``attend`` changes a counter (``PassPlan``). A context pass that fails commits nothing:
+        the chunk stays open."""
+        frames, t = self._chunk_frames, self.tokens_per_frame
+        stages = self.config.stages_bank_frame(self.next_frame)
+        for cache, pending in zip(self.layers, self._pending, strict=True):
+            keys, values = cache.held(frames) if pending is None else pending
+            cache.append(keys, values, self.next_frame)
+            if stages:
+                cache.stage(keys[:, :t], values[:, :t], self.next_frame)
         self.chunk_index += 1
-        self.next_frame += self._chunk_frames
+        self.next_frame += frames
+        self._next_position.add_(frames)
         self._chunk_open = False
 
     @contextmanager
@@ -232,24 +300,67 @@ class StreamingSession:
         if self._pass is not None:
             raise SessionStateError(f"a {self._pass.value} pass is already running")
         self._pass = kind
-        self._pass_layers = set()
+        self._reset_pass_scratch(self._plan_pass(kind))
+        self._pass_position = self._next_position
+        if kind is PassKind.RECACHE:
+            self._pass_position = self._next_position - self._recache.num_frames
         try:
             yield
         except BaseException:
-            if kind is not PassKind.DENOISE and self._pass_layers:
+            if kind is PassKind.RECACHE and any(self._attended):
                 self._broken = (
-                    f"a {kind.value} pass failed after layers {sorted(self._pass_layers)} wrote "
-                    "to their caches"
+                    f"a recache pass failed after layers {self._layers_attended(True)} rewrote "
+                    "their caches"
                 )
             raise
         else:
-            missing = sorted(set(range(self.num_layers)) - self._pass_layers)
-            if kind is not PassKind.DENOISE and missing:
-                self._broken = f"a {kind.value} pass ended without layers {missing} attending"
-                raise SessionStateError(self._broken)
+            self._end_pass(kind)
+            if kind is PassKind.CONTEXT:
+                try:
+                    self._commit_chunk()
+                except BaseException:
+                    self._broken = "a context pass's commit failed part of the way"
+                    raise
         finally:
             self._pass = None
+            self._reset_pass_scratch(None)
         self._chunk_passes += 1
+
+    def _plan_pass(self, kind: PassKind) -> PassPlan:
+        cache = self.layers[0]
+        cached = cache.frames_written > 0
+        own_in_slot = cached and cache.pass_frames > 0
+        if kind is not PassKind.RECACHE:
+            return PassPlan(kind, cached, own_in_slot)
+        window = self._recache
+        return PassPlan(kind, cached, False, window.num_frames, window.protect_sink)
+
+    def _end_pass(self, kind: PassKind) -> None:
+        """Checks of a pass that ran to its end, before anything of it is committed; the
+        activated frames go to the trace."""
+        missing = self._layers_attended(False)
+        if kind is not PassKind.DENOISE and missing:
+            message = f"a {kind.value} pass ended without layers {missing} attending"
+            if kind is PassKind.RECACHE:
+                self._broken = message
+            raise SessionStateError(message)
+        frames = [n for n, attended in zip(self._pass_frames, self._attended) if attended]
+        if kind is not PassKind.RECACHE and frames:
+            expected = frames[0] if self._chunk_frames is None else self._chunk_frames
+            wrong = [n for n in frames if n != expected]
+            if wrong:
+                raise ValueError(
+                    f"every pass of a chunk must hold the same frames: this chunk has "
+                    f"{expected}, got {wrong[0]}"
+                )
+            self._chunk_frames = expected
+        if self.record_trace:
+            for layer, activated in enumerate(self._activated):
+                if activated is not None:
+                    self._trace.record_activation(layer, kind.value, activated)
+
+    def _layers_attended(self, attended: bool) -> list[int]:
+        return [layer for layer, done in enumerate(self._attended) if done is attended]
 
     @property
     def cache_bytes(self) -> int:
@@ -261,6 +372,20 @@ class StreamingSession:
     def current_pass(self) -> PassKind | None:
         """The pass running now, if any."""
         return self._pass
+
+    @property
+    def in_pass(self) -> bool:
+        """Whether a pass is running (the same for every kind: what a compiled model's guard
+        hook reads)."""
+        return self._plan is not None
+
+    @property
+    def pass_rope_position(self) -> torch.Tensor:
+        """``pass_start_position`` as a 0-d int64 tensor on ``device``: what the model's RoPE
+        reads, so that a compiled model neither syncs nor guards on the chunk's position."""
+        if self._plan is None:
+            raise SessionStateError("no pass is running, so there is no RoPE position")
+        return self._pass_position
 
     @property
     def pass_start_frame(self) -> int:
@@ -291,46 +416,40 @@ class StreamingSession:
         Returns:
             ``[B, n * T_f, H, D]`` attention output.
         """
-        kind = self._pass
-        if kind is None:
+        plan = self._plan
+        if plan is None:
             raise SessionStateError(
                 "attend was called outside a pass: use denoise_pass, context_pass or switch_prompt"
             )
         if not 0 <= layer < self.num_layers:
             raise IndexError(f"layer must be in [0, {self.num_layers}), got {layer}")
-        if layer in self._pass_layers:
-            raise SessionStateError(f"layer {layer} attended twice in one {kind.value} pass")
+        if self._attended[layer]:
+            raise SessionStateError(f"layer {layer} attended twice in one {plan.kind.value} pass")
         cache = self.layers[layer]
         num_frames = cache.check_frames(key, value, "key")
         if query.shape != key.shape:
             raise ValueError(
                 f"query must have the key's shape {tuple(key.shape)}, got {tuple(query.shape)}"
             )
-        self._check_pass_frames(kind, num_frames)
-        self._pass_layers.add(layer)
+        self._check_pass_frames(plan, num_frames)
+        self._attended[layer] = True
+        self._pass_frames[layer] = num_frames
 
-        if kind is PassKind.RECACHE:
-            window = self._recache
-            output = self._attend_recache(layer, query, key, value, window)
-            cache.overwrite(key, value, window.start_frame, protect_sink=window.protect_sink)
+        if plan.recache_frames:
+            output = self._attend_recache(layer, query, key, value, plan.protect_sink)
+            cache.overwrite_newest(key, value, plan.protect_sink)
             return output
-
-        if cache.frames_written == 0:
-            output = attention(query, key, value, self.config.attention_backend)
-        elif self.config.sma:
+        if not plan.own_in_slot and plan.kind is PassKind.CONTEXT:
+            self._pending[layer] = (key.detach(), value.detach())
+        if not plan.cached:
+            return attention(query, key, value, self.config.attention_backend)
+        if self.config.sma:
             local_keys, local_values = cache.window_with(key, value)
-            output = self._attend_memory_and(
-                layer, kind, query, cache.memory(include_sink=True), local_keys, local_values
+            return self._attend_memory_and(
+                layer, query, cache.memory(include_sink=True), local_keys, local_values
             )
-        else:
-            keys, values = cache.context_with(key, value)
-            output = attention(query, keys, values, self.config.attention_backend)
-        if kind is PassKind.CONTEXT:
-            cache.append(key, value, self.next_frame)
-            if self.config.stages_bank_frame(self.next_frame):
-                t = self.tokens_per_frame
-                cache.stage(key[:, :t], value[:, :t], self.next_frame)
-        return output
+        keys, values = cache.context_with(key, value)
+        return attention(query, keys, values, self.config.attention_backend)
 
     def _attend_recache(
         self,
@@ -338,7 +457,7 @@ class StreamingSession:
         query: torch.Tensor,
         key: torch.Tensor,
         value: torch.Tensor,
-        window: RecacheWindow,
+        protect_sink: bool,
     ) -> torch.Tensor:
         """The recache pass's attention (architecture s.4b). Its queries attend, in both
         directions, to the memory and to the recached frames the cache keeps. With a protected
@@ -352,10 +471,10 @@ class StreamingSession:
             query, key, value: ``[B, n * T_f, H, D]`` for the window's ``n`` frames.
         """
         cache, t = self.layers[layer], self.tokens_per_frame
-        if window.protect_sink:
-            kept = window.num_frames - self.config.local_frames  # the first frame kept
+        if protect_sink:
+            kept = key.shape[1] // t - self.config.local_frames  # the first frame kept
             return self._attend_memory_and(
-                layer, PassKind.RECACHE, query, cache.memory(include_sink=True),
+                layer, query, cache.memory(include_sink=True),
                 key[:, kept * t :], value[:, kept * t :],
             )
         bank_keys, bank_values, bank_frames = cache.memory(include_sink=False)
@@ -374,14 +493,11 @@ class StreamingSession:
             torch.cat([value[:, :sink], bank_values], dim=1),
             torch.cat([sink_frames.expand(bank_frames.shape[0], -1), bank_frames], dim=1),
         )
-        return self._attend_memory_and(
-            layer, PassKind.RECACHE, query, memory, key[:, sink:], value[:, sink:]
-        )
+        return self._attend_memory_and(layer, query, memory, key[:, sink:], value[:, sink:])
 
     def _attend_memory_and(
         self,
         layer: int,
-        kind: PassKind,
         query: torch.Tensor,
         memory: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
         local_keys: torch.Tensor,
@@ -407,10 +523,9 @@ class StreamingSession:
             query, memory_keys, self.tokens_per_frame, self.config.sma_top_k
         )
         if self.record_trace:
-            activated = torch.gather(
+            self._activated[layer] = torch.gather(
                 memory_frames[:, None, :].expand(-1, selected.shape[1], -1), 2, selected
             )
-            self._trace.record_activation(layer, kind.value, activated)
         return sparse_memory_attention(
             query,
             memory_keys,
@@ -503,6 +618,7 @@ class StreamingSession:
         self.chunk_index = int(state["session.chunk_index"])
         self.next_frame = int(state["session.next_frame"])
         self.position_base = position_base
+        self._set_next_position()
 
     # ------------------------------------------------------------------------------- validation
     def _check_text_keys(self, text_keys: Sequence[torch.Tensor] | None) -> None:
@@ -527,27 +643,21 @@ class StreamingSession:
                     f"{geometry.batch_size}, L_text, H={geometry.num_heads}, D={geometry.head_dim}]"
                 )
 
-    def _check_pass_frames(self, kind: PassKind, num_frames: int) -> None:
-        if kind is PassKind.RECACHE:
-            expected = self._recache.num_frames
-            if num_frames != expected:
+    def _check_pass_frames(self, plan: PassPlan, num_frames: int) -> None:
+        """A pass's frames, checked before anything is written; that every pass of a chunk
+        holds the same frames is checked when the pass ends (``_end_pass``), before its commit."""
+        if plan.recache_frames:
+            if num_frames != plan.recache_frames:
+                window = self._recache
                 raise ValueError(
-                    f"the recache pass must cover {expected} frames "
-                    f"({self._recache.start_frame}..{self._recache.stop_frame - 1}), "
-                    f"got {num_frames}"
+                    f"the recache pass must cover {plan.recache_frames} frames "
+                    f"({window.start_frame}..{window.stop_frame - 1}), got {num_frames}"
                 )
             return
         if not 1 <= num_frames <= self.config.frames_per_chunk:
             raise ValueError(
                 f"a chunk pass must hold 1..frames_per_chunk={self.config.frames_per_chunk} "
                 f"frames, got {num_frames}"
-            )
-        if self._chunk_frames is None:
-            self._chunk_frames = num_frames
-        elif num_frames != self._chunk_frames:
-            raise ValueError(
-                f"every pass of a chunk must hold the same frames: this chunk has "
-                f"{self._chunk_frames}, got {num_frames}"
             )
 
     def _require_usable(self) -> None:

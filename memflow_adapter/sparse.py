@@ -66,11 +66,18 @@ class SparseKeySet:
     """One layer's SMA key set, preallocated and reused from pass to pass: per head its selected
     memory frames then the local tokens, head-major ``[B, H, k * T_f + L, D]`` for keys and for
     values. ``assemble`` gathers the selection straight into the buffer (``gather(out=)``) and
-    copies the local tokens after it, so a pass neither allocates nor concatenates. The buffer
-    grows when a pass needs more tokens (the first chunks, a recache) and is reused otherwise.
-    Scratch only: what it holds is valid until the next ``assemble``."""
+    copies the local tokens after it, so a pass neither allocates nor concatenates. Scratch
+    only: what it holds is valid until the next ``assemble``.
 
-    def __init__(self) -> None:
+    Args:
+        capacity: tokens of the largest key set the layout makes (``(sma_top_k + local_frames) *
+            T_f``): the buffer is made that size at the first pass and never changes, so a
+            compiled model sees one buffer shape. ``None`` (an unbounded window): the buffer
+            grows when a pass needs more tokens and is reused otherwise.
+    """
+
+    def __init__(self, capacity: int | None = None) -> None:
+        self.capacity = capacity
         self.keys: torch.Tensor | None = None
         self.values: torch.Tensor | None = None
 
@@ -95,9 +102,12 @@ class SparseKeySet:
         ):
             key_set = buffer[:, :, : chosen + local]
             frames, index = _head_major_frames(memory, selected, tokens_per_frame)
-            torch.gather(frames, 2, index, out=key_set[:, :, :chosen].unflatten(
-                2, (-1, tokens_per_frame)
-            ))
+            chosen_frames = key_set[:, :, :chosen].unflatten(2, (-1, tokens_per_frame))
+            if torch.compiler.is_compiling():
+                # inductor fuses the gather into the copy; ``out=`` has no symbolic-shape meta
+                chosen_frames.copy_(torch.gather(frames, 2, index))
+            else:
+                torch.gather(frames, 2, index, out=chosen_frames)
             key_set[:, :, chosen:].copy_(local_tokens.transpose(1, 2))
             sets.append(key_set.transpose(1, 2))
         return sets[0], sets[1]
@@ -113,6 +123,13 @@ class SparseKeySet:
             and current.device == like.device
         ):
             return
+        if self.capacity is not None:
+            if shape[2] > self.capacity:
+                raise ValueError(
+                    f"a key set of {shape[2]} tokens exceeds this layout's capacity of "
+                    f"{self.capacity}"
+                )
+            shape = (*shape[:2], self.capacity, shape[3])
         self.keys, self.values = (
             torch.empty(shape, dtype=like.dtype, device=like.device) for _ in range(2)
         )

@@ -92,6 +92,8 @@ def test_interactive_generation_takes_a_typed_prompt_from_the_next_chunk_on(
     assert f"prompt from latent frame {switch}: 'a green frog on a leaf'" in printed
     assert "chunk 6/6: latent frames 15-17" in printed and "first frame after" in printed
     assert report["seconds_to_first_frame"] > 0
+    assert report["denoise_fps"] > report["end_to_end_fps"] > 0  # decoding takes time too
+    assert "CPU" in report["hardware"]
     assert (tmp_path / "video.mp4").stat().st_size > 1000
 
 

@@ -28,7 +28,9 @@ def rope_at(model, frame_indices: list[int], frame_offset: int | None = None) ->
     kwargs = {"frame_indices": torch.tensor([frame_indices]), "height": GRID, "width": GRID}
     if frame_offset is None:
         return model.rope(**kwargs, device="cpu")
-    return find_integration(model).rope_forward(model.rope, frame_offset, **kwargs, device="cpu")
+    return find_integration(model).rope_forward(
+        model.rope, torch.tensor(frame_offset), **kwargs, device="cpu"
+    )
 
 
 @contextmanager

@@ -321,28 +321,52 @@ def test_passes_do_not_nest_and_each_layer_attends_once_per_pass():
             session.attend(0, *coded_qkv(0, 0, 3))
 
 
-def test_a_context_pass_that_skips_a_layer_marks_the_session_unusable_until_reset():
+def test_a_context_pass_that_skips_a_layer_commits_nothing_and_the_chunk_stays_open():
     session = session_for(MemFlowConfig.longlive())
     session.begin_chunk()
+    before = [cache.state_dict() for cache in session.layers]
     with (
         pytest.raises(SessionStateError, match=r"without layers \[1\] attending"),
         session.context_pass(),
     ):
         session.attend(0, *coded_qkv(0, 0, 3))
-    with pytest.raises(SessionStateError, match="state is incomplete"):
-        session.begin_chunk()
-    session.reset()
-    run_chunk(session, coded_qkv)
+    assert session.next_frame == 0
+    assert [cache.state_dict().keys() for cache in session.layers] == [
+        state.keys() for state in before
+    ]
+    with session.context_pass():  # the chunk is committed by a complete pass
+        for layer in range(LAYERS):
+            session.attend(layer, *coded_qkv(layer, 0, 3))
     assert session.next_frame == 3
+    assert frames_of(session.layers[1].context()[0]) == [0, 1, 2]
 
 
-def test_a_failing_context_pass_marks_the_session_unusable():
+def test_a_failing_context_pass_commits_nothing():
     session = session_for(MemFlowConfig.longlive())
+    run_chunk(session, coded_qkv)
     session.begin_chunk()
+    before = [cache.state_dict() for cache in session.layers]
     with pytest.raises(RuntimeError, match="model failed"), session.context_pass():
+        session.attend(0, *coded_qkv(0, 3, 3))
+        raise RuntimeError("model failed")
+    after = [cache.state_dict() for cache in session.layers]
+    assert all(
+        torch.equal(old[name], new[name]) for old, new in zip(before, after) for name in old
+    )
+    with session.context_pass():
+        for layer in range(LAYERS):
+            session.attend(layer, *coded_qkv(layer, 3, 3))
+    assert frames_of(session.layers[0].context()[0]) == [0, 1, 2, 3, 4, 5]
+
+
+def test_a_recache_pass_that_fails_part_of_the_way_marks_the_session_unusable():
+    session = session_for(MemFlowConfig.longlive())
+    run_chunk(session, coded_qkv)
+    session.begin_chunk()
+    with pytest.raises(RuntimeError, match="model failed"), session.switch_prompt():
         session.attend(0, *coded_qkv(0, 0, 3))
         raise RuntimeError("model failed")
-    with pytest.raises(SessionStateError, match="layers \\[0\\] wrote"):
+    with pytest.raises(SessionStateError, match="layers \\[0\\] rewrote"):
         session.begin_chunk()
 
 

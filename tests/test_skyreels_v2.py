@@ -131,7 +131,9 @@ def test_the_models_own_causal_mode_is_refused_and_the_model_left_unpatched():
 def test_the_rope_offset_equals_the_full_video_rope_sliced_at_the_chunk():
     model = tiny_skyreels_v2()
     full = model.rope(torch.zeros(1, 16, 9, 4, 4))
-    chunk = find_integration(model).rope_forward(model.rope, 6, torch.zeros(1, 16, CHUNK, 4, 4))
+    chunk = find_integration(model).rope_forward(
+        model.rope, torch.tensor(6), torch.zeros(1, 16, CHUNK, 4, 4)
+    )
     for table, full_table in zip(chunk, full, strict=True):
         assert torch.equal(table, full_table[:, 6 * TOKENS : 9 * TOKENS])
 

@@ -5,10 +5,11 @@ import pytest
 import torch
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
-from memflow_adapter import MemFlowConfig, SessionStateError
+from memflow_adapter import MemFlowConfig, SessionStateError, StreamingSession
 from memflow_adapter.hooks import apply_memflow, get_memflow, remove_memflow
 from memflow_adapter.integrations import WanIntegration
 from memflow_adapter.integrations.wan import apply_wan_rotary
+from memflow_adapter.positions import RopeTable
 
 from tiny_models import tiny_wan
 
@@ -177,14 +178,20 @@ def test_rope_offset_gives_the_absolute_positions_of_the_chunk(model):
     integration = WanIntegration(model)
     whole = torch.zeros(1, 16, 9, LATENT_H, LATENT_W)
     cos_all, sin_all = model.rope(whole)
-    cos, sin = integration.rope_forward(model.rope, 6, whole[:, :, :3])
+    cos, sin = integration.rope_forward(model.rope, torch.tensor(6), whole[:, :, :3])
     assert torch.equal(cos, cos_all[:, 6 * TOKENS :]) and torch.equal(sin, sin_all[:, 6 * TOKENS :])
 
 
-def test_rope_beyond_the_models_table_is_a_clear_error(model):
-    integration = WanIntegration(model)
-    with pytest.raises(ValueError, match="beyond the model's table"):
-        integration.rope_forward(model.rope, 1023, torch.zeros(1, 16, 3, LATENT_H, LATENT_W))
+def test_a_session_that_does_not_know_the_models_rope_table_cannot_be_bound(model):
+    attachment = apply_memflow(model, MemFlowConfig.reference())
+    config, tokens = attachment.config, attachment.create_session(8, 8).tokens_per_frame
+    no_table = StreamingSession(config, attachment.num_layers, tokens)
+    longer = StreamingSession(
+        config, attachment.num_layers, tokens, rope=RopeTable(2048, lambda keys, shift: keys)
+    )
+    for session in (no_table, longer):
+        with pytest.raises(ValueError, match="must know the model's RoPE table"):
+            attachment.session = session
 
 
 @torch.no_grad()
