@@ -166,16 +166,15 @@ def main(argv: Sequence[str] | None = None) -> float:
     with attachment.bind(session), torch.no_grad():
         for index in range(args.chunks):
             chunk = ChunkPlan(index, index * CHUNK, (index + 1) * CHUNK, 0, False)
-            runs = {
-                "ours": lambda: engine.step(chunk, cond, noise, video),
-                "plain": lambda: plain_video.append(plain_chunk(
-                    plain_model, streamer, schedule, noise[:, :, chunk.start : chunk.stop],
-                    embeds,
-                )),
-            }
             for name in ("ours", "plain") if index % 2 else ("plain", "ours"):
                 began = clock()
-                runs[name]()
+                if name == "ours":
+                    engine.step(chunk, cond, noise, video)
+                else:
+                    plain_video.append(plain_chunk(
+                        plain_model, streamer, schedule, noise[:, :, chunk.start : chunk.stop],
+                        embeds,
+                    ))
                 seconds[name].append(clock() - began)
     full = -(-(SINK + LOCAL - CHUNK) // CHUNK)  # the first chunk whose window is full
     ours, plain = (statistics.median(seconds[name][full:]) for name in ("ours", "plain"))

@@ -156,7 +156,9 @@ class StreamingSession:
         self._trace = MemoryTrace(self.trace_chunks)
         # per layer, SMA's reused key-set buffers (scratch, never saved)
         local = self.config.local_frames
-        capacity = None if local is None else (self.config.sma_top_k + local) * self.tokens_per_frame
+        capacity = None
+        if local is not None:
+            capacity = (self.config.sma_top_k + local) * self.tokens_per_frame
         self._sparse_key_sets = [SparseKeySet(capacity) for _ in self.layers]
         self._chunk_open = False
         self._chunk_passes = 0
@@ -344,7 +346,8 @@ class StreamingSession:
             if kind is PassKind.RECACHE:
                 self._broken = message
             raise SessionStateError(message)
-        frames = [n for n, attended in zip(self._pass_frames, self._attended) if attended]
+        attended = zip(self._pass_frames, self._attended, strict=True)
+        frames = [n for n, done in attended if done]
         if kind is not PassKind.RECACHE and frames:
             expected = frames[0] if self._chunk_frames is None else self._chunk_frames
             wrong = [n for n in frames if n != expected]

@@ -232,6 +232,21 @@ def test_decoded_output_and_mp4_export(tiny_pipe, tmp_path):
     assert video.min() >= 0.0 and video.max() <= 1.0
     path = result.save_video(tmp_path / "video.mp4", fps=8)
     assert path.stat().st_size > 1000
+    # the field's speed figures: video frames over denoising time, then with decoding too
+    assert [chunk.video_frames for chunk in result.chunks] == [9, 12]  # 1 + 4 * 2, then 4 * 3
+    generating = sum(chunk.seconds for chunk in result.chunks)
+    decoding = sum(chunk.decode_seconds for chunk in result.chunks)
+    assert result.denoise_fps == pytest.approx(21 / generating)
+    assert result.end_to_end_fps == pytest.approx(21 / (generating + decoding))
+    assert "CPU" in result.hardware
+
+
+def test_latent_output_reports_no_video_frame_rate(tiny_pipe):
+    result = generate(
+        tiny_pipe, MemFlowConfig.reference(), prompt=PROMPTS[0], num_latent_frames=6
+    )
+    assert result.denoise_fps is None and result.end_to_end_fps is None
+    assert all(chunk.seconds > 0 and chunk.decode_seconds >= 0 for chunk in result.chunks)
 
 
 @pytest.mark.parametrize(

@@ -350,9 +350,8 @@ def test_a_failing_context_pass_commits_nothing():
         session.attend(0, *coded_qkv(0, 3, 3))
         raise RuntimeError("model failed")
     after = [cache.state_dict() for cache in session.layers]
-    assert all(
-        torch.equal(old[name], new[name]) for old, new in zip(before, after) for name in old
-    )
+    for old, new in zip(before, after, strict=True):
+        assert all(torch.equal(old[name], new[name]) for name in old)
     with session.context_pass():
         for layer in range(LAYERS):
             session.attend(layer, *coded_qkv(layer, 3, 3))
