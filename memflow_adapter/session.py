@@ -213,6 +213,7 @@ class StreamingSession:
                 cache.rebase(shift, self.config.position_overflow, self.rope.rotate)
             self.position_base += shift
             self._next_position.sub_(shift)
+            self._release_windows()
         self._chunk_open = True
         self._chunk_passes = 0
         self._chunk_frames = None
@@ -292,6 +293,7 @@ class StreamingSession:
             cache.append(keys, values, self.next_frame)
             if stages:
                 cache.stage(keys[:, :t], values[:, :t], self.next_frame)
+        self._release_windows()
         self.chunk_index += 1
         self.next_frame += frames
         self._next_position.add_(frames)
@@ -324,9 +326,16 @@ class StreamingSession:
                     self._broken = "a context pass's commit failed part of the way"
                     raise
         finally:
+            if kind is PassKind.RECACHE:
+                self._release_windows()
             self._pass = None
             self._reset_pass_scratch(None)
         self._chunk_passes += 1
+
+    def _release_windows(self) -> None:
+        """The caches' windows changed: SMA's key sets copy them again at their next pass."""
+        for key_set in self._sparse_key_sets:
+            key_set.release_window()
 
     def _plan_pass(self, kind: PassKind) -> PassPlan:
         cache = self.layers[0]
@@ -449,7 +458,8 @@ class StreamingSession:
         if self.config.sma:
             local_keys, local_values = cache.window_with(key, value)
             return self._attend_memory_and(
-                layer, query, cache.memory(include_sink=True), local_keys, local_values
+                layer, query, cache.memory(include_sink=True), local_keys, local_values,
+                window_tokens=cache.window_count * self.tokens_per_frame,
             )
         keys, values = cache.context_with(key, value)
         return attention(query, keys, values, self.config.attention_backend)
@@ -505,6 +515,7 @@ class StreamingSession:
         memory: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
         local_keys: torch.Tensor,
         local_values: torch.Tensor,
+        window_tokens: int = 0,
     ) -> torch.Tensor:
         """Attention over ``[memory ; local]``, the memory cut by SMA when it is on.
 
@@ -539,6 +550,7 @@ class StreamingSession:
             self.tokens_per_frame,
             backend,
             self._sparse_key_sets[layer],
+            window_tokens,
         )
 
     # ---------------------------------------------------------------------------- introspection

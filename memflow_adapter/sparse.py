@@ -69,6 +69,11 @@ class SparseKeySet:
     copies the local tokens after it, so a pass neither allocates nor concatenates. Scratch
     only: what it holds is valid until the next ``assemble``.
 
+    The local tokens start with the cache's window, which changes once per chunk. Once an
+    ``assemble`` has copied it (``window_tokens``), the next passes copy only their own tokens,
+    until the session calls ``release_window`` (the window changed: a commit, a recache, a
+    re-base). Compiled code copies every local token (one graph for every pass of a chunk).
+
     Args:
         capacity: tokens of the largest key set the layout makes (``(sma_top_k + local_frames) *
             T_f``): the buffer is made that size at the first pass and never changes, so a
@@ -80,6 +85,12 @@ class SparseKeySet:
         self.capacity = capacity
         self.keys: torch.Tensor | None = None
         self.values: torch.Tensor | None = None
+        # (selected tokens, window tokens) where the buffer holds the cache's current window
+        self.window_held: tuple[int, int] | None = None
+
+    def release_window(self) -> None:
+        """The cache's window changed: the next ``assemble`` copies it again."""
+        self.window_held = None
 
     def assemble(
         self,
@@ -89,13 +100,22 @@ class SparseKeySet:
         local_values: torch.Tensor,
         selected: torch.Tensor,
         tokens_per_frame: int,
+        window_tokens: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The key set of ``sparse_memory_attention``'s arguments, as ``[B, k * T_f + L, H, D]``
-        views of the buffer (keys, values)."""
+        views of the buffer (keys, values); the first ``window_tokens`` local tokens are the
+        cache's window (0: none of them is)."""
         batch, local, heads, head_dim = local_keys.shape
         chosen = selected.shape[2] * tokens_per_frame
         shape = (batch, heads, chosen + local, head_dim)
         self._reserve(shape, local_keys)
+        copied = 0  # local tokens the buffer already holds
+        if not window_tokens or torch.compiler.is_compiling():
+            self.window_held = None
+        elif self.window_held == (chosen, window_tokens):
+            copied = window_tokens
+        else:
+            self.window_held = (chosen, window_tokens)
         sets = []
         for buffer, memory, local_tokens in (
             (self.keys, memory_keys, local_keys), (self.values, memory_values, local_values)
@@ -113,7 +133,7 @@ class SparseKeySet:
                     for h in range(heads):
                         torch.index_select(frames[b, h], 0, selected[b, h],
                                            out=chosen_frames[b, h])
-            key_set[:, :, chosen:].copy_(local_tokens.transpose(1, 2))
+            key_set[:, :, chosen + copied :].copy_(local_tokens[:, copied:].transpose(1, 2))
             sets.append(key_set.transpose(1, 2))
         return sets[0], sets[1]
 
@@ -128,6 +148,7 @@ class SparseKeySet:
             and current.device == like.device
         ):
             return
+        self.window_held = None
         if self.capacity is not None:
             if shape[2] > self.capacity:
                 raise ValueError(
@@ -150,6 +171,7 @@ def sparse_memory_attention(
     tokens_per_frame: int,
     backend: str = "sdpa",
     key_set: SparseKeySet | None = None,
+    window_tokens: int = 0,
 ) -> torch.Tensor:
     """One softmax over ``[selected memory frames ; local tokens]``; the selection differs per head.
 
@@ -160,6 +182,8 @@ def sparse_memory_attention(
         selected: ``[B, H, k]`` from ``select_memory_frames``.
         key_set: the layer's ``SparseKeySet`` to assemble the key set in without allocating;
             ignored (a fresh concatenation) when a gradient must flow through the tensors.
+        window_tokens: the first local tokens that are the cache's window (``key_set`` keeps
+            them from pass to pass until the window changes).
 
     Returns:
         ``[B, N, H, D]``.
@@ -168,7 +192,7 @@ def sparse_memory_attention(
     if key_set is not None and not (
         torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     ):
-        keys, values = key_set.assemble(*tensors, selected, tokens_per_frame)
+        keys, values = key_set.assemble(*tensors, selected, tokens_per_frame, window_tokens)
         return attention(query, keys, values, backend)
     keys = torch.cat(
         [

@@ -122,3 +122,25 @@ def test_the_reused_key_set_equals_the_concatenation_and_keeps_its_buffer(genera
     assert key_set.keys.data_ptr() == buffer  # a smaller pass fits the same buffer
     gathered = gather_frames_per_head(memory_k, selected, T).transpose(1, 2)
     assert torch.equal(keys, torch.cat([gathered, local_k[:, :T]], dim=1))
+
+
+def test_the_window_is_copied_into_the_key_set_once_until_it_is_released(generator):
+    """The local tokens start with the cache's window, which changes once per chunk: after one
+    pass has copied it, the next passes copy only their own tokens, until ``release_window``."""
+    b, h, d, window = 1, 2, 8, 2
+    memory_k, memory_v = (torch.randn(b, 4 * T, h, d, generator=generator) for _ in range(2))
+    query = torch.randn(b, T, h, d, generator=generator)
+    local = torch.randn(b, (window + 1) * T, h, d, generator=generator)
+    selected = select_memory_frames(query, memory_k, T, top_k=2)
+    key_set = SparseKeySet()
+    first, _ = key_set.assemble(memory_k, memory_v, local, local, selected, T, window * T)
+    assert torch.equal(first[:, 2 * T :], local)
+    changed = local.clone()
+    changed[:, : window * T] += 1.0  # the session promises the window did not change...
+    changed[:, window * T :] += 2.0
+    kept, _ = key_set.assemble(memory_k, memory_v, changed, changed, selected, T, window * T)
+    assert torch.equal(kept[:, 2 * T : (2 + window) * T], local[:, : window * T])  # not copied
+    assert torch.equal(kept[:, (2 + window) * T :], changed[:, window * T :])  # own tokens were
+    key_set.release_window()  # ...until it says it did
+    again, _ = key_set.assemble(memory_k, memory_v, changed, changed, selected, T, window * T)
+    assert torch.equal(again[:, 2 * T :], changed)
