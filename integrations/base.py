@@ -33,6 +33,10 @@ class Integration(ABC):
     model_classes: ClassVar[tuple[str, ...]]
     #: The diffusers pipeline class whose components (text encoder, VAE) go with this family.
     pipeline_class: ClassVar[type]
+    #: Whether the family streams under diffusers' Ulysses context parallelism (architecture
+    #: s.6): the model's ``_cp_plan`` splits the tokens and RoPE's output by sequence, and the
+    #: processor hands ``attend`` the queries, keys and values of this rank's tokens.
+    context_parallel: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -77,6 +81,10 @@ class Integration(ABC):
         frame ``i`` of batch element ``b`` ``frame_shift[b, i]`` positions later (``[B, n]``
         int64, ``|shift| < rope_frames()``; negative moves earlier). Only the temporal part of
         the rotation changes."""
+
+    def attention_heads(self) -> int:
+        """The heads of every self-attention layer."""
+        return self.model.config.num_attention_heads
 
     @abstractmethod
     def tokens_per_frame(self, latent_height: int, latent_width: int) -> int:

@@ -129,6 +129,7 @@ class HeliosIntegration(WanIntegration):
     ``attn2`` cross-attention), ``rope`` the 3-D rotary embedding over explicit frame indices."""
 
     name = "helios"
+    context_parallel = False  # not validated under diffusers' context parallelism
     model_classes = ("HeliosTransformer3DModel",)
     pipeline_class = HeliosPipeline
 

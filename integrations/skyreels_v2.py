@@ -32,6 +32,7 @@ class SkyReelsV2Integration(WanIntegration):
     self-attention, ``attn2`` cross-attention, ``rope`` the 3-D rotary embedding."""
 
     name = "skyreels_v2"
+    context_parallel = False  # not validated under diffusers' context parallelism
     model_classes = ("SkyReelsV2Transformer3DModel",)
     pipeline_class = SkyReelsV2DiffusionForcingPipeline
 

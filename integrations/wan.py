@@ -116,6 +116,7 @@ class WanIntegration(Integration):
     name = "wan"
     model_classes = ("WanTransformer3DModel",)
     pipeline_class = WanPipeline
+    context_parallel = True
 
     @classmethod
     def supports(cls, model: nn.Module) -> bool:

@@ -18,6 +18,11 @@ from diffusers.hooks import HookRegistry, ModelHook
 from torch import nn
 
 from .config import MemFlowConfig
+from .context_parallel import (
+    context_parallel_config,
+    enable_diffusers_context_parallel,
+    head_shard_of,
+)
 from .integrations import Integration, find_integration
 from .positions import RopeTable
 from .session import SessionStateError, StreamingSession
@@ -80,17 +85,46 @@ class MemFlowAttachment:
         record_trace: bool = True,
         trace_chunks: int | None = None,
     ) -> StreamingSession:
-        """A fresh session for videos of the given latent size."""
+        """A fresh session for videos of the given latent size; under context parallelism it
+        holds this rank's heads."""
         self._require_attached("create a session")
+        tokens_per_frame = self.integration.tokens_per_frame(latent_height, latent_width)
+        heads = head_shard_of(self.model, self.integration.attention_heads(), tokens_per_frame)
         return StreamingSession(
             self.config,
             num_layers=self.num_layers,
-            tokens_per_frame=self.integration.tokens_per_frame(latent_height, latent_width),
+            tokens_per_frame=tokens_per_frame,
             record_trace=record_trace,
             trace_chunks=trace_chunks,
             rope=RopeTable(self.integration.rope_frames(), self.integration.rotate_keys),
             device=next(self.model.parameters()).device,
+            heads=heads,
         )
+
+    def enable_context_parallel(self, ulysses_degree: int) -> None:
+        """Split every pass of the model over ``ulysses_degree`` ranks with diffusers' Ulysses
+        context parallelism; each rank's sessions then cache ``H / ulysses_degree`` heads
+        (architecture s.6). Every rank calls it, in a ``torchrun`` launch of that many
+        processes, and then runs the same passes.
+
+        Raises:
+            ValueError: the family is not supported, or the degree does not fit (see
+                ``enable_diffusers_context_parallel``).
+        """
+        self._require_attached("enable context parallelism")
+        if not self.integration.context_parallel:
+            raise ValueError(
+                f"ulysses_degree={ulysses_degree}: the {self.integration.name} family does not "
+                "stream under context parallelism (supported: wan)"
+            )
+        enable_diffusers_context_parallel(
+            self.model, ulysses_degree, self.integration.attention_heads()
+        )
+        # what enable_parallelism gives a model's own processors, so that remove_memflow leaves
+        # a model that computes what diffusers' context parallelism computes
+        for processor in self._original_processors:
+            if hasattr(processor, "_parallel_config"):
+                processor._parallel_config = self.model._parallel_config
 
     def text_keys(self, prompt_embeds: torch.Tensor) -> list[torch.Tensor]:
         """Per layer, the cross-attention keys of a prompt (``[B, L_text, H, D]``), for NAM."""
@@ -99,7 +133,15 @@ class MemFlowAttachment:
     def attend(
         self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     ) -> torch.Tensor:
-        return self.require_session().attend(layer, query, key, value)
+        """The bound session's attention of ``layer`` over ``[B, S, H, D]`` tokens; under
+        context parallelism, ``[B, S/N, H, D]`` of this rank's tokens, exchanged for every token
+        of its heads around the session's attention (Ulysses)."""
+        session = self.require_session()
+        heads = session.heads
+        if heads is None:
+            return session.attend(layer, query, key, value)
+        query, key, value = (heads.to_heads(x) for x in (query, key, value))
+        return heads.to_sequence(session.attend(layer, query, key, value))
 
     def _require_attached(self, what: str) -> None:
         if not self.attached:
@@ -175,6 +217,12 @@ def apply_memflow(
         raise TypeError(f"config must be a MemFlowConfig, got {type(config).__name__}")
     if get_memflow(model) is not None:
         raise ValueError("MemFlow is already attached to this model; remove_memflow() it first")
+    if context_parallel_config(model) is not None:
+        raise ValueError(
+            "apply MemFlow before enable_parallelism: context parallelism splits RoPE's output "
+            "by sequence, which must wrap MemFlow's RoPE offset; use "
+            "attachment.enable_context_parallel(ulysses_degree) after apply_memflow"
+        )
     integration = find_integration(model)
     attachment = MemFlowAttachment(model, integration, config)
     attachment.session = session

@@ -8,6 +8,7 @@ import math
 import torch
 
 from .cache import LayerCache
+from .context_parallel import HeadShard
 
 
 def bank_slot_for_commit(chunk_index: int, record_interval: int, bank_frames: int) -> int | None:
@@ -25,7 +26,9 @@ def bank_slot_for_commit(chunk_index: int, record_interval: int, bank_frames: in
     return pointer - 1 if pointer <= bank_frames else None
 
 
-def nam_scores(text_keys: torch.Tensor, frame_keys: torch.Tensor) -> torch.Tensor:
+def nam_scores(
+    text_keys: torch.Tensor, frame_keys: torch.Tensor, num_heads: int | None = None
+) -> torch.Tensor:
     """Relevance of each frame to a prompt: the mean of ``q . k / sqrt(D)`` over text tokens,
     heads and the frame's tokens, with the text keys as queries.
 
@@ -35,6 +38,8 @@ def nam_scores(text_keys: torch.Tensor, frame_keys: torch.Tensor) -> torch.Tenso
     Args:
         text_keys: ``[B, L_text, H, D]``, the layer's cross-attention keys of the prompt.
         frame_keys: ``[B, F, T_f, H, D]``, cached post-RoPE keys of ``F`` frames.
+        num_heads: the heads the mean is over (default ``H``); more when these are one rank's
+            heads under context parallelism, whose scores are then summed over the ranks.
 
     Returns:
         ``[B, F]`` float32 scores.
@@ -53,7 +58,8 @@ def nam_scores(text_keys: torch.Tensor, frame_keys: torch.Tensor) -> torch.Tenso
         )
     text_mean = text_keys.float().mean(dim=1)  # [B, H, D]
     frame_mean = frame_keys.float().mean(dim=2)  # [B, F, H, D]
-    return torch.einsum("bhd,bfhd->bf", text_mean, frame_mean) / (h * math.sqrt(d))
+    heads = h if num_heads is None else num_heads
+    return torch.einsum("bhd,bfhd->bf", text_mean, frame_mean) / (heads * math.sqrt(d))
 
 
 def select_kept_slots(scores: torch.Tensor, keep: int) -> torch.Tensor:
@@ -68,7 +74,12 @@ def select_kept_slots(scores: torch.Tensor, keep: int) -> torch.Tensor:
     return scores.topk(keep, dim=1).indices.sort(dim=1).values
 
 
-def update_bank(cache: LayerCache, chunk_index: int, text_keys: torch.Tensor | None) -> None:
+def update_bank(
+    cache: LayerCache,
+    chunk_index: int,
+    text_keys: torch.Tensor | None,
+    heads: HeadShard | None = None,
+) -> None:
     """Commit the staged frame at the start of chunk ``chunk_index`` (architecture s.3, steps 1-2).
 
     While the bank fills, the frame goes to the slot the pointer names (``bank_staging=
@@ -80,6 +91,8 @@ def update_bank(cache: LayerCache, chunk_index: int, text_keys: torch.Tensor | N
         chunk_index: the chunk about to be generated (>= 1).
         text_keys: ``[B, L_text, H, D]`` keys of the prompt that chunk will be generated with;
             needed only once the bank is full.
+        heads: under context parallelism, the heads ``cache`` and ``text_keys`` hold: the
+            scores are summed over the ranks, so that every rank keeps the same frames.
     """
     config = cache.config
     if config.bank_staging == "every_chunk":
@@ -91,5 +104,8 @@ def update_bank(cache: LayerCache, chunk_index: int, text_keys: torch.Tensor | N
         return
     if text_keys is None:
         raise ValueError("text_keys are required to select bank frames once the bank is full")
-    scores = nam_scores(text_keys, cache.bank_by_frame())
+    if heads is None:
+        scores = nam_scores(text_keys, cache.bank_by_frame())
+    else:
+        scores = heads.sum(nam_scores(text_keys, cache.bank_by_frame(), heads.num_heads))
     cache.commit_staged_after(select_kept_slots(scores, config.bank_frames - 1))

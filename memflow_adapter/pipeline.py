@@ -10,6 +10,7 @@ more at timestep 0 to write their keys and values (the context pass).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
 from .config import MemFlowConfig
+from .context_parallel import check_same_on_every_rank, shared_generator
 from .hooks import MemFlowAttachment, apply_memflow, get_memflow
 from .integrations import find_integration
 from .integrations.base import LatentDecoder
@@ -161,6 +163,11 @@ class MemFlowStreamingPipeline:
             compute dtype is the transformer's: choose it when loading (``from_pretrained``
             defaults to bfloat16 on CUDA and float32 on CPU), since casting a loaded diffusers
             model would also cast the modules it keeps in float32 (RoPE tables, norms).
+        ulysses_degree: split every pass over this many ranks with diffusers' Ulysses context
+            parallelism, each rank caching ``H / ulysses_degree`` heads (architecture s.6).
+            Launch with ``torchrun --nproc_per_node N`` (``torch.distributed`` initialised);
+            every rank then runs the same calls with the same prompts and gets the whole video.
+            The default device is then the rank's GPU (``LOCAL_RANK``).
     """
 
     def __init__(
@@ -169,8 +176,9 @@ class MemFlowStreamingPipeline:
         config: MemFlowConfig,
         schedule: FlowMatchSchedule | None = None,
         device: str | torch.device | None = None,
+        ulysses_degree: int = 1,
     ) -> None:
-        self.device = torch.device(device or _default_device())
+        self.device = torch.device(device or _default_device(ulysses_degree))
         self.pipe = pipe.to(self.device)
         self.transformer = pipe.transformer
         self.dtype = self.transformer.dtype
@@ -185,6 +193,9 @@ class MemFlowStreamingPipeline:
         self.attachment: MemFlowAttachment = attachment or apply_memflow(self.transformer, config)
         self.config = config
         self.schedule = schedule or FlowMatchSchedule()
+        if ulysses_degree != 1:
+            self.attachment.enable_context_parallel(ulysses_degree)
+        self.ulysses_degree = ulysses_degree
 
     @classmethod
     def from_pretrained(
@@ -192,9 +203,10 @@ class MemFlowStreamingPipeline:
     ) -> MemFlowStreamingPipeline:
         """Load a diffusers pipeline (Hub id or local folder) and stream it. ``kwargs`` go to
         ``DiffusionPipeline.from_pretrained`` (``dtype`` defaults to bfloat16 on CUDA, float32 on
-        CPU) except ``schedule`` and ``device``."""
-        own = {key: kwargs.pop(key) for key in ("schedule", "device") if key in kwargs}
-        device = torch.device(own.get("device") or _default_device())
+        CPU) except ``schedule``, ``device`` and ``ulysses_degree``."""
+        names = ("schedule", "device", "ulysses_degree")
+        own = {key: kwargs.pop(key) for key in names if key in kwargs}
+        device = torch.device(own.get("device") or _default_device(own.get("ulysses_degree", 1)))
         if kwargs.get("dtype") is None:
             kwargs["dtype"] = torch.bfloat16 if device.type == "cuda" else torch.float32
         return cls(DiffusionPipeline.from_pretrained(model, **kwargs), config, **own)
@@ -293,6 +305,8 @@ class MemFlowStreamingPipeline:
             latent_height,
             latent_width,
         )
+        if self.ulysses_degree != 1 and generator is None:
+            generator = shared_generator(self.device)
         if latents is None:
             latents = randn_tensor(
                 shape, generator=generator, device=self.device, dtype=torch.float32
@@ -301,6 +315,8 @@ class MemFlowStreamingPipeline:
             raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
         elif not torch.isfinite(latents).all():
             raise ValueError("latents must be finite, got NaN or infinite values")
+        if self.ulysses_degree != 1:
+            check_same_on_every_rank(latents, "the initial noise (generator or latents)")
         if guidance_scale != 1.0 and negative_prompt is not None:
             guidance = Guidance(
                 guidance_scale, self._embed(negative_prompt, num_videos, max_sequence_length)
@@ -613,8 +629,10 @@ def _concatenate_frames(frames: list[Any], output_type: str) -> Any:
     return [sum((chunk[b] for chunk in frames), []) for b in range(len(frames[0]))]
 
 
-def _default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+def _default_device(ulysses_degree: int = 1) -> str:
+    if not torch.cuda.is_available():
+        return "cpu"
+    return f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if ulysses_degree != 1 else "cuda"
 
 
 def _as_schedule(

@@ -31,6 +31,7 @@ import torch
 from .attention import attention
 from .cache import LayerCache
 from .config import MemFlowConfig
+from .context_parallel import HeadShard
 from .introspection import ChunkMemory, MemoryTrace
 from .memory import update_bank
 from .positions import RopeTable
@@ -105,6 +106,9 @@ class StreamingSession:
             table, positions are always the absolute frames.
         device: where the pass's RoPE position tensor lives (``pass_rope_position``): the
             model's device, so that the model reads it without a host-to-device copy.
+        heads: under Ulysses context parallelism, the heads this rank holds: ``attend`` gets
+            ``[B, n * T_f, H/N, D]`` and the caches hold those heads only; ``begin_chunk`` takes
+            every head's text keys and sums NAM's scores over the ranks (architecture s.6).
     """
 
     def __init__(
@@ -116,6 +120,7 @@ class StreamingSession:
         trace_chunks: int | None = None,
         rope: RopeTable | None = None,
         device: torch.device | str = "cpu",
+        heads: HeadShard | None = None,
     ) -> None:
         if not isinstance(config, MemFlowConfig):
             raise TypeError(f"config must be a MemFlowConfig, got {type(config).__name__}")
@@ -143,6 +148,7 @@ class StreamingSession:
         self.trace_chunks = trace_chunks
         self.rope = rope
         self.device = torch.device(device)
+        self.heads = heads
         self.layers = [LayerCache(config, tokens_per_frame) for _ in range(num_layers)]
         self.reset()
 
@@ -201,13 +207,13 @@ class StreamingSession:
                 "before begin_chunk"
             )
         if self.config.nam:
-            self._check_text_keys(text_keys)
+            text_keys = self._local_text_keys(text_keys)
         shift = self._rebase_shift()
         if self.config.nam and self.chunk_index >= 1:
             for layer, cache in enumerate(self.layers):
                 # with bank_staging="interval" the previous chunk may have staged nothing
                 if cache.has_staged_frame:
-                    update_bank(cache, self.chunk_index, text_keys[layer])
+                    update_bank(cache, self.chunk_index, text_keys[layer], self.heads)
         if shift:
             for cache in self.layers:
                 cache.rebase(shift, self.config.position_overflow, self.rope.rotate)
@@ -566,8 +572,9 @@ class StreamingSession:
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The whole state between two chunks, as a flat dict of tensors (safetensors-compatible).
 
-        Loading it into a session with the same config, layer count and ``tokens_per_frame``
-        continues the video bit-identically. The memory trace is not part of the state.
+        Loading it into a session with the same config, layer count, ``tokens_per_frame`` and
+        heads (under context parallelism, each rank its own) continues the video
+        bit-identically. The memory trace is not part of the state.
         """
         self._require_between_chunks("state_dict")
         state = {
@@ -577,6 +584,7 @@ class StreamingSession:
             "session.chunk_index": torch.tensor(self.chunk_index),
             "session.next_frame": torch.tensor(self.next_frame),
             "session.position_base": torch.tensor(self.position_base),
+            "session.head_shard": torch.tensor(self._head_shard_id()),
         }
         for index, cache in enumerate(self.layers):
             for name, tensor in cache.state_dict().items():
@@ -612,6 +620,14 @@ class StreamingSession:
             saved = int(state[f"session.{name}"])
             if saved != expected:
                 raise ValueError(f"session state has {name}={saved}, this session has {expected}")
+        # states saved before context parallelism hold every head: rank 0 of 1
+        saved_shard = tuple(state.get("session.head_shard", torch.tensor((0, 1))).tolist())
+        if saved_shard != self._head_shard_id():
+            raise ValueError(
+                f"session state holds the heads of rank {saved_shard[0]} of {saved_shard[1]} "
+                f"(context parallelism), this session those of rank "
+                f"{self._head_shard_id()[0]} of {self._head_shard_id()[1]}: each rank loads its own"
+            )
         staging = [LayerCache(self.config, self.tokens_per_frame) for _ in range(self.num_layers)]
         for index, cache in enumerate(staging):
             prefix = f"layers.{index}."
@@ -635,8 +651,24 @@ class StreamingSession:
         self.position_base = position_base
         self._set_next_position()
 
+    def _head_shard_id(self) -> tuple[int, int]:
+        """``(rank, degree)`` of the heads this session holds (``(0, 1)``: every head)."""
+        return (0, 1) if self.heads is None else (self.heads.rank, self.heads.degree)
+
     # ------------------------------------------------------------------------------- validation
-    def _check_text_keys(self, text_keys: Sequence[torch.Tensor] | None) -> None:
+    def _local_text_keys(self, text_keys: Sequence[torch.Tensor] | None) -> list[torch.Tensor]:
+        """The text keys checked, and narrowed to this rank's heads under context parallelism."""
+        if self.heads is None:
+            self._check_text_keys(text_keys)
+            return list(text_keys)
+        self._check_text_keys(text_keys, self.heads.num_heads)
+        return [self.heads.local(keys) for keys in text_keys]
+
+    def _check_text_keys(
+        self, text_keys: Sequence[torch.Tensor] | None, num_heads: int | None = None
+    ) -> None:
+        """Raise unless ``text_keys`` hold one ``[B, L_text, H, D]`` tensor per layer that fits
+        the caches; ``num_heads``: every head's keys are expected (context parallelism)."""
         if text_keys is None or len(text_keys) != self.num_layers:
             got = "None" if text_keys is None else f"{len(text_keys)} tensors"
             raise ValueError(
@@ -647,15 +679,23 @@ class StreamingSession:
             if not isinstance(keys, torch.Tensor) or keys.ndim != 4:
                 shape = tuple(keys.shape) if isinstance(keys, torch.Tensor) else type(keys).__name__
                 raise ValueError(f"text_keys[{layer}] must be [B, L_text, H, D], got {shape}")
+            if num_heads is not None and keys.shape[2] != num_heads:
+                raise ValueError(
+                    f"text_keys[{layer}] has {keys.shape[2]} heads, expected every head of the "
+                    f"model ({num_heads}): each rank takes its own"
+                )
             geometry = cache.geometry
-            if geometry is not None and (keys.shape[0], keys.shape[2], keys.shape[3]) != (
+            if geometry is None:
+                continue
+            heads = geometry.num_heads if num_heads is None else num_heads
+            if (keys.shape[0], keys.shape[2], keys.shape[3]) != (
                 geometry.batch_size,
-                geometry.num_heads,
+                heads,
                 geometry.head_dim,
             ):
                 raise ValueError(
                     f"text_keys[{layer}] has shape {tuple(keys.shape)}, expected [B="
-                    f"{geometry.batch_size}, L_text, H={geometry.num_heads}, D={geometry.head_dim}]"
+                    f"{geometry.batch_size}, L_text, H={heads}, D={geometry.head_dim}]"
                 )
 
     def _check_pass_frames(self, plan: PassPlan, num_frames: int) -> None:
