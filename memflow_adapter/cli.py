@@ -91,17 +91,42 @@ def _random_tiny_demo(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     config = MemFlowConfig.preset(args.config, cache_dtype=args.cache_dtype)
     dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    if args.ulysses_degree != 1:
+        _join_context_parallel_launch(args)
     streaming = MemFlowStreamingPipeline.from_pretrained(
-        args.model, config, device=args.device, dtype=dtype
+        args.model, config, device=args.device, dtype=dtype, ulysses_degree=args.ulysses_degree
     )
-    return _generate_and_write(
-        streaming,
-        PromptSchedule.from_prompts(args.prompt, args.frames_per_prompt),
-        args,
-        num_latent_frames=args.num_latent_frames,
-        extra={"model": args.model, "random_weights": False},
-        guidance={"guidance_scale": args.guidance_scale, "negative_prompt": args.negative_prompt},
-    )
+    try:
+        return _generate_and_write(
+            streaming,
+            PromptSchedule.from_prompts(args.prompt, args.frames_per_prompt),
+            args,
+            num_latent_frames=args.num_latent_frames,
+            extra={"model": args.model, "random_weights": False,
+                   "ulysses_degree": args.ulysses_degree},
+            guidance={"guidance_scale": args.guidance_scale,
+                      "negative_prompt": args.negative_prompt},
+        )
+    finally:
+        if args.ulysses_degree != 1:
+            torch.distributed.destroy_process_group()
+
+
+def _join_context_parallel_launch(args: argparse.Namespace) -> None:
+    """Join the ``torchrun`` launch ``--ulysses-degree`` splits every pass over (NCCL on CUDA,
+    gloo on the CPU)."""
+    degree = args.ulysses_degree
+    if args.interactive:
+        raise ValueError("--interactive reads prompts on one process; it cannot drive the "
+                         f"{degree} ranks of --ulysses-degree {degree}")
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != degree:
+        raise ValueError(
+            f"--ulysses-degree {degree} needs a launch of {degree} processes, got {launched}: "
+            f"torchrun --nproc_per_node {degree} -m memflow_adapter.cli generate ..."
+        )
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -145,6 +170,14 @@ def _generate_and_write(
 
     guidance = guidance or {}
     generator = torch.Generator(device=streaming.device).manual_seed(args.seed)
+    if streaming.ulysses_degree != 1 and torch.distributed.get_rank() != 0:
+        # a context-parallel rank computes its share of every pass; rank 0 writes the video
+        streaming.stream(
+            schedule, num_latent_frames=num_latent_frames, height=args.height, width=args.width,
+            generator=generator, max_sequence_length=args.max_sequence_length, fps=args.fps,
+            output_type="latent", **guidance,
+        ).collect()
+        return 0
     stream = streaming.stream(
         schedule,
         num_latent_frames=num_latent_frames,
@@ -173,9 +206,10 @@ def _generate_and_write(
     print(f"{len(seconds)} chunks, {sum(seconds) / len(seconds):.3f} s per chunk on average, "
           f"first frame after {result.seconds_to_first_frame:.2f} s")
     if result.denoise_fps is not None:
+        ranks = "" if streaming.ulysses_degree == 1 else f" per rank of {streaming.ulysses_degree}"
         print(f"{result.denoise_fps:.2f} FPS denoising, {result.end_to_end_fps:.2f} FPS with VAE "
               f"decoding, on {result.hardware}; cache "
-              f"{result.chunks[-1].cache_bytes / 2**20:.1f} MiB")
+              f"{result.chunks[-1].cache_bytes / 2**20:.1f} MiB{ranks}")
     for name, path in paths.items():
         print(f"{name}: {path}")
     return 0
@@ -266,6 +300,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     generate.add_argument("--num-latent-frames", type=int, default=120)
     generate.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    generate.add_argument(
+        "--ulysses-degree", type=int, default=1,
+        help="split every pass over N processes with diffusers' Ulysses context parallelism, "
+        "each caching 1/N of the heads; launch with torchrun --nproc_per_node N -m "
+        "memflow_adapter.cli generate ... (default: 1)",
+    )
     generate.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto")
     generate.add_argument(
         "--guidance-scale", type=float, default=1.0,

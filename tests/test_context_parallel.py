@@ -4,6 +4,7 @@ heads and keeping the same bank frames; what the engine does not support is refu
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from diffusers import ContextParallelConfig
 from diffusers.models._modeling_parallel import ParallelConfig
 
 from memflow_adapter import MemFlowConfig, MemFlowStreamingPipeline, apply_memflow
+from memflow_adapter.cli import main
 from memflow_adapter.tiny_wan import build_tiny_wan_pipeline
 
 from family_helios import tiny_helios
@@ -153,3 +155,46 @@ def test_a_family_not_validated_under_context_parallelism_is_refused():
     attachment = apply_memflow(tiny_helios(), MemFlowConfig.reference())
     with pytest.raises(ValueError, match="helios family does not stream under context"):
         attachment.enable_context_parallel(2)
+
+
+# --------------------------------------------------------------------------------------- CLI
+@pytest.mark.slow
+def test_memflow_generate_under_torchrun_streams_the_single_process_video(tmp_path):
+    model_dir = tmp_path / "tiny-wan"
+    build_tiny_wan_pipeline(seed=1).save_pretrained(model_dir)
+    options = [
+        "generate", "--model", str(model_dir), "--prompt", "a red fox in the snow",
+        "--prompt", "a boat on a lake", "--frames-per-prompt", "6", "--num-latent-frames", "12",
+        "--height", "32", "--width", "32", "--max-sequence-length", "16",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runs = {
+        1: [sys.executable, "-m", "memflow_adapter.cli"],
+        2: [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+            "--master_port", "29532", "-m", "memflow_adapter.cli"],
+    }
+    reports = {}
+    for degree, launch in runs.items():
+        out = tmp_path / f"degree-{degree}"
+        command = [*launch, *options, "--output-dir", str(out), "--ulysses-degree", str(degree)]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+        assert done.returncode == 0, done.stderr[-4000:]
+        reports[degree] = json.loads((out / "report.json").read_text())
+        assert (out / "video.mp4").stat().st_size > 1000
+    assert reports[2]["ulysses_degree"] == 2
+    for single, sharded in zip(reports[1]["chunks"], reports[2]["chunks"], strict=True):
+        assert sharded["bank_frames"] == single["bank_frames"]
+        assert sharded["recached"] == single["recached"]
+        # rank 0 reports its own cache: half the heads
+        assert sharded["cache_bytes"] * 2 == single["cache_bytes"]
+
+
+def test_memflow_generate_with_a_degree_but_no_launch_ends_in_one_line(tmp_path, capsys):
+    # refused before the model is read
+    argv = ["generate", "--model", str(tmp_path / "never-read"), "--prompt", "a cat",
+            "--ulysses-degree", "2"]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "memflow generate: error: --ulysses-degree 2 needs a launch of 2 processes, got 1: "
+        "torchrun --nproc_per_node 2 -m memflow_adapter.cli generate ..."
+    )
