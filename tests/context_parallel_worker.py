@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from memflow_adapter import MemFlowConfig, MemFlowStreamingPipeline
+from memflow_adapter import MemFlowConfig, MemFlowStreamingPipeline, remove_memflow
 from memflow_adapter.tiny_wan import build_tiny_wan_pipeline
 
 PROMPTS = [
@@ -48,7 +48,9 @@ def stream(preset: str, world: int) -> dict[str, object]:
     resumed = start()
     resumed.load_state_dict(paused.state_dict())
     after = list(resumed)
+    remove_memflow(pipeline.transformer)
     return {
+        "detached_forward": plain_forward(pipeline.transformer),
         "latents": torch.cat([chunk.latents for chunk in chunks], dim=2),
         "resumed_latents": torch.cat([chunk.latents for chunk in before + after], dim=2),
         "bank": [chunk.memory.bank for chunk in chunks],
@@ -57,6 +59,19 @@ def stream(preset: str, world: int) -> dict[str, object]:
         "cache_bytes": video.session.cache_bytes,
         "session_state": video.session.state_dict(),
     }
+
+
+@torch.no_grad()
+def plain_forward(transformer: torch.nn.Module) -> torch.Tensor:
+    """A bidirectional forward over fixed inputs, as diffusers computes it (with or without
+    context parallelism)."""
+    generator = torch.Generator().manual_seed(3)
+    latents = torch.randn(1, 16, 3, HEIGHT // 8, WIDTH // 8, generator=generator)
+    embeds = torch.randn(1, 16, transformer.config.text_dim, generator=generator)
+    return transformer(
+        hidden_states=latents, timestep=torch.tensor([500.0]), encoder_hidden_states=embeds,
+        return_dict=False,
+    )[0]
 
 
 def main(out: Path, presets: list[str]) -> None:

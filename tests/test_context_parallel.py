@@ -93,6 +93,14 @@ def test_each_rank_resumes_a_paused_stream_from_its_own_state(streams, preset):
 
 
 @pytest.mark.slow
+def test_remove_memflow_leaves_diffusers_context_parallel_model(streams):
+    single = result(streams, "reference", 0, 1)["detached_forward"]
+    for rank in (0, 1):
+        detached = result(streams, "reference", rank, 2)["detached_forward"]
+        torch.testing.assert_close(detached, single, rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
 def test_a_ranks_session_state_is_refused_by_a_session_of_other_heads(streams):
     pipeline = MemFlowStreamingPipeline(
         build_tiny_wan_pipeline(0), MemFlowConfig.reference(), device="cpu"
