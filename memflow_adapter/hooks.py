@@ -89,7 +89,9 @@ class MemFlowAttachment:
         holds this rank's heads."""
         self._require_attached("create a session")
         tokens_per_frame = self.integration.tokens_per_frame(latent_height, latent_width)
-        heads = head_shard_of(self.model, self.integration.attention_heads(), tokens_per_frame)
+        head_shard = head_shard_of(
+            self.model, self.integration.attention_heads(), tokens_per_frame
+        )
         return StreamingSession(
             self.config,
             num_layers=self.num_layers,
@@ -98,7 +100,7 @@ class MemFlowAttachment:
             trace_chunks=trace_chunks,
             rope=RopeTable(self.integration.rope_frames(), self.integration.rotate_keys),
             device=next(self.model.parameters()).device,
-            heads=heads,
+            head_shard=head_shard,
         )
 
     def enable_context_parallel(self, ulysses_degree: int) -> None:
@@ -137,11 +139,11 @@ class MemFlowAttachment:
         context parallelism, ``[B, S/N, H, D]`` of this rank's tokens, exchanged for every token
         of its heads around the session's attention (Ulysses)."""
         session = self.require_session()
-        heads = session.heads
-        if heads is None:
+        shard = session.head_shard
+        if shard is None:
             return session.attend(layer, query, key, value)
-        query, key, value = (heads.to_heads(x) for x in (query, key, value))
-        return heads.to_sequence(session.attend(layer, query, key, value))
+        query, key, value = (shard.to_heads(x) for x in (query, key, value))
+        return shard.to_sequence(session.attend(layer, query, key, value))
 
     def _require_attached(self, what: str) -> None:
         if not self.attached:

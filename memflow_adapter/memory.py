@@ -78,7 +78,7 @@ def update_bank(
     cache: LayerCache,
     chunk_index: int,
     text_keys: torch.Tensor | None,
-    heads: HeadShard | None = None,
+    head_shard: HeadShard | None = None,
 ) -> None:
     """Commit the staged frame at the start of chunk ``chunk_index`` (architecture s.3, steps 1-2).
 
@@ -91,7 +91,7 @@ def update_bank(
         chunk_index: the chunk about to be generated (>= 1).
         text_keys: ``[B, L_text, H, D]`` keys of the prompt that chunk will be generated with;
             needed only once the bank is full.
-        heads: under context parallelism, the heads ``cache`` and ``text_keys`` hold: the
+        head_shard: under context parallelism, the heads ``cache`` and ``text_keys`` hold: the
             scores are summed over the ranks, so that every rank keeps the same frames.
     """
     config = cache.config
@@ -104,8 +104,9 @@ def update_bank(
         return
     if text_keys is None:
         raise ValueError("text_keys are required to select bank frames once the bank is full")
-    if heads is None:
+    if head_shard is None:
         scores = nam_scores(text_keys, cache.bank_by_frame())
     else:
-        scores = heads.sum(nam_scores(text_keys, cache.bank_by_frame(), heads.num_heads))
+        partial = nam_scores(text_keys, cache.bank_by_frame(), head_shard.num_heads)
+        scores = head_shard.sum(partial)
     cache.commit_staged_after(select_kept_slots(scores, config.bank_frames - 1))

@@ -106,7 +106,7 @@ class StreamingSession:
             table, positions are always the absolute frames.
         device: where the pass's RoPE position tensor lives (``pass_rope_position``): the
             model's device, so that the model reads it without a host-to-device copy.
-        heads: under Ulysses context parallelism, the heads this rank holds: ``attend`` gets
+        head_shard: under Ulysses context parallelism, the heads this rank holds: ``attend`` gets
             ``[B, n * T_f, H/N, D]`` and the caches hold those heads only; ``begin_chunk`` takes
             every head's text keys and sums NAM's scores over the ranks (architecture s.6).
     """
@@ -120,7 +120,7 @@ class StreamingSession:
         trace_chunks: int | None = None,
         rope: RopeTable | None = None,
         device: torch.device | str = "cpu",
-        heads: HeadShard | None = None,
+        head_shard: HeadShard | None = None,
     ) -> None:
         if not isinstance(config, MemFlowConfig):
             raise TypeError(f"config must be a MemFlowConfig, got {type(config).__name__}")
@@ -148,7 +148,7 @@ class StreamingSession:
         self.trace_chunks = trace_chunks
         self.rope = rope
         self.device = torch.device(device)
-        self.heads = heads
+        self.head_shard = head_shard
         self.layers = [LayerCache(config, tokens_per_frame) for _ in range(num_layers)]
         self.reset()
 
@@ -213,7 +213,7 @@ class StreamingSession:
             for layer, cache in enumerate(self.layers):
                 # with bank_staging="interval" the previous chunk may have staged nothing
                 if cache.has_staged_frame:
-                    update_bank(cache, self.chunk_index, text_keys[layer], self.heads)
+                    update_bank(cache, self.chunk_index, text_keys[layer], self.head_shard)
         if shift:
             for cache in self.layers:
                 cache.rebase(shift, self.config.position_overflow, self.rope.rotate)
@@ -653,16 +653,18 @@ class StreamingSession:
 
     def _head_shard_id(self) -> tuple[int, int]:
         """``(rank, degree)`` of the heads this session holds (``(0, 1)``: every head)."""
-        return (0, 1) if self.heads is None else (self.heads.rank, self.heads.degree)
+        shard = self.head_shard
+        return (0, 1) if shard is None else (shard.rank, shard.degree)
 
     # ------------------------------------------------------------------------------- validation
     def _local_text_keys(self, text_keys: Sequence[torch.Tensor] | None) -> list[torch.Tensor]:
         """The text keys checked, and narrowed to this rank's heads under context parallelism."""
-        if self.heads is None:
+        shard = self.head_shard
+        if shard is None:
             self._check_text_keys(text_keys)
             return list(text_keys)
-        self._check_text_keys(text_keys, self.heads.num_heads)
-        return [self.heads.local(keys) for keys in text_keys]
+        self._check_text_keys(text_keys, shard.num_heads)
+        return [shard.local(keys) for keys in text_keys]
 
     def _check_text_keys(
         self, text_keys: Sequence[torch.Tensor] | None, num_heads: int | None = None
