@@ -40,7 +40,6 @@ from .flow import (
     StepRandomness,
     flow_matching_loss,
     per_sample,
-    sample_sigmas,
     seeded_generator,
 )
 from .latents import DatasetError, LatentVideoDataset, VideoLatents
@@ -123,6 +122,10 @@ class MemoryFinetune(Recipe):
         student = Trainable(self.student.model, training.learning_rate, training.max_steps)
         return {"student": student}
 
+    @property
+    def batch_size(self) -> int:
+        return self.config.data.videos_per_step
+
     def phases(self, step: int) -> list[str]:
         return ["student"]
 
@@ -160,9 +163,7 @@ class MemoryFinetune(Recipe):
     ) -> torch.Tensor:
         """Flow matching on ``chunk`` of ``video`` noised at a random level (the chunk is open)."""
         clean = video[:, :, chunk.start : chunk.stop]
-        sigmas = sample_sigmas(
-            self.config.schedule, self.config.data.noise, clean.shape[0], randomness.local
-        )
+        sigmas = randomness.sigmas(self.config.schedule, self.config.data.noise)
         sigma = per_sample(sigmas.to(self.device))
         noise = randomness.randn(tuple(clean.shape), self.device)
         noisy = self.config.schedule.renoise(clean, noise, sigma)
@@ -178,7 +179,7 @@ class MemoryFinetune(Recipe):
         probability = self.config.data.prompt_dropout
         if probability == 0.0:
             return cond
-        kept = torch.rand(cond.embeds.shape[0], generator=randomness.local) >= probability
+        kept = randomness.rand() >= probability
         mask = kept.to(cond.embeds.device, cond.embeds.dtype)[:, None, None]
         return replace(cond, embeds=cond.embeds * mask)
 
@@ -211,7 +212,7 @@ class MemoryFinetune(Recipe):
                 f"{available} chunk(s) of {frames}; memory_finetune needs at least 2"
             )
         count = min(self.config.data.chunks_per_sample, available)
-        draw = randomness.local
+        draw = randomness.samples[0]  # one window for the whole batch
         if self.config.data.windows == "prefix":
             first, count = 0, int(torch.randint(1, count + 1, (), generator=draw))
         else:

@@ -177,6 +177,11 @@ class Recipe(ABC):
     def trainables(self) -> dict[str, Trainable]:
         """The trained models by name, ``"student"`` first."""
 
+    @property
+    @abstractmethod
+    def batch_size(self) -> int:
+        """The videos of one process's step (its share of the step's global batch)."""
+
     @abstractmethod
     def phases(self, step: int) -> list[str]:
         """The trained models updated at ``step`` (0-based), in order."""
@@ -305,7 +310,9 @@ def train(recipe_type: type[Recipe], config: RecipeConfig) -> Path:
     )
     for step in range(start, training.max_steps):
         began = time.perf_counter()
-        randomness = StepRandomness.for_step(training.seed, step, accelerator.process_index)
+        randomness = StepRandomness.for_step(
+            training.seed, step, accelerator.process_index * recipe.batch_size, recipe.batch_size
+        )
         metrics: dict[str, Any] = {"step": step + 1}
         for name in recipe.phases(step):
             with accelerator.autocast():
