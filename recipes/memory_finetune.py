@@ -44,6 +44,7 @@ from .flow import (
 )
 from .latents import DatasetError, LatentVideoDataset, VideoLatents
 from .rollout import backward_chunk_by_chunk, commit_clean_chunks
+from .sharding import gather_objects
 from .training import Recipe, RecipeConfig, Trainable, exit_on_bad_input, main
 
 NAME = "memory_finetune"
@@ -133,6 +134,9 @@ class MemoryFinetune(Recipe):
         indices = [self._video_index(step, j) for j in range(self.config.data.videos_per_step)]
         video, segment_starts, segments = self._window(indices, randomness)
         chunks = plan_chunks(segment_starts, video.shape[2], self.config.memflow.frames_per_chunk)
+        trained = chunks if self.config.data.loss_chunks == "all" else chunks[-1:]
+        if self.sharded:
+            self._require_same_passes(step, chunks, len(trained))
         conditions = [
             PromptConditioning.of(self.student.attachment, embeds.to(self.device, self.dtype))
             for embeds in segments
@@ -142,7 +146,6 @@ class MemoryFinetune(Recipe):
         )
         with self.student.attachment.bind(session):
             engine = self.student_engine(session, video.shape[0])
-            trained = chunks if self.config.data.loss_chunks == "all" else chunks[-1:]
             commit_clean_chunks(engine, chunks[: len(chunks) - len(trained)], conditions, video)
 
             def mean_share(chunk: ChunkPlan, cond: PromptConditioning) -> torch.Tensor:
@@ -151,6 +154,23 @@ class MemoryFinetune(Recipe):
 
             return backward_chunk_by_chunk(
                 engine, self.accelerator, trained, conditions, video, mean_share
+            )
+
+    def _require_same_passes(
+        self, step: int, chunks: Sequence[ChunkPlan], num_trained: int
+    ) -> None:
+        """Sharded, every pass is collective: before the first, compare what each process's
+        window plans (its prompt segments, which chunks recache, how many carry gradient) and
+        stop every process with the same error if they differ."""
+        plan = (len({chunk.segment for chunk in chunks}), [c.recache for c in chunks], num_trained)
+        plans = gather_objects(plan)
+        if any(other != plans[0] for other in plans):
+            raise DatasetError(
+                f"training.sharding=fsdp2 runs every pass on every process at once, but at step "
+                f"{step + 1} the processes' windows plan different passes (per process: "
+                f"segments, recaches per chunk, gradient chunks = {plans}); train on videos of "
+                "one layout (chunk count and prompt segments) with data.windows=random, or use "
+                "training.sharding=none"
             )
 
     def _chunk_loss(

@@ -192,6 +192,9 @@ class StreamingLongTuning(Recipe):
     def batch_size(self) -> int:
         return self.config.rollout.batch_size
 
+    def transformers(self) -> dict[str, torch.nn.Module]:
+        return {**super().transformers(), "teacher": self.teacher}
+
     def phases(self, step: int) -> list[str]:
         if step % self.config.dmd.generator_update_every == 0:
             return ["student", "critic"]
