@@ -108,7 +108,9 @@ def launched(folder, processes, *overrides):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("fsdp")
-    steps = ("training.max_steps=3", "training.checkpoint_every=2")
+    # A warm-up and cosine schedule, so that the LR schedule and its resumed state count too.
+    steps = ("training.max_steps=3", "training.checkpoint_every=2",
+             "training.lr_scheduler=cosine", "training.lr_warmup_steps=1")
     sharded = launched(root / "sharded", 2, *steps, "training.sharding=fsdp2")
     single = launched(root / "single", 1, *steps, "rollout.batch_size=2")
     # Resume through `latest` from a copy of the sharded run's step-2 checkpoint, keeping 1.
@@ -176,6 +178,9 @@ def test_two_processes_of_one_video_train_the_lora_of_one_process_of_two(runs):
     for sharded, single in zip(*losses, strict=True):
         for key in ("student_loss", "critic_loss"):
             assert sharded[key] == pytest.approx(single[key], rel=1e-5)
+        for key in ("student_lr", "critic_lr"):
+            assert sharded[key] == single[key]
+    assert len({row["critic_lr"] for row in losses[0]}) == 3  # the schedule moves every step
 
 
 @pytest.mark.slow
@@ -200,6 +205,7 @@ def test_resuming_from_a_sharded_checkpoint_continues_bit_identically(runs):
     for name in TRANSFORMERS:
         assert_equal_weights(weights(runs["resumed"], name), weights(runs["sharded"], name))
     resumed = runs["resumed"] / "out"
+    assert metrics(runs["resumed"])[0]["critic_lr"] == metrics(runs["sharded"])[2]["critic_lr"]
     assert [row["step"] for row in metrics(runs["resumed"])] == [3]
     assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == ["checkpoint-3"]
     validation = resumed / "validation" / "step-000003"
