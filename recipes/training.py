@@ -347,9 +347,11 @@ def train(recipe_type: type[Recipe], config: RecipeConfig) -> Path:
                 loss = recipe.train_phase(name, step, randomness)
             metrics[f"{name}_loss"] = _finite_mean(accelerator, name, loss, step + 1, checkpointer)
             if training.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(
+                # DTensor-aware: the norm of the whole gradient, over every process's shards.
+                norm = accelerator.clip_grad_norm_(
                     trainable_parameters(trainables[name].model), training.max_grad_norm
                 )
+                metrics[f"{name}_grad_norm"] = norm.item()
             optimizers[name].step()
             schedulers[name].step()
             optimizers[name].zero_grad(set_to_none=True)
