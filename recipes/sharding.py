@@ -5,9 +5,10 @@ Each process then holds ``1/world`` of every parameter (dim-0 shards, ``DTensor`
 base weights included; a forward all-gathers one block at a time. Every FSDP all-gather and
 reduce-scatter is a collective, so every process must run the same passes in the same order;
 the recipes make sure of that (streaming long tuning draws its decisions from the step's shared
-generator) or refuse the run before its first pass (memory fine-tuning with windows of different
-layouts). Calls into submodules outside the model's forward (NAM's text keys) run inside
-``unsharded``: FSDP2's own ``unshard`` / ``reshard`` of every sharded module, in a fixed order.
+generator) or stop every process before a step's first pass (memory fine-tuning, when the
+processes' windows plan different passes). Calls into submodules outside the model's forward
+(NAM's text keys) run inside ``unsharded``: FSDP2's own ``unshard`` / ``reshard`` of every
+sharded module, in a fixed order.
 """
 
 from __future__ import annotations
@@ -53,10 +54,6 @@ def shard_transformer(model: nn.Module, mesh: DeviceMesh, policy: MixedPrecision
     for block in blocks:
         fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
-
-
-def is_sharded(model: nn.Module) -> bool:
-    return isinstance(model, FSDPModule)
 
 
 def fsdp_modules(model: nn.Module) -> list[FSDPModule]:
