@@ -9,8 +9,8 @@ for a model trained in full) and ``training_state.json`` (the step).
 
 Sharded: ``checkpoint-<step>/sharded/`` is one ``torch.distributed.checkpoint`` folder (a file per
 process and the metadata) with each trained model's LoRA shards and AdamW state; the LR
-scheduler states are in ``schedulers.pt``, the step in ``training_state.json``. It loads on any
-number of processes.
+scheduler states are in ``schedulers.pt``, the step in ``training_state.json``. A run resumes it
+on as many processes as wrote it (the case tested).
 
 Loading either restores everything a run needs to continue bit-identically (the recipes draw
 their randomness from the step number).
