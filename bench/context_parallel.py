@@ -7,7 +7,7 @@ deterministic 4-step schedule. One process runs with all ``--threads``, each of 
 with half of them, so both use the same cores. CPU gloo is not a GPU interconnect: the ratio
 here says what the exchange costs against splitting the same cores, not what 2 GPUs give.
 
-    .venv/bin/python bench/context_parallel.py        # about 2 minutes on 2 cores
+    .venv/bin/python bench/context_parallel.py        # about 4 minutes on 2 cores
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ TEXT_TOKENS = 64
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layout", default="reference", choices=list(PRESETS))
-    parser.add_argument("--blocks", type=int, default=2, help="Wan blocks (the model has 30)")
+    parser.add_argument("--blocks", type=int, default=1, help="Wan blocks (the model has 30)")
     parser.add_argument("--latent-height", type=int, default=30)
     parser.add_argument("--latent-width", type=int, default=52)
     parser.add_argument("--chunks", type=int, default=8)

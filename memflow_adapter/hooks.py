@@ -9,8 +9,8 @@ The attachment holds no generation state: it forwards to whichever ``StreamingSe
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -42,6 +42,10 @@ class MemFlowAttachment:
         self._session: StreamingSession | None = None
         self._original_processors: list[Any] = []
         self.attached = True  # False once remove_memflow has detached it
+        #: A factory of the context entered around MemFlow's calls into the model's submodules
+        #: outside its forward (NAM's text keys). A trainer whose forward hooks gather sharded
+        #: weights sets one that makes them whole (the recipes' FSDP2: ``unsharded(model)``).
+        self.outside_forward: Callable[[], AbstractContextManager] = nullcontext
 
     @property
     def session(self) -> StreamingSession | None:
@@ -130,7 +134,8 @@ class MemFlowAttachment:
 
     def text_keys(self, prompt_embeds: torch.Tensor) -> list[torch.Tensor]:
         """Per layer, the cross-attention keys of a prompt (``[B, L_text, H, D]``), for NAM."""
-        return self.integration.text_keys(prompt_embeds)
+        with self.outside_forward():
+            return self.integration.text_keys(prompt_embeds)
 
     def attend(
         self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor

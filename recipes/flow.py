@@ -1,8 +1,10 @@
 """Flow-matching pieces shared by the recipes: noise levels, per-step randomness, the loss.
 
 Every random draw of a training step comes from generators seeded by ``(seed, step)`` (shared by
-all processes: decisions such as exit steps) and ``(seed, step, process)`` (noise, data), so a
-resumed run needs nothing but the step number to draw exactly what an uninterrupted run draws.
+all processes: decisions such as exit steps) and ``(seed, step, sample)`` per sample of the step's
+global batch (noise, data), so a resumed run needs nothing but the step number to draw exactly
+what an uninterrupted run draws, and the draws do not depend on how the global batch is split
+across processes (2 processes of 1 video draw what 1 process of 2 videos draws).
 """
 
 from __future__ import annotations
@@ -33,18 +35,49 @@ class NoiseRange:
 
 @dataclass(frozen=True)
 class StepRandomness:
-    """The generators of one training step (CPU, so a run draws the same on any device)."""
+    """The generators of one training step (CPU, so a run draws the same on any device).
+
+    Attributes:
+        shared: seeded by ``(seed, step)``: the same on every process.
+        samples: one per row of this process's batch, seeded by ``(seed, step, 1 + i)`` for the
+            row's index ``i`` in the step's global batch.
+    """
 
     shared: torch.Generator
-    local: torch.Generator
+    samples: tuple[torch.Generator, ...]
 
     @classmethod
-    def for_step(cls, seed: int, step: int, process: int) -> StepRandomness:
-        return cls(seeded_generator(seed, step), seeded_generator(seed, step, process + 1))
+    def for_step(
+        cls, seed: int, step: int, first_sample: int, batch_size: int = 1
+    ) -> StepRandomness:
+        """The generators of a process whose batch holds global samples ``first_sample ..
+        first_sample + batch_size - 1``."""
+        check(batch_size >= 1, "batch_size", "an int >= 1", batch_size)
+        samples = tuple(
+            seeded_generator(seed, step, first_sample + row + 1) for row in range(batch_size)
+        )
+        return cls(seeded_generator(seed, step), samples)
 
     def randn(self, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
-        """Local float32 standard normal noise."""
-        return torch.randn(shape, generator=self.local).to(device)
+        """Float32 standard normal noise ``shape`` = ``[B, ...]``, row ``b`` from sample ``b``'s
+        generator."""
+        self._check_rows(shape[0])
+        rows = [torch.randn((1, *shape[1:]), generator=g) for g in self.samples]
+        return torch.cat(rows).to(device)
+
+    def rand(self) -> torch.Tensor:
+        """``[B]`` float32 uniform draws in ``[0, 1)``, one per sample."""
+        return torch.cat([torch.rand(1, generator=g) for g in self.samples])
+
+    def sigmas(self, schedule: FlowMatchSchedule, noise: NoiseRange) -> torch.Tensor:
+        """``[B]`` float64 noise levels (``sample_sigmas``), one per sample."""
+        return torch.cat([sample_sigmas(schedule, noise, 1, g) for g in self.samples])
+
+    def _check_rows(self, rows: int) -> None:
+        if rows != len(self.samples):
+            raise ValueError(
+                f"a draw for {rows} batch rows from the generators of {len(self.samples)} samples"
+            )
 
 
 def seeded_generator(*entropy: int) -> torch.Generator:

@@ -40,11 +40,11 @@ from .flow import (
     StepRandomness,
     flow_matching_loss,
     per_sample,
-    sample_sigmas,
     seeded_generator,
 )
 from .latents import DatasetError, LatentVideoDataset, VideoLatents
 from .rollout import backward_chunk_by_chunk, commit_clean_chunks
+from .sharding import gather_objects
 from .training import Recipe, RecipeConfig, Trainable, exit_on_bad_input, main
 
 NAME = "memory_finetune"
@@ -123,6 +123,10 @@ class MemoryFinetune(Recipe):
         student = Trainable(self.student.model, training.learning_rate, training.max_steps)
         return {"student": student}
 
+    @property
+    def batch_size(self) -> int:
+        return self.config.data.videos_per_step
+
     def phases(self, step: int) -> list[str]:
         return ["student"]
 
@@ -130,6 +134,9 @@ class MemoryFinetune(Recipe):
         indices = [self._video_index(step, j) for j in range(self.config.data.videos_per_step)]
         video, segment_starts, segments = self._window(indices, randomness)
         chunks = plan_chunks(segment_starts, video.shape[2], self.config.memflow.frames_per_chunk)
+        trained = chunks if self.config.data.loss_chunks == "all" else chunks[-1:]
+        if self.sharded:
+            self._require_same_passes(step, chunks, len(trained))
         conditions = [
             PromptConditioning.of(self.student.attachment, embeds.to(self.device, self.dtype))
             for embeds in segments
@@ -139,7 +146,6 @@ class MemoryFinetune(Recipe):
         )
         with self.student.attachment.bind(session):
             engine = self.student_engine(session, video.shape[0])
-            trained = chunks if self.config.data.loss_chunks == "all" else chunks[-1:]
             commit_clean_chunks(engine, chunks[: len(chunks) - len(trained)], conditions, video)
 
             def mean_share(chunk: ChunkPlan, cond: PromptConditioning) -> torch.Tensor:
@@ -148,6 +154,23 @@ class MemoryFinetune(Recipe):
 
             return backward_chunk_by_chunk(
                 engine, self.accelerator, trained, conditions, video, mean_share
+            )
+
+    def _require_same_passes(
+        self, step: int, chunks: Sequence[ChunkPlan], num_trained: int
+    ) -> None:
+        """Sharded, every pass is collective: before the first, compare what each process's
+        window plans (its prompt segments, which chunks recache, how many carry gradient) and
+        stop every process with the same error if they differ."""
+        plan = (len({chunk.segment for chunk in chunks}), [c.recache for c in chunks], num_trained)
+        plans = gather_objects(plan)
+        if any(other != plans[0] for other in plans):
+            raise DatasetError(
+                f"training.sharding=fsdp2 runs every pass on every process at once, but at step "
+                f"{step + 1} the processes' windows plan different passes (per process: "
+                f"segments, recaches per chunk, gradient chunks = {plans}); train on videos of "
+                "one layout (chunk count and prompt segments) with data.windows=random, or use "
+                "training.sharding=none"
             )
 
     def _chunk_loss(
@@ -160,9 +183,7 @@ class MemoryFinetune(Recipe):
     ) -> torch.Tensor:
         """Flow matching on ``chunk`` of ``video`` noised at a random level (the chunk is open)."""
         clean = video[:, :, chunk.start : chunk.stop]
-        sigmas = sample_sigmas(
-            self.config.schedule, self.config.data.noise, clean.shape[0], randomness.local
-        )
+        sigmas = randomness.sigmas(self.config.schedule, self.config.data.noise)
         sigma = per_sample(sigmas.to(self.device))
         noise = randomness.randn(tuple(clean.shape), self.device)
         noisy = self.config.schedule.renoise(clean, noise, sigma)
@@ -178,7 +199,7 @@ class MemoryFinetune(Recipe):
         probability = self.config.data.prompt_dropout
         if probability == 0.0:
             return cond
-        kept = torch.rand(cond.embeds.shape[0], generator=randomness.local) >= probability
+        kept = randomness.rand() >= probability
         mask = kept.to(cond.embeds.device, cond.embeds.dtype)[:, None, None]
         return replace(cond, embeds=cond.embeds * mask)
 
@@ -211,7 +232,7 @@ class MemoryFinetune(Recipe):
                 f"{available} chunk(s) of {frames}; memory_finetune needs at least 2"
             )
         count = min(self.config.data.chunks_per_sample, available)
-        draw = randomness.local
+        draw = randomness.samples[0]  # one window for the whole batch
         if self.config.data.windows == "prefix":
             first, count = 0, int(torch.randint(1, count + 1, (), generator=draw))
         else:

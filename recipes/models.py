@@ -24,6 +24,7 @@ from memflow_adapter.integrations.wan_checkpoints import check_state_dict_fits
 from memflow_adapter.tiny_wan import build_tiny_wan_pipeline
 
 from .config import ConfigError, check
+from .sharding import full_tensor
 
 #: peft adapter name of every LoRA a recipe trains.
 ADAPTER_NAME = "memflow"
@@ -228,9 +229,13 @@ def load_trained_state(transformer: nn.Module, state: dict[str, torch.Tensor]) -
 
 def lora_state_dict(transformer: nn.Module) -> dict[str, torch.Tensor]:
     """LoRA weights in peft layout on diffusers names (``blocks.0.attn1.to_q.lora_A.weight``),
-    as contiguous CPU copies."""
+    as contiguous CPU copies; whole ones for a sharded ``transformer`` (gathered in the state
+    dict's order: every process must call this)."""
     state = get_peft_model_state_dict(transformer, adapter_name=ADAPTER_NAME)
-    return {key: value.detach().to("cpu", copy=True).contiguous() for key, value in state.items()}
+    return {
+        key: full_tensor(value).detach().to("cpu", copy=True).contiguous()
+        for key, value in state.items()
+    }
 
 
 def load_lora_state(transformer: nn.Module, state: dict[str, torch.Tensor]) -> None:

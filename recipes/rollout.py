@@ -29,7 +29,7 @@ from .flow import StepRandomness
 
 
 def randomness_noise(randomness: StepRandomness, device: torch.device):
-    """The step's local generator as the engine's ``step_noise``."""
+    """The step's per-sample generators as the engine's ``step_noise``."""
     return lambda chunk_index, step, shape: randomness.randn(tuple(shape), device)
 
 

@@ -41,7 +41,7 @@ from memflow_adapter.streaming import (
 
 from .config import ConfigError, check
 from .dmd import distribution_matching_gradient, dmd_loss
-from .flow import NoiseRange, StepRandomness, flow_matching_loss, per_sample, sample_sigmas
+from .flow import NoiseRange, StepRandomness, flow_matching_loss, per_sample
 from .models import LoraSettings, add_lora, load_transformer
 from .rollout import Rollout, replay_with_gradient, self_forcing_rollout
 from .training import Recipe, RecipeConfig, Trainable, exit_on_bad_input, main
@@ -188,6 +188,13 @@ class StreamingLongTuning(Recipe):
             "critic": Trainable(self.critic, self.config.dmd.critic_learning_rate, max_steps),
         }
 
+    @property
+    def batch_size(self) -> int:
+        return self.config.rollout.batch_size
+
+    def transformers(self) -> dict[str, torch.nn.Module]:
+        return {**super().transformers(), "teacher": self.teacher}
+
     def phases(self, step: int) -> list[str]:
         if step % self.config.dmd.generator_update_every == 0:
             return ["student", "critic"]
@@ -276,7 +283,7 @@ class StreamingLongTuning(Recipe):
         """The clip at a random noise level per sample: noisy latents, the noise, sigma
         ``[B, 1, 1, 1, 1]`` and the model timesteps ``[B]``."""
         schedule = self.config.schedule
-        sigmas = sample_sigmas(schedule, self.config.dmd.noise, clip.shape[0], randomness.local)
+        sigmas = randomness.sigmas(schedule, self.config.dmd.noise)
         sigma = per_sample(sigmas.to(self.device))
         noise = randomness.randn(tuple(clip.shape), self.device)
         return schedule.renoise(clip, noise, sigma), noise, sigma, TABLE_SIZE * sigma.flatten()
@@ -301,8 +308,7 @@ class StreamingLongTuning(Recipe):
         chunks = plan_chunks(segment_starts, rollout.num_chunks * frames, frames)
 
         videos = []
-        draw = randomness.local
-        for _ in range(rollout.batch_size):
+        for draw in randomness.samples:
             group = self.groups[int(torch.randint(len(self.groups), (), generator=draw))]
             offset = int(torch.randint(len(group) - rollout.num_segments + 1, (), generator=draw))
             videos.append(group[offset : offset + rollout.num_segments])

@@ -2,10 +2,12 @@
 
 A recipe (a ``Recipe`` subclass) builds its models and says, per step, which of its trained models
 to update and how to compute and backpropagate their losses. The loop does the rest with
-accelerate: one process per device (``accelerate launch`` / ``torchrun``; DDP), bf16 autocast on
-CUDA, AdamW on the LoRA (or full) weights with a diffusers LR schedule, gradient clipping, a stop
-with a clear error on a non-finite loss, checkpoints with exact resume, validation rollouts, tqdm
-and logging (``metrics.jsonl``), and the final ``MemFlowAdapter`` folder.
+accelerate: one process per device (``accelerate launch`` / ``torchrun``), the trained models
+replicated (DDP) or, with ``training.sharding: fsdp2``, every transformer sharded across the
+processes (``sharding.py``), bf16 autocast on CUDA, AdamW on the LoRA (or full) weights with a
+diffusers LR schedule, gradient clipping, a stop with a clear error on a non-finite loss,
+checkpoints with exact resume, validation rollouts, tqdm and logging (``metrics.jsonl``), and the
+final ``MemFlowAdapter`` folder.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from memflow_adapter.outputs import peak_process_memory_bytes
 from memflow_adapter.schedule import FlowMatchSchedule
 from memflow_adapter.streaming import ChunkEngine
 
-from .checkpoints import Checkpointer
+from .checkpoints import Checkpointer, CheckpointFolders, ShardedCheckpointer
 from .config import ConfigError, check, load_config, to_dict
 from .flow import StepRandomness
 from .models import (
@@ -49,6 +51,13 @@ from .models import (
     has_lora,
     trainable_parameters,
     trained_state_dict,
+)
+from .sharding import (
+    SHARDING,
+    mixed_precision_policy,
+    process_mesh,
+    shard_transformer,
+    unsharded,
 )
 from .validation import ValidationConfig, run_validation
 
@@ -79,6 +88,10 @@ class TrainingConfig:
         resume_from: a checkpoint folder, or ``latest`` (this run's newest, if any).
         log_every: log a metrics line every N steps.
         seed: seeds model initialisation and every random draw of every step.
+        sharding: ``none`` (every process holds every weight; the trained ones are DDP-
+            replicated) or ``fsdp2`` (the student, the critic and the teacher are sharded per
+            transformer block across the processes with torch's FSDP2; LoRA training only, 2 or
+            more processes).
     """
 
     output_dir: Path = Path("outputs/recipe")
@@ -98,6 +111,7 @@ class TrainingConfig:
     resume_from: str | None = None
     log_every: int = 10
     seed: int = 0
+    sharding: str = "none"
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "checkpoint_every", "log_every"):
@@ -117,6 +131,7 @@ class TrainingConfig:
             self.checkpoints_total_limit is None or self.checkpoints_total_limit >= 1,
             "checkpoints_total_limit", "null or an int >= 1", self.checkpoints_total_limit,
         )
+        check(self.sharding in SHARDING, "sharding", f"one of {SHARDING}", self.sharding)
 
     @property
     def resolved_mixed_precision(self) -> str:
@@ -154,7 +169,9 @@ class Recipe(ABC):
 
     After ``accelerate.prepare``, ``self.prepared`` maps each trained model's name to its
     prepared (e.g. DDP-wrapped) form: use it for passes that carry gradient, and the unwrapped
-    model for the others (they then take no part in DDP's collectives).
+    model for the others (they then take no part in DDP's collectives). Sharded
+    (``training.sharding: fsdp2``), every model is sharded in place, ``self.prepared[name]`` is
+    the model itself, and every pass of every process is collective.
     """
 
     def __init__(self, config: RecipeConfig, accelerator: Accelerator) -> None:
@@ -176,6 +193,20 @@ class Recipe(ABC):
     @abstractmethod
     def trainables(self) -> dict[str, Trainable]:
         """The trained models by name, ``"student"`` first."""
+
+    @property
+    @abstractmethod
+    def batch_size(self) -> int:
+        """The videos of one process's step (its share of the step's global batch)."""
+
+    def transformers(self) -> dict[str, nn.Module]:
+        """Every transformer the recipe runs, trained or frozen, by name (those sharded with
+        ``training.sharding: fsdp2``); default the trained ones."""
+        return {name: trainable.model for name, trainable in self.trainables().items()}
+
+    @property
+    def sharded(self) -> bool:
+        return self.config.training.sharding == "fsdp2"
 
     @abstractmethod
     def phases(self, step: int) -> list[str]:
@@ -203,7 +234,9 @@ class Recipe(ABC):
         integration = find_integration(model)
         return integration.conditioning_inputs(batch_size, self.config.model.fps)
 
-    def validate(self, folder: Path) -> Path:
+    def validate(self, folder: Path, write: bool = True) -> Path:
+        """A validation rollout written into ``folder`` when ``write`` (sharded, every process
+        generates it and the main process writes)."""
         return run_validation(
             self.config.validation,
             self.student.pipe,
@@ -211,11 +244,13 @@ class Recipe(ABC):
             self.config.schedule,
             folder,
             self.device,
+            write,
         )
 
     def adapter(self) -> MemFlowAdapter:
         """The trained student as a MemFlow adapter: its LoRA, and its starting weights if they
-        replaced the base model's; or, trained in full, all of its weights."""
+        replaced the base model's; or, trained in full, all of its weights. Sharded, the LoRA
+        is gathered: every process must call this."""
         model = self.student.model
         trained = trained_state_dict(model)
         lora = has_lora(model)
@@ -243,7 +278,7 @@ def _forget_metrics_after(metrics: Path, step: int) -> None:
 def train(recipe_type: type[Recipe], config: RecipeConfig) -> Path:
     """Run (or resume) a recipe; returns the output adapter folder."""
     training = config.training
-    # Without CUDA, processes launched by torchrun / accelerate run DDP on the CPU (gloo).
+    # Without CUDA, processes launched by torchrun / accelerate run on the CPU (gloo).
     accelerator = Accelerator(
         mixed_precision=training.resolved_mixed_precision, cpu=not torch.cuda.is_available()
     )
@@ -253,45 +288,43 @@ def train(recipe_type: type[Recipe], config: RecipeConfig) -> Path:
             f"{launched} processes were launched but accelerate runs {accelerator.num_processes}: "
             "each would train alone; check the launcher's device settings"
         )
-    _refuse_fsdp(accelerator)
+    _refuse_accelerate_fsdp(accelerator)
+    sharded = training.sharding == "fsdp2"
+    if sharded:
+        _check_sharding(config, accelerator)
     set_seed(training.seed)
     recipe = recipe_type(config, accelerator)
     trainables = recipe.trainables()
-    optimizers, schedulers = {}, {}
-    for name, trainable in trainables.items():
-        optimizers[name] = torch.optim.AdamW(
-            trainable_parameters(trainable.model),
-            lr=trainable.learning_rate,
-            betas=(training.adam_beta1, training.adam_beta2),
-            weight_decay=training.adam_weight_decay,
-            eps=training.adam_epsilon,
-        )
-        # accelerate steps a prepared scheduler once per process at each optimizer step.
-        schedulers[name] = get_scheduler(
+    if sharded:
+        _shard(recipe)
+    optimizers = {name: _adamw(trainable, training) for name, trainable in trainables.items()}
+    # accelerate steps a prepared scheduler once per process at each optimizer step.
+    ticks = 1 if sharded else accelerator.num_processes
+    schedulers = {
+        name: get_scheduler(
             training.lr_scheduler,
             optimizers[name],
-            num_warmup_steps=training.lr_warmup_steps * accelerator.num_processes,
-            num_training_steps=trainable.num_updates * accelerator.num_processes,
+            num_warmup_steps=training.lr_warmup_steps * ticks,
+            num_training_steps=trainable.num_updates * ticks,
         )
-    names = list(trainables)
-    prepared = accelerator.prepare(
-        *(trainables[n].model for n in names),
-        *(optimizers[n] for n in names),
-        *(schedulers[n] for n in names),
-    )
-    count = len(names)
-    recipe.prepared = dict(zip(names, prepared[:count], strict=True))
-    optimizers = dict(zip(names, prepared[count : 2 * count], strict=True))
-    schedulers = dict(zip(names, prepared[2 * count :], strict=True))
-
-    output_dir = training.output_dir
-    checkpointer = Checkpointer(
-        accelerator,
-        {name: trainable.model for name, trainable in trainables.items()},
-        output_dir / "checkpoints",
-        training.checkpoints_total_limit,
-    )
+        for name, trainable in trainables.items()
+    }
+    models = {name: trainable.model for name, trainable in trainables.items()}
+    checkpoints = training.output_dir / "checkpoints"
+    checkpointer: CheckpointFolders
+    if sharded:
+        recipe.prepared = dict(models)  # fully_shard shards in place
+        checkpointer = ShardedCheckpointer(
+            accelerator, models, optimizers, schedulers, checkpoints,
+            training.checkpoints_total_limit,
+        )
+    else:
+        optimizers, schedulers = _prepare(accelerator, recipe, models, optimizers, schedulers)
+        checkpointer = Checkpointer(
+            accelerator, models, checkpoints, training.checkpoints_total_limit
+        )
     start = checkpointer.resume(training.resume_from)
+    output_dir = training.output_dir
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         _forget_metrics_after(output_dir / "metrics.jsonl", start)
@@ -305,16 +338,20 @@ def train(recipe_type: type[Recipe], config: RecipeConfig) -> Path:
     )
     for step in range(start, training.max_steps):
         began = time.perf_counter()
-        randomness = StepRandomness.for_step(training.seed, step, accelerator.process_index)
+        randomness = StepRandomness.for_step(
+            training.seed, step, accelerator.process_index * recipe.batch_size, recipe.batch_size
+        )
         metrics: dict[str, Any] = {"step": step + 1}
         for name in recipe.phases(step):
             with accelerator.autocast():
                 loss = recipe.train_phase(name, step, randomness)
             metrics[f"{name}_loss"] = _finite_mean(accelerator, name, loss, step + 1, checkpointer)
             if training.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(
+                # DTensor-aware: the norm of the whole gradient, over every process's shards.
+                norm = accelerator.clip_grad_norm_(
                     trainable_parameters(trainables[name].model), training.max_grad_norm
                 )
+                metrics[f"{name}_grad_norm"] = norm.item()
             optimizers[name].step()
             schedulers[name].step()
             optimizers[name].zero_grad(set_to_none=True)
@@ -332,33 +369,95 @@ def train(recipe_type: type[Recipe], config: RecipeConfig) -> Path:
         if done % training.checkpoint_every == 0 or done == training.max_steps:
             checkpointer.save(done)
         if config.validation.due(done, training.max_steps):
-            if accelerator.is_main_process:
+            # Sharded, every process runs the rollout's (collective) passes.
+            if sharded or accelerator.is_main_process:
                 with torch.no_grad(), accelerator.autocast():
-                    folder = recipe.validate(output_dir / "validation" / f"step-{done:06d}")
+                    folder = output_dir / "validation" / f"step-{done:06d}"
+                    recipe.validate(folder, write=accelerator.is_main_process)
                 logger.info("validation rollout written to %s", folder)
             accelerator.wait_for_everyone()
     progress.close()
 
     adapter_dir = output_dir / "adapter"
+    adapter = recipe.adapter() if sharded or accelerator.is_main_process else None
     if accelerator.is_main_process:
-        recipe.adapter().save_pretrained(adapter_dir)
+        adapter.save_pretrained(adapter_dir)
         logger.info("adapter written to %s", adapter_dir)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return adapter_dir
 
 
-def _refuse_fsdp(accelerator: Accelerator) -> None:
-    """The recipes run DDP only. Their streaming passes (rollouts, commits, recaches, NAM's text
-    keys, the teacher and critic scores) call the unwrapped transformer, whose weights FSDP would
-    shard, and ranks run different numbers of them; the trained LoRA is small enough to
-    replicate. An FSDP config is refused rather than silently run as something else."""
+def _adamw(trainable: Trainable, training: TrainingConfig) -> torch.optim.AdamW:
+    """AdamW over ``trainable``'s trainable parameters (its ``DTensor`` shards when sharded)."""
+    return torch.optim.AdamW(
+        trainable_parameters(trainable.model),
+        lr=trainable.learning_rate,
+        betas=(training.adam_beta1, training.adam_beta2),
+        weight_decay=training.adam_weight_decay,
+        eps=training.adam_epsilon,
+    )
+
+
+def _prepare(
+    accelerator: Accelerator,
+    recipe: Recipe,
+    models: dict[str, nn.Module],
+    optimizers: dict[str, torch.optim.Optimizer],
+    schedulers: dict[str, Any],
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``accelerator.prepare`` the trained models (DDP), their optimizers and schedulers; sets
+    ``recipe.prepared``; returns the prepared optimizers and schedulers by name."""
+    names = list(models)
+    prepared = accelerator.prepare(
+        *(models[n] for n in names), *(optimizers[n] for n in names),
+        *(schedulers[n] for n in names),
+    )
+    count = len(names)
+    recipe.prepared = dict(zip(names, prepared[:count], strict=True))
+    return (
+        dict(zip(names, prepared[count : 2 * count], strict=True)),
+        dict(zip(names, prepared[2 * count :], strict=True)),
+    )
+
+
+def _check_sharding(config: RecipeConfig, accelerator: Accelerator) -> None:
+    """``training.sharding: fsdp2`` trains LoRA weights on 2 or more processes."""
+    if config.model.train != "lora":
+        raise ConfigError(
+            f"model.train={config.model.train!r} is not supported with training.sharding=fsdp2 "
+            "(it trains LoRA weights on sharded frozen bases): use model.train=lora, or "
+            "training.sharding=none"
+        )
+    if accelerator.num_processes < 2:
+        raise ConfigError(
+            f"training.sharding=fsdp2 shards across processes but {accelerator.num_processes} "
+            "was launched: launch 2 or more (torchrun --nproc_per_node N), or use "
+            "training.sharding=none"
+        )
+
+
+def _shard(recipe: Recipe) -> None:
+    """Shard every transformer of ``recipe`` per block over all processes, and make NAM's text
+    keys (computed outside the student's forward) see the student's whole weights."""
+    device = recipe.device
+    mesh, policy = process_mesh(device), mixed_precision_policy(device)
+    for model in recipe.transformers().values():
+        shard_transformer(model, mesh, policy)
+    student = recipe.student
+    student.attachment.outside_forward = lambda: unsharded(student.model)
+
+
+def _refuse_accelerate_fsdp(accelerator: Accelerator) -> None:
+    """accelerate's FSDP plugin is refused rather than silently run as something else (on the
+    CPU it falls back to DDP): the recipes shard with FSDP2 themselves (``training.sharding``)."""
     requested = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
-    if requested or accelerator.distributed_type == DistributedType.FSDP:
+    plugin = getattr(accelerator.state, "fsdp_plugin", None) is not None
+    if requested or plugin or accelerator.distributed_type == DistributedType.FSDP:
         raise RuntimeError(
-            "the recipes do not support FSDP (the streaming passes call the unsharded "
-            "transformer); launch with DDP: accelerate launch --multi_gpu (no --use_fsdp / "
-            "fsdp_config), or torchrun"
+            "the recipes do not support FSDP through accelerate's plugin (--use_fsdp / "
+            "fsdp_config / ACCELERATE_USE_FSDP; on the CPU it silently runs DDP): launch without "
+            "it and set training.sharding=fsdp2 to shard with FSDP2"
         )
 
 

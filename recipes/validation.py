@@ -63,9 +63,11 @@ def run_validation(
     schedule: FlowMatchSchedule,
     folder: Path,
     device: torch.device,
+    write: bool = True,
 ) -> Path:
     """Generate with ``pipe`` (its transformer is the student, MemFlow attached with
-    ``memflow``); write the artefacts into ``folder``."""
+    ``memflow``); write the artefacts into ``folder`` when ``write`` (the processes of a sharded
+    run all generate, one writes)."""
     streaming = MemFlowStreamingPipeline(pipe, memflow, schedule, device=device)
     result = streaming(
         list(config.prompts),
@@ -79,6 +81,8 @@ def run_validation(
         fps=config.fps,
         progress=False,
     )
+    if not write:
+        return folder
     folder.mkdir(parents=True, exist_ok=True)
     save_file({"latents": result.latents.cpu().contiguous()}, folder / "latents.safetensors")
     extra = {"prompts": list(config.prompts)}

@@ -115,12 +115,27 @@ def test_guidance_and_noise_levels():
     table = schedule.sigma_table
     assert sigmas.dtype == torch.float64 and sigmas.shape == (512,)
     assert sigmas.min() >= table[979] and sigmas.max() <= table[20]
-    # Local draws depend on (seed, step, process), shared ones on (seed, step) only.
-    draws = [StepRandomness.for_step(0, 5, process) for process in (1, 1, 0)]
-    local = [randomness.randn((3,), "cpu") for randomness in draws]
+    # Local draws depend on (seed, step, global sample), shared ones on (seed, step) only.
+    draws = [StepRandomness.for_step(0, 5, sample) for sample in (1, 1, 0)]
+    local = [randomness.randn((1, 3), "cpu") for randomness in draws]
     assert torch.equal(local[0], local[1]) and not torch.equal(local[0], local[2])
     shared = [torch.randint(10**6, (4,), generator=randomness.shared) for randomness in draws]
     assert torch.equal(shared[0], shared[2])
+
+
+def test_a_batch_draws_what_its_samples_draw_alone():
+    """One process with samples 0 and 1 draws, row by row, what two processes of one sample
+    each draw: a run's noise and data follow the global batch, not how it is split."""
+    alone = [StepRandomness.for_step(0, 5, sample) for sample in (0, 1)]
+    batch = StepRandomness.for_step(0, 5, 0, batch_size=2)
+    schedule, noise = FlowMatchSchedule(), NoiseRange()
+    rows = torch.cat([r.randn((1, 3), "cpu") for r in alone])
+    assert torch.equal(batch.randn((2, 3), "cpu"), rows)
+    sigmas = torch.cat([r.sigmas(schedule, noise) for r in alone])
+    assert torch.equal(batch.sigmas(schedule, noise), sigmas)
+    assert torch.equal(batch.rand(), torch.cat([r.rand() for r in alone]))
+    with pytest.raises(ValueError, match="a draw for 3 batch rows from the generators of 2"):
+        batch.randn((3, 2), "cpu")
 
 
 def test_chunk_plans_switch_prompts_at_chunk_boundaries():

@@ -1,6 +1,8 @@
 """Wan integration specifics (the family-independent specification is test_families.py):
 frame-by-frame cache content, the recache, RoPE offsets, text keys and attachment errors."""
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor
@@ -225,3 +227,27 @@ def test_text_keys_are_the_cross_attention_keys_per_layer(model, inputs):
         direct = block.attn2.norm_k(block.attn2.to_k(context)).unflatten(2, (2, -1))
         assert layer_keys.shape == (1, 8, 2, 12)
         assert torch.equal(layer_keys, direct)
+
+
+def test_the_attachments_text_keys_run_inside_its_outside_forward_context(model, inputs):
+    """A trainer that shards the weights (the recipes' FSDP2) makes them whole around the calls
+    MemFlow makes outside the model's forward: the attachment enters ``outside_forward`` once
+    per ``text_keys`` call and computes the keys inside it."""
+    _, prompt, _ = inputs
+    attachment = apply_memflow(model, MemFlowConfig.reference())
+    events = []
+
+    @contextmanager
+    def recorded():
+        events.append("enter")
+        yield
+        events.append("exit")
+
+    to_k = model.blocks[0].attn2.to_k
+    hook = to_k.register_forward_hook(lambda *_: events.append("to_k"))
+    attachment.outside_forward = recorded
+    keys = attachment.text_keys(prompt)
+    hook.remove()
+    assert events == ["enter", "to_k", "exit"]
+    assert all(torch.equal(a, b) for a, b in zip(keys, WanIntegration(model).text_keys(prompt),
+                                                 strict=True))
