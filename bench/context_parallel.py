@@ -105,8 +105,7 @@ def run(args: argparse.Namespace, world: int, out: Path) -> dict[str, float]:
                str(args.latent_width), "--worker", str(out)]
     launch = [sys.executable]
     if world > 1:
-        launch += ["-m", "torch.distributed.run", "--nproc_per_node", str(world),
-                   "--master_port", "29533"]
+        launch += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world)]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     subprocess.run([*launch, __file__, *options], check=True, env=env)
     return json.loads(out.with_name(f"{out.name}-rank0").read_text())

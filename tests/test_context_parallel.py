@@ -36,8 +36,8 @@ def streams(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("context_parallel")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     single = [sys.executable, str(WORKER), str(out), *PRESETS]
-    pair = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-            "--master_port", "29531", str(WORKER), str(out), *PRESETS]
+    pair = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            str(WORKER), str(out), *PRESETS]
     for command in (single, pair):
         done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
         assert done.returncode == 0, done.stderr[-4000:]
@@ -178,8 +178,8 @@ def test_memflow_generate_under_torchrun_streams_the_single_process_video(tmp_pa
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     runs = {
         1: [sys.executable, "-m", "memflow_adapter.cli"],
-        2: [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-            "--master_port", "29532", "-m", "memflow_adapter.cli"],
+        2: [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            "-m", "memflow_adapter.cli"],
     }
     reports = {}
     for degree, launch in runs.items():
