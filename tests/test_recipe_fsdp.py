@@ -15,12 +15,12 @@ import textwrap
 
 import pytest
 import torch
+from latent_datasets import write_latent_datasets
 from safetensors.torch import load_file
 
 from memflow_adapter import MemFlowAdapter
 from memflow_adapter.recipes import streaming_long_tuning
 from memflow_adapter.recipes.config import ConfigError, load_config
-from memflow_adapter.recipes.latents import VideoLatents
 from memflow_adapter.recipes.training import main
 from memflow_adapter.tiny_wan import build_tiny_wan_pipeline
 
@@ -238,24 +238,11 @@ def test_an_unknown_sharding_is_refused_naming_the_field():
                     ["training.sharding=zero3"])
 
 
-def datasets(folder, layouts):
-    """A latent dataset of one video per ``(frames, segment_starts)`` layout (8x8 latents)."""
-    generator = torch.Generator().manual_seed(0)
-    for index, (frames, starts) in enumerate(layouts):
-        VideoLatents(
-            torch.randn(16, frames, 8, 8, generator=generator),
-            torch.randn(len(starts), 16, 32, generator=generator),
-            torch.tensor(starts),
-            tuple(f"prompt {i}" for i in range(len(starts))),
-        ).save(folder / f"{index}.safetensors")
-    return folder
-
-
 @pytest.mark.slow
 def test_memory_finetune_stops_every_rank_when_their_windows_plan_different_passes(tmp_path):
     """Videos of 10 and 13 latent frames with other prompt segments give the two processes
     different passes at step 1: both stop with the same error before any pass, no deadlock."""
-    data = datasets(tmp_path / "data", [(10, [0, 4]), (13, [0, 3, 9])])
+    data = write_latent_datasets(tmp_path / "data", [(10, [0, 4]), (13, [0, 3, 9])])
     result = launch(tmp_path / "run", 2, f"data.dataset={data}", "training.sharding=fsdp2",
                     "training.max_steps=1", module="memory_finetune", timeout=180)
     assert result.returncode != 0
@@ -270,7 +257,7 @@ def test_memory_finetune_stops_every_rank_when_their_windows_plan_different_pass
 
 @pytest.mark.slow
 def test_memory_finetune_trains_sharded_on_videos_of_one_layout(tmp_path):
-    data = datasets(tmp_path / "data", [(10, [0, 4])] * 2)
+    data = write_latent_datasets(tmp_path / "data", [(10, [0, 4])] * 2)
     run = tmp_path / "run"
     result = launch(run, 2, f"data.dataset={data}", "training.sharding=fsdp2",
                     "training.max_steps=2", module="memory_finetune", timeout=180)

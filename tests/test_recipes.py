@@ -9,6 +9,7 @@ import textwrap
 
 import pytest
 import torch
+from latent_datasets import write_latent_datasets
 from safetensors.torch import load_file
 
 from memflow_adapter import MemFlowAdapter, MemFlowConfig, get_memflow
@@ -36,16 +37,9 @@ RECIPE_TYPES = {
 def dataset(tmp_path_factory):
     """Three videos of 8x8 latents: 10, 13 and 7 latent frames (5, 6 and 3 two-frame chunks,
     13 leaves a tail frame), one to three prompt segments, tiny-pipeline-sized embeddings."""
-    folder = tmp_path_factory.mktemp("latents")
-    generator = torch.Generator().manual_seed(0)
-    for name, frames, starts in (("a", 10, [0, 4]), ("b", 13, [0, 3, 9]), ("c", 7, [0])):
-        VideoLatents(
-            torch.randn(16, frames, 8, 8, generator=generator),
-            torch.randn(len(starts), 16, 32, generator=generator),
-            torch.tensor(starts),
-            tuple(f"prompt {i}" for i in range(len(starts))),
-        ).save(folder / f"{name}.safetensors")
-    return folder
+    return write_latent_datasets(
+        tmp_path_factory.mktemp("latents"), [(10, [0, 4]), (13, [0, 3, 9]), (7, [0])]
+    )
 
 
 def overrides(name, output_dir, dataset, *extra):
