@@ -24,11 +24,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from diffusers import WanTransformer3DModel
+from bookkeeping import build_model  # bench/ is on sys.path when run as a script
 
 from memflow_adapter import MemFlowConfig, apply_memflow
 from memflow_adapter.config import PRESETS
-from memflow_adapter.integrations.wan import WAN21_T2V_1_3B_TRANSFORMER
 from memflow_adapter.schedule import FlowMatchSchedule
 from memflow_adapter.streaming import ChunkEngine, PromptConditioning, plan_chunks
 
@@ -47,15 +46,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def build_model(blocks: int) -> WanTransformer3DModel:
-    torch.manual_seed(0)
-    model = WanTransformer3DModel(**{**WAN21_T2V_1_3B_TRANSFORMER, "num_layers": blocks}).eval()
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.normal_(0.0, 0.02)
-    return model
-
-
 def stream(args: argparse.Namespace) -> dict[str, float]:
     """This process's share of one stream: seconds per chunk (median once the cache is full),
     its cache and parameter bytes."""
@@ -63,7 +53,7 @@ def stream(args: argparse.Namespace) -> dict[str, float]:
     if world > 1:
         torch.distributed.init_process_group("gloo")
     config = MemFlowConfig.preset(args.layout)
-    model = build_model(args.blocks)
+    model = build_model(args.blocks, seed=0)
     attachment = apply_memflow(model, config)
     if world > 1:
         attachment.enable_context_parallel(world)
