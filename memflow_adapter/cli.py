@@ -169,25 +169,20 @@ def _generate_and_write(
     from .outputs import write_outputs
 
     guidance = guidance or {}
-    generator = torch.Generator(device=streaming.device).manual_seed(args.seed)
+    options = {
+        "num_latent_frames": num_latent_frames,
+        "height": args.height,
+        "width": args.width,
+        "generator": torch.Generator(device=streaming.device).manual_seed(args.seed),
+        "max_sequence_length": args.max_sequence_length,
+        "fps": args.fps,
+        **guidance,
+    }
     if streaming.ulysses_degree != 1 and torch.distributed.get_rank() != 0:
         # a context-parallel rank computes its share of every pass; rank 0 writes the video
-        streaming.stream(
-            schedule, num_latent_frames=num_latent_frames, height=args.height, width=args.width,
-            generator=generator, max_sequence_length=args.max_sequence_length, fps=args.fps,
-            output_type="latent", **guidance,
-        ).collect()
+        streaming.stream(schedule, output_type="latent", **options).collect()
         return 0
-    stream = streaming.stream(
-        schedule,
-        num_latent_frames=num_latent_frames,
-        height=args.height,
-        width=args.width,
-        generator=generator,
-        max_sequence_length=args.max_sequence_length,
-        fps=args.fps,
-        **guidance,
-    )
+    stream = streaming.stream(schedule, **options)
     live = None
     if args.interactive:
         live = LivePrompts(sys.stdin)
