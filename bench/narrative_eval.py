@@ -10,7 +10,8 @@ matches its first look (and its colour) only with memory or only without it, wit
 test.
 
     .venv/bin/python bench/narrative_eval.py --scripts 20          # the packaged model
-    .venv/bin/python bench/narrative_eval.py --model outputs/world/model --scripts 50
+    .venv/bin/python bench/narrative_eval.py --models memflow_adapter/world/model \\
+        memflow_adapter/world/student --scripts 50                   # many-step vs student
     .venv/bin/python bench/narrative_eval.py --rope-frames 10 --position-overflow clamp
     .venv/bin/python bench/narrative_eval.py --cache-dtype int8
 
@@ -32,7 +33,7 @@ from memflow_adapter.frame_buffer import CACHE_DTYPES
 from memflow_adapter.integrations.wan import shorten_rope_table
 from memflow_adapter.positions import POSITION_OVERFLOWS
 from memflow_adapter.world import load_world_pipeline, make_script
-from memflow_adapter.world.pipeline import WORLD_GUIDANCE_SCALE, WORLD_MODEL_DIR
+from memflow_adapter.world.pipeline import WORLD_MODEL_DIR, WORLD_STUDENT_DIR
 from memflow_adapter.world.scoring import (
     WORLD_LAYOUTS,
     compare_paired,
@@ -62,12 +63,14 @@ PAIRED_CHECKS = ("return_looks", "return_colour")
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scripts", type=int, default=50, help="held-out scripts (seeds 0..N-1)")
-    parser.add_argument("--model", type=Path, default=WORLD_MODEL_DIR,
-                        help="a trained world transformer folder (memflow_adapter.world.export; "
-                        "default: the packaged model)")
-    parser.add_argument("--guidance-scale", type=float, default=WORLD_GUIDANCE_SCALE,
-                        help="classifier-free guidance (negative: the zero embedding; default: "
-                        "%(default)g, the world model's setting; 1 disables it)")
+    parser.add_argument("--models", type=Path, nargs="+", default=[WORLD_MODEL_DIR],
+                        help="trained world transformer folders (memflow_adapter.world.export), "
+                        "each sampled as its sampling.json says, side by side (default: the "
+                        "packaged many-step model; the packaged student is "
+                        f"{WORLD_STUDENT_DIR})")
+    parser.add_argument("--guidance-scale", type=float,
+                        help="classifier-free guidance for every model (negative: the zero "
+                        "embedding; default: each model's own; 1 disables it)")
     parser.add_argument("--layouts", nargs="+", choices=sorted(WORLD_LAYOUTS),
                         default=list(WORLD_LAYOUTS), help="the memory layouts to compare")
     parser.add_argument("--switch-offset", type=int, default=0,
@@ -91,30 +94,37 @@ def main() -> None:
         parser.error(f"--first-seed and --scripts must pick seeds in 0..999 (held out), got "
                      f"{seeds.start}..{seeds.stop - 1}")
     torch.set_num_threads(args.threads)
-    pipe = load_world_pipeline(args.model)
-    if args.rope_frames:
-        shorten_rope_table(pipe.transformer, args.rope_frames)
+    pipes = {_model_name(folder, args.models): load_world_pipeline(folder)
+             for folder in args.models}
     overrides = {name: getattr(args, name) for name in ("position_overflow", "cache_dtype")
                  if getattr(args, name)}
     scripts = {seed: make_script(seed) for seed in seeds}
     per_story = {}
-    for layout in args.layouts:
-        streaming = streaming_world(pipe, layout, **overrides)
-        per_story[layout] = []
-        for seed, script in scripts.items():
-            generated = generate_script(
-                streaming, script, seed, args.guidance_scale, args.switch_offset
-            )
-            schedule = script_schedule(script, args.switch_offset)
-            per_story[layout].append(
-                score_script(script, generated.video, generated.chunk_seconds, schedule)
-            )
+    for name, pipe in pipes.items():
+        if args.rope_frames:
+            shorten_rope_table(pipe.transformer, args.rope_frames)
+        guidance = pipe.sampling.guidance_scale if args.guidance_scale is None else \
+            args.guidance_scale
+        print(f"{name}: {pipe.sampling.schedule.steps} ({pipe.sampling.describe()}), sampled "
+              f"at guidance scale {guidance:g}")
+        for layout in args.layouts:
+            streaming = streaming_world(pipe, layout, **overrides)
+            row = f"{name}: {layout}" if len(pipes) > 1 else layout
+            per_story[row] = []
+            for seed, script in scripts.items():
+                generated = generate_script(
+                    streaming, script, seed, guidance, args.switch_offset
+                )
+                schedule = script_schedule(script, args.switch_offset)
+                per_story[row].append(
+                    score_script(script, generated.video, generated.chunk_seconds, schedule)
+                )
     table = {layout: mean_scores(scores) for layout, scores in per_story.items()}
-    table_frames = pipe.transformer.rope.max_seq_len
+    table_frames = next(iter(pipes.values())).transformer.rope.max_seq_len
     print(f"{args.scripts} held-out scripts (seeds {seeds.start}..{seeds.stop - 1}), 24 latent "
-          f"frames (12 chunks) each through a {table_frames}-frame RoPE table, guidance scale "
-          f"{args.guidance_scale:g}, switches {args.switch_offset} frame(s) late, config "
-          f"overrides {overrides or 'none'}, {args.threads} CPU threads; rates in %")
+          f"frames (12 chunks) each through a {table_frames}-frame RoPE table, switches "
+          f"{args.switch_offset} frame(s) late, config overrides {overrides or 'none'}, "
+          f"{args.threads} CPU threads; rates in %")
     print("| layout | " + " | ".join(COLUMNS.values()) + " |")
     print("| --- " * (len(COLUMNS) + 1) + "|")
     for layout, row in table.items():
@@ -127,16 +137,29 @@ def main() -> None:
     if args.json:
         stories = {layout: [dataclasses.asdict(score) for score in scores]
                    for layout, scores in per_story.items()}
-        result = {"seeds": [seeds.start, seeds.stop - 1], "guidance_scale": args.guidance_scale,
+        sampling = {name: {"steps": list(pipe.sampling.schedule.steps),
+                           "stochastic": pipe.sampling.schedule.stochastic,
+                           "guidance_scale": pipe.sampling.guidance_scale
+                           if args.guidance_scale is None else args.guidance_scale}
+                    for name, pipe in pipes.items()}
+        result = {"seeds": [seeds.start, seeds.stop - 1], "models": sampling,
                   "switch_offset": args.switch_offset, "rope_frames": table_frames,
                   "config_overrides": overrides,
                   "layouts": table, f"paired_against_{BASELINE}": paired, "stories": stories}
         args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
 
 
+def _model_name(folder: Path, folders: list[Path]) -> str:
+    """A model's name in the tables: its folder's name (the whole path if two share one)."""
+    names = [other.name for other in folders]
+    return folder.name if names.count(folder.name) == 1 else str(folder)
+
+
 def _print_paired(per_story: dict) -> dict:
-    """Print (and return) each layout's story-by-story comparison with ``BASELINE``."""
-    if BASELINE not in per_story or len(per_story) == 1:
+    """Print (and return) each layout's story-by-story comparison with the same model's
+    ``BASELINE``."""
+    baselines = {row.removesuffix(BASELINE): row for row in per_story if row.endswith(BASELINE)}
+    if not baselines or len(per_story) == len(baselines):
         return {}
     print(f"\nStory by story against {BASELINE}: stories where the check holds only with the "
           f"layout / only with {BASELINE}, and the exact two-sided sign test's p")
@@ -144,10 +167,12 @@ def _print_paired(per_story: dict) -> dict:
     print("| --- " * (len(PAIRED_CHECKS) + 1) + "|")
     paired = {}
     for layout, scores in per_story.items():
-        if layout == BASELINE:
+        model = layout.split(": ")[0] + ": " if ": " in layout else ""
+        baseline = baselines.get(model)
+        if baseline is None or layout == baseline:
             continue
         comparisons = {
-            check: compare_paired(scores, per_story[BASELINE], check) for check in PAIRED_CHECKS
+            check: compare_paired(scores, per_story[baseline], check) for check in PAIRED_CHECKS
         }
         cells = [f"{c.only_layout} / {c.only_baseline}, p = {c.p_value:.2g}"
                  for c in comparisons.values()]

@@ -17,8 +17,7 @@ from .config import PRESETS, MemFlowConfig
 from .eval.cli import add_eval_parser
 from .frame_buffer import CACHE_DTYPES
 from .pipeline import MemFlowStreamingPipeline, PromptSchedule
-from .world.demo import WORLD_DEMO_SCRIPT, run_world_demo
-from .world.pipeline import WORLD_GUIDANCE_SCALE, WORLD_MODEL_DIR
+from .world.demo import WORLD_DEMO_MODEL, WORLD_DEMO_SCRIPT, WORLD_OTHER_MODEL, run_world_demo
 
 DEMO_PROMPTS = (
     "a red fox walks through a snowy forest",
@@ -43,11 +42,10 @@ def _demo(args: argparse.Namespace) -> int:
                              "world story's prompts are its script's")
         script = WORLD_DEMO_SCRIPT if args.script is None else args.script
         seed = script if args.seed is None else args.seed
-        guidance = WORLD_GUIDANCE_SCALE if args.guidance_scale is None else args.guidance_scale
         try:
-            model = Path(args.world_model) if args.world_model else WORLD_MODEL_DIR
+            model = Path(args.world_model) if args.world_model else WORLD_DEMO_MODEL
             return run_world_demo(model, args.config, script, seed, Path(args.output_dir),
-                                  args.fps, guidance, args.cache_dtype)
+                                  args.fps, args.guidance_scale, args.cache_dtype)
         except (ValueError, FileNotFoundError) as error:
             raise SystemExit(f"memflow demo: {error}") from error
     world_only = {"--world-model": args.world_model, "--script": args.script,
@@ -262,15 +260,17 @@ def build_parser() -> argparse.ArgumentParser:
                       help="world: the trained narrative-world model (default); tiny-random: "
                       "random weights, plumbing only")
     demo.add_argument("--world-model",
-                      help="world: a trained world transformer folder (default: the packaged one)")
+                      help="world: a trained world transformer folder (default: the better "
+                      f"packaged one, {WORLD_DEMO_MODEL.name}/; the other is "
+                      f"{WORLD_OTHER_MODEL.name}/)")
     demo.add_argument(
         "--script", type=int,
         help=f"world: the held-out story's seed, 0..999 (default: {WORLD_DEMO_SCRIPT})",
     )
     demo.add_argument(
         "--guidance-scale", type=float,
-        help=f"world: classifier-free guidance (default: {WORLD_GUIDANCE_SCALE:g}, the model's "
-        "setting; 1 disables it)",
+        help="world: classifier-free guidance (default: the model's own, its sampling.json; "
+        "1 disables it)",
     )
     demo.add_argument("--chunks", type=int,
                       help="tiny-random: chunks to generate (default: 9)")

@@ -165,6 +165,13 @@ class MemFlowConfig:
         return (f"sink {self.sink_frames}, bank {self.bank_frames}, local {local}, "
                 f"{self.frames_per_chunk}-frame chunks{sma}{cache}")
 
+    @property
+    def cache_layout(self) -> MemFlowConfig:
+        """This config with SMA's fields at their defaults: what the attached hooks and the cache
+        depend on. Sessions of one attachment may differ from it only in SMA (``sma``,
+        ``sma_top_k``), which each session applies in its own attention."""
+        return dataclasses.replace(self, sma=False, sma_top_k=MemFlowConfig.sma_top_k)
+
     # ----------------------------------------------------------------------------- derived sizes
     @property
     def window_capacity(self) -> int | None:

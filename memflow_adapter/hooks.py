@@ -55,10 +55,10 @@ class MemFlowAttachment:
     def session(self, session: StreamingSession | None) -> None:
         if session is not None:
             self._require_attached("bind a session")
-            if session.config != self.config:
+            if session.config.cache_layout != self.config.cache_layout:
                 raise ValueError(
                     f"the session's config {session.config} differs from the config MemFlow was "
-                    f"attached with {self.config}"
+                    f"attached with {self.config} in more than SMA (sma, sma_top_k)"
                 )
             if session.num_layers != self.num_layers:
                 raise ValueError(
@@ -88,16 +88,25 @@ class MemFlowAttachment:
         latent_width: int,
         record_trace: bool = True,
         trace_chunks: int | None = None,
+        config: MemFlowConfig | None = None,
     ) -> StreamingSession:
         """A fresh session for videos of the given latent size; under context parallelism it
-        holds this rank's heads."""
+        holds this rank's heads. ``config``: the session's layout, default the attachment's; it
+        may differ from it only in SMA (``MemFlowConfig.cache_layout``), e.g. a recipe's SMA
+        rollouts of a model attached with the dense layout."""
         self._require_attached("create a session")
         tokens_per_frame = self.integration.tokens_per_frame(latent_height, latent_width)
         head_shard = head_shard_of(
             self.model, self.integration.attention_heads(), tokens_per_frame
         )
+        config = self.config if config is None else config
+        if config.cache_layout != self.config.cache_layout:
+            raise ValueError(
+                f"config={config} differs from the config MemFlow was attached with "
+                f"{self.config} in more than SMA (sma, sma_top_k)"
+            )
         return StreamingSession(
-            self.config,
+            config,
             num_layers=self.num_layers,
             tokens_per_frame=tokens_per_frame,
             record_trace=record_trace,

@@ -73,7 +73,7 @@ class ModelConfig:
         check(self.fps >= 1, "fps", "an int >= 1", self.fps)
         check(self.train in TRAINED_WEIGHTS, "train", f"one of {TRAINED_WEIGHTS}", self.train)
         check(
-            self.pipeline is None or re.fullmatch(r"[\w.]+:\w+", self.pipeline) is not None,
+            self.pipeline is None or is_pipeline_factory(self.pipeline),
             "pipeline", "'module:function'", self.pipeline,
         )
         check(not (self.tiny and self.pipeline), "tiny", "false when pipeline is set", self.tiny)
@@ -87,15 +87,45 @@ class ModelConfig:
     def build_pipeline(self, dtype: torch.dtype) -> DiffusionPipeline:
         """The base pipeline this config names."""
         if self.pipeline:
-            module, function = self.pipeline.split(":")
-            try:
-                factory = getattr(importlib.import_module(module), function)
-            except (ImportError, AttributeError) as error:
-                raise ConfigError(f"model.pipeline={self.pipeline!r}: {error}") from error
-            return factory()
+            return build_factory_pipeline(self.pipeline, "model.pipeline")
         if self.tiny:
             return build_tiny_wan_pipeline(self.tiny_seed)
         return DiffusionPipeline.from_pretrained(self.base_model, dtype=dtype)
+
+    def build_start(self, dtype: torch.dtype) -> nn.Module:
+        """A frozen copy (eval mode) of the transformer the student starts as: the base
+        transformer (of the factory's or the tiny pipeline, or ``base_model``'s ``transformer/``
+        alone) with ``student_weights`` loaded, if any (a DMD critic's start)."""
+        if self.pipeline or self.tiny:
+            model = cast_to(self.build_pipeline(dtype).transformer, dtype)
+        else:
+            model = WanTransformer3DModel.from_pretrained(
+                self.base_model, subfolder="transformer", dtype=dtype
+            )
+        if self.student_weights:
+            load_student_weights(model, self.student_weights)
+        return model.requires_grad_(False).eval()
+
+
+def cast_to(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """``model`` in ``dtype`` (left as it is when it already is: no cast, no diffusers warning)."""
+    return model if model.dtype == dtype else model.to(dtype)
+
+
+def is_pipeline_factory(source: str) -> bool:
+    """Whether ``source`` names a pipeline factory (``module:function``), not a Hub id or folder."""
+    return re.fullmatch(r"[\w.]+:\w+", source) is not None
+
+
+def build_factory_pipeline(spec: str, parameter: str) -> DiffusionPipeline:
+    """The pipeline the factory ``spec`` (``module:function``, called without arguments)
+    returns; a bad spec is a ``ConfigError`` naming ``parameter``."""
+    module, function = spec.split(":")
+    try:
+        factory = getattr(importlib.import_module(module), function)
+    except (ImportError, AttributeError) as error:
+        raise ConfigError(f"{parameter}={spec!r}: {error}") from error
+    return factory()
 
 
 @dataclass(frozen=True)
@@ -153,11 +183,15 @@ def build_student(
     return Student(pipe, model.train(), attachment, weights)
 
 
-def load_transformer(source: str, tiny_seed: int | None, dtype: torch.dtype) -> nn.Module:
+def load_teacher(source: str, tiny_seed: int | None, dtype: torch.dtype) -> nn.Module:
     """A frozen Wan transformer (eval mode): the one of the tiny pipeline of ``tiny_seed`` when
-    given, else ``source``'s (a diffusers pipeline folder or Hub id with a ``transformer/``)."""
+    given, else ``source``'s: a pipeline factory's (``module:function``, e.g.
+    ``memflow_adapter.world.pipeline:load_world_pipeline``), or a diffusers pipeline folder or
+    Hub id's ``transformer/``."""
     if tiny_seed is not None:
         model = build_tiny_wan_pipeline(tiny_seed).transformer
+    elif is_pipeline_factory(source):
+        model = cast_to(build_factory_pipeline(source, "dmd.teacher").transformer, dtype)
     else:
         model = WanTransformer3DModel.from_pretrained(source, subfolder="transformer", dtype=dtype)
     return model.requires_grad_(False).eval()

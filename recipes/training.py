@@ -34,7 +34,7 @@ from diffusers.optimization import SchedulerType, get_scheduler
 from torch import nn
 from tqdm.auto import tqdm
 
-from memflow_adapter import MemFlowAdapter, MemFlowConfig, StreamingSession
+from memflow_adapter import MemFlowAdapter, MemFlowAttachment, MemFlowConfig, StreamingSession
 from memflow_adapter.eval.runner import VideoReadError
 from memflow_adapter.integrations import find_integration
 from memflow_adapter.outputs import peak_process_memory_bytes
@@ -203,6 +203,10 @@ class Recipe(ABC):
         """Every transformer the recipe runs, trained or frozen, by name (those sharded with
         ``training.sharding: fsdp2``); default the trained ones."""
         return {name: trainable.model for name, trainable in self.trainables().items()}
+
+    def attachments(self) -> list[MemFlowAttachment]:
+        """Every MemFlow attachment of the recipe's transformers; default the student's."""
+        return [self.student.attachment]
 
     @property
     def sharded(self) -> bool:
@@ -439,13 +443,13 @@ def _check_sharding(config: RecipeConfig, accelerator: Accelerator) -> None:
 
 def _shard(recipe: Recipe) -> None:
     """Shard every transformer of ``recipe`` per block over all processes, and make NAM's text
-    keys (computed outside the student's forward) see the student's whole weights."""
+    keys (computed outside a forward) see each attached model's whole weights."""
     device = recipe.device
     mesh, policy = process_mesh(device), mixed_precision_policy(device)
     for model in recipe.transformers().values():
         shard_transformer(model, mesh, policy)
-    student = recipe.student
-    student.attachment.outside_forward = lambda: unsharded(student.model)
+    for attachment in recipe.attachments():
+        attachment.outside_forward = lambda model=attachment.model: unsharded(model)
 
 
 def _refuse_accelerate_fsdp(accelerator: Accelerator) -> None:

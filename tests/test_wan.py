@@ -12,6 +12,8 @@ from memflow_adapter.hooks import apply_memflow, get_memflow, remove_memflow
 from memflow_adapter.integrations import WanIntegration
 from memflow_adapter.integrations.wan import apply_wan_rotary
 from memflow_adapter.positions import RopeTable
+from memflow_adapter.schedule import FlowMatchSchedule
+from memflow_adapter.streaming import ChunkEngine, PromptConditioning, PromptSchedule
 
 from tiny_models import tiny_wan
 
@@ -216,6 +218,37 @@ def test_a_session_of_another_config_cannot_be_bound(model):
     other = apply_memflow(tiny_wan(), MemFlowConfig.longlive()).create_session(4, 4)
     with pytest.raises(ValueError, match="differs from the config"), attachment.bind(other):
         pass
+
+
+@torch.no_grad()
+def test_a_session_may_differ_from_its_attachment_in_sma_only(model, inputs):
+    """A recipe rolls a dense-attached model out with SMA in some sessions: such a session
+    computes exactly what the model attached with SMA computes; any other difference (a cache
+    layout the hooks depend on) is refused."""
+    latents, prompt, _ = inputs
+    dense, sparse = MemFlowConfig.reference(), MemFlowConfig.reference_sma(sma_top_k=1)
+
+    def stream(attachment, session):
+        engine = ChunkEngine(model, session, FlowMatchSchedule(stochastic=False))
+        cond = PromptConditioning.of(attachment, prompt)
+        video = latents.float().clone()
+        schedule = PromptSchedule.from_prompts(["a"], latents.shape[2])
+        with attachment.bind(session):
+            for chunk in schedule.plan(latents.shape[2], dense.frames_per_chunk):
+                engine.step(chunk, cond, latents, video)
+        return video
+
+    attachment = apply_memflow(model, sparse)
+    expected = stream(attachment, attachment.create_session(LATENT_H, LATENT_W))
+    remove_memflow(model)
+    attachment = apply_memflow(model, dense)
+    session = attachment.create_session(LATENT_H, LATENT_W, config=sparse)
+    assert session.config == sparse
+    assert torch.equal(stream(attachment, session), expected)
+    dense_video = stream(attachment, attachment.create_session(LATENT_H, LATENT_W))
+    assert not torch.allclose(dense_video, expected)  # SMA did drop memory frames
+    with pytest.raises(ValueError, match="in more than SMA"):
+        attachment.create_session(LATENT_H, LATENT_W, config=MemFlowConfig.longlive())
 
 
 def test_text_keys_are_the_cross_attention_keys_per_layer(model, inputs):

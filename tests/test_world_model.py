@@ -19,7 +19,7 @@ from memflow_adapter.world import WORLD_MEMORY, load_world_pipeline, make_script
 from memflow_adapter.world.dataset import write_dataset
 from memflow_adapter.world.demo import WORLD_DEMO_SCRIPT
 from memflow_adapter.world.export import export
-from memflow_adapter.world.pipeline import WORLD_GUIDANCE_SCALE, WORLD_MODEL_DIR
+from memflow_adapter.world.pipeline import WORLD_GUIDANCE_SCALE, WORLD_MODEL_DIR, WORLD_SCHEDULE
 from memflow_adapter.world.scoring import WORLD_LAYOUTS, generate_script, streaming_world
 
 TRAIN_YAML = Path(world.__file__).with_name("train.yaml")
@@ -117,7 +117,7 @@ def test_the_benchmark_prints_a_row_per_memory_layout(world_model, tmp_path):
     """With the stories past a shortened RoPE table and a quantized cache, recorded as such."""
     table = tmp_path / "table.json"
     result = subprocess.run(
-        [sys.executable, str(BENCH), "--model", str(world_model), "--scripts", "1",
+        [sys.executable, str(BENCH), "--models", str(world_model), "--scripts", "1",
          "--first-seed", "7", "--rope-frames", "10", "--position-overflow", "clamp",
          "--cache-dtype", "int8", "--threads", "1", "--json", str(table)],
         capture_output=True, text=True, timeout=300,
@@ -130,7 +130,10 @@ def test_the_benchmark_prints_a_row_per_memory_layout(world_model, tmp_path):
     memory_layouts = [layout for layout in WORLD_LAYOUTS if layout != "window_only"]
     assert [row.split(" | ")[0][2:] for row in rows[2:]] == memory_layouts
     scores = json.loads(table.read_text())
-    assert scores["seeds"] == [7, 7] and scores["guidance_scale"] == WORLD_GUIDANCE_SCALE
+    assert scores["seeds"] == [7, 7]
+    assert scores["models"] == {"model": {"steps": list(WORLD_SCHEDULE.steps),
+                                          "stochastic": False,
+                                          "guidance_scale": WORLD_GUIDANCE_SCALE}}
     assert scores["rope_frames"] == 10 and "through a 10-frame RoPE table" in means
     assert scores["config_overrides"] == {"position_overflow": "clamp", "cache_dtype": "int8"}
     assert all(0.0 <= scores["layouts"][layout]["adherence"] <= 1.0 for layout in WORLD_LAYOUTS)

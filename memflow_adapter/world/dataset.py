@@ -4,12 +4,18 @@ embeddings from its text encoder::
 
     python -m memflow_adapter.world.dataset --output data/world --videos 3000 --first-seed 1000
 
+and, for ``streaming_long_tuning`` (which generates its own videos from prompts), the scripts'
+six prompts as a prompt-group file (one ``{"id": ..., "prompts": [...]}`` line per script)::
+
+    python -m memflow_adapter.world.dataset --prompts data/world_prompts.jsonl --videos 3000
+
 Seeds below 1000 are kept for evaluation (``bench/narrative_eval.py`` uses 0 ..).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -38,6 +44,27 @@ def script_sample(pipe: NarrativeWorldPipeline, seed: int) -> VideoLatents:
 
 
 def write_dataset(output: Path, videos: int, first_seed: int = FIRST_TRAINING_SEED) -> Path:
+    _check_training_seeds(videos, first_seed)
+    pipe = build_world_pipeline()
+    for seed in tqdm(range(first_seed, first_seed + videos), desc="world scripts"):
+        script_sample(pipe, seed).save(output / f"script-{seed:07d}.safetensors")
+    return output
+
+
+def write_prompt_groups(path: Path, videos: int, first_seed: int = FIRST_TRAINING_SEED) -> Path:
+    """Scripts ``first_seed ..`` as a JSONL prompt-group file (``memflow_adapter.eval.prompts``):
+    each line ``{"id": "script-0001000", "prompts": [six prompts]}``."""
+    _check_training_seeds(videos, first_seed)
+    lines = [
+        json.dumps({"id": f"script-{seed:07d}", "prompts": make_script(seed).prompts})
+        for seed in range(first_seed, first_seed + videos)
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def _check_training_seeds(videos: int, first_seed: int) -> None:
     if videos < 1:
         raise ValueError(f"videos must be >= 1, got {videos}")
     if first_seed < FIRST_TRAINING_SEED:
@@ -45,19 +72,21 @@ def write_dataset(output: Path, videos: int, first_seed: int = FIRST_TRAINING_SE
             f"first_seed must be >= {FIRST_TRAINING_SEED} (lower seeds are evaluation scripts), "
             f"got {first_seed}"
         )
-    pipe = build_world_pipeline()
-    for seed in tqdm(range(first_seed, first_seed + videos), desc="world scripts"):
-        script_sample(pipe, seed).save(output / f"script-{seed:07d}.safetensors")
-    return output
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(prog="python -m memflow_adapter.world.dataset",
                                      description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output", type=Path, required=True, help="the dataset folder")
+    parser.add_argument("--output", type=Path, help="the dataset folder (latents)")
+    parser.add_argument("--prompts", type=Path,
+                        help="write the scripts' prompts as this JSONL prompt-group file instead")
     parser.add_argument("--videos", type=int, default=3000, help="how many scripts")
     parser.add_argument("--first-seed", type=int, default=FIRST_TRAINING_SEED)
     args = parser.parse_args(argv)
+    if (args.output is None) == (args.prompts is None):
+        parser.error("give one of --output (a latent dataset) or --prompts (a prompt file)")
+    if args.prompts is not None:
+        return write_prompt_groups(args.prompts, args.videos, args.first_seed)
     return write_dataset(args.output, args.videos, args.first_seed)
 
 

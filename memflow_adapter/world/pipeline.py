@@ -13,7 +13,11 @@ so the world streams through the same code as a real Wan model::
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -47,6 +51,9 @@ WORLD_SEQUENCE_LENGTH = 16
 #: The trained world transformer shipped with the package (``train.yaml``, then
 #: ``train_guided.yaml``; ``export.py``).
 WORLD_MODEL_DIR = Path(__file__).with_name("model")
+#: The packaged few-step student distilled from it by ``streaming_long_tuning``
+#: (``distill.yaml``; ``export.py``).
+WORLD_STUDENT_DIR = Path(__file__).with_name("student")
 #: The memory layout the world model is trained and demonstrated with (latent frames): a
 #: 2-frame sink (the first chunk), a 4-frame NAM bank, a 4-frame local window, 2-frame chunks.
 WORLD_MEMORY = MemFlowConfig.reference(
@@ -58,6 +65,57 @@ WORLD_SCHEDULE = FlowMatchSchedule(tuple(range(1000, 0, -100)), shift=2.0, stoch
 #: Classifier-free guidance of the world model's sampling (negative: the zero embedding its
 #: prompt dropout trains): at scale 2 entities come out solid instead of speckled (README.md).
 WORLD_GUIDANCE_SCALE = 2.0
+#: The file of a world model folder that says how the model samples (``WorldSampling``).
+SAMPLING_FILE = "sampling.json"
+
+
+@dataclass(frozen=True)
+class WorldSampling:
+    """How a world model samples: its denoising schedule and classifier-free guidance scale
+    (1: none). A model folder keeps it in ``sampling.json``; a folder without one samples as the
+    packaged many-step model (``WORLD_SCHEDULE``, ``WORLD_GUIDANCE_SCALE``)."""
+
+    schedule: FlowMatchSchedule = WORLD_SCHEDULE
+    guidance_scale: float = WORLD_GUIDANCE_SCALE
+
+    def __post_init__(self) -> None:
+        if not 1.0 <= self.guidance_scale < math.inf:
+            raise ValueError(
+                f"guidance_scale must be >= 1 and finite (1: no guidance), got "
+                f"{self.guidance_scale}"
+            )
+
+    def describe(self) -> str:
+        """E.g. ``10 deterministic steps, guidance scale 2``."""
+        kind = "stochastic" if self.schedule.stochastic else "deterministic"
+        guidance = (f"guidance scale {self.guidance_scale:g}" if self.guidance_scale != 1.0
+                    else "no guidance")
+        return f"{len(self.schedule.steps)} {kind} steps, {guidance}"
+
+    def save(self, folder: Path) -> Path:
+        path = Path(folder) / SAMPLING_FILE
+        schedule = dataclasses.asdict(self.schedule)
+        data = {"schedule": {**schedule, "steps": list(schedule["steps"])},
+                "guidance_scale": self.guidance_scale}
+        path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        return path
+
+    @classmethod
+    def load(cls, folder: Path) -> WorldSampling:
+        """The sampling of model ``folder`` (the packaged model's when it has no file)."""
+        path = Path(folder) / SAMPLING_FILE
+        if not path.is_file():
+            return cls()
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            schedule = data["schedule"]
+            return cls(
+                FlowMatchSchedule(tuple(schedule["steps"]), schedule["shift"],
+                                  schedule["stochastic"]),
+                float(data["guidance_scale"]),
+            )
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"{path}: not a world sampling file ({error!r})") from error
 
 
 class NarrativeWorldPipeline(DiffusionPipeline):
@@ -70,9 +128,12 @@ class NarrativeWorldPipeline(DiffusionPipeline):
         transformer: WanTransformer3DModel,
         vae: PixelAutoencoder,
         text_encoder: WorldTextEncoder,
+        sampling: WorldSampling | None = None,
     ) -> None:
         super().__init__()
         self.register_modules(transformer=transformer, vae=vae, text_encoder=text_encoder)
+        #: how the transformer samples (its model folder's ``sampling.json``)
+        self.sampling = sampling or WorldSampling()
         self.tokenizer = WorldTokenizer()
         self.vae_scale_factor_spatial = vae.config.patch
         self.vae_scale_factor_temporal = 1
@@ -153,17 +214,25 @@ def pass_input_through(transformer: WanTransformer3DModel) -> None:
 
 def load_world_pipeline(folder: str | Path = WORLD_MODEL_DIR) -> NarrativeWorldPipeline:
     """The world pipeline with the trained transformer of ``folder`` (a diffusers transformer
-    folder written by ``python -m memflow_adapter.world.export``; by default the packaged one;
-    see ``README.md``)."""
+    folder written by ``python -m memflow_adapter.world.export``, with its ``sampling.json``;
+    by default the packaged many-step model; see ``README.md``)."""
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(
             f"{folder} holds no trained world transformer (config.json + safetensors)"
         )
-    return _assemble(WanTransformer3DModel.from_pretrained(folder))
+    return _assemble(WanTransformer3DModel.from_pretrained(folder), WorldSampling.load(folder))
 
 
-def _assemble(transformer: WanTransformer3DModel) -> NarrativeWorldPipeline:
+def load_world_student() -> NarrativeWorldPipeline:
+    """The packaged distilled student (``distill.yaml``): 4 stochastic steps, no guidance."""
+    return load_world_pipeline(WORLD_STUDENT_DIR)
+
+
+def _assemble(
+    transformer: WanTransformer3DModel, sampling: WorldSampling | None = None
+) -> NarrativeWorldPipeline:
     text_encoder = WorldTextEncoder(len(WorldTokenizer()), WORLD_TRANSFORMER["text_dim"])
-    pipe = NarrativeWorldPipeline(transformer.eval(), PixelAutoencoder(), text_encoder.eval())
-    return pipe
+    return NarrativeWorldPipeline(
+        transformer.eval(), PixelAutoencoder(), text_encoder.eval(), sampling
+    )

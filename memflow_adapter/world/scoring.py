@@ -32,9 +32,7 @@ from ..streaming import PromptSchedule, applied_segment_starts
 from .detect import Detection, detect
 from .grammar import SEGMENT_FRAMES, Entity, Script
 from .pipeline import (
-    WORLD_GUIDANCE_SCALE,
     WORLD_MEMORY,
-    WORLD_SCHEDULE,
     WORLD_SEQUENCE_LENGTH,
     NarrativeWorldPipeline,
 )
@@ -76,12 +74,14 @@ def generate_script(
     streaming: MemFlowStreamingPipeline,
     script: Script,
     seed: int,
-    guidance_scale: float = WORLD_GUIDANCE_SCALE,
+    guidance_scale: float | None = None,
     switch_offset: int = 0,
 ) -> Generated:
     """Stream ``script``'s six prompts (``SEGMENT_FRAMES`` latent frames each, each switch
     ``switch_offset`` frames late: ``script_schedule``), with classifier-free guidance above
-    scale 1 (negative: the zero embedding)."""
+    scale 1 (negative: the zero embedding; default: the model's ``WorldSampling``)."""
+    if guidance_scale is None:
+        guidance_scale = streaming.pipe.sampling.guidance_scale
     output = streaming(
         script_schedule(script, switch_offset),
         num_latent_frames=script.num_frames,
@@ -111,13 +111,14 @@ def streaming_world(
     pipe: NarrativeWorldPipeline, layout: str, **config_overrides: Any
 ) -> MemFlowStreamingPipeline:
     """``pipe`` streamed with ``WORLD_LAYOUTS[layout]`` (with ``config_overrides``, e.g.
-    ``cache_dtype="int8"``) and ``WORLD_SCHEDULE`` (any previous attachment removed)."""
+    ``cache_dtype="int8"``) and the model's schedule (``pipe.sampling``; any previous
+    attachment removed)."""
     if layout not in WORLD_LAYOUTS:
         raise ValueError(f"layout must be one of {sorted(WORLD_LAYOUTS)}, got {layout!r}")
     if get_memflow(pipe.transformer) is not None:
         remove_memflow(pipe.transformer)
     config = dataclasses.replace(WORLD_LAYOUTS[layout], **config_overrides)
-    return MemFlowStreamingPipeline(pipe, config, WORLD_SCHEDULE, device="cpu")
+    return MemFlowStreamingPipeline(pipe, config, pipe.sampling.schedule, device="cpu")
 
 
 def _segment_frames(script: Script, schedule: PromptSchedule) -> list[range]:
