@@ -22,6 +22,7 @@ from memflow_adapter.recipes.streaming_long_tuning import (
     StreamingLongTuningConfig,
 )
 from memflow_adapter.recipes.training import main
+from memflow_adapter.schedule import FlowMatchSchedule
 from memflow_adapter.world import load_world_pipeline, make_script
 from memflow_adapter.world.dataset import write_prompt_groups
 from memflow_adapter.world.export import export
@@ -127,6 +128,19 @@ def test_the_exported_student_streams_with_its_own_sampling(distilled, tmp_path)
     generated = generate_script(streaming, script, seed=3)
     assert generated.video.shape == (script.num_frames, 3, 32, 32)
     assert torch.isfinite(generated.video).all()
+
+
+def test_the_packaged_student_streams_a_story_in_four_steps_without_guidance():
+    pipe = world.load_world_student()
+    assert pipe.sampling == WorldSampling(
+        FlowMatchSchedule((1000, 750, 500, 250), shift=2.0, stochastic=True), guidance_scale=1.0
+    )
+    script = make_script(3)
+    generated = generate_script(streaming_world(pipe, "reference_sma"), script, seed=3)
+    assert generated.video.shape == (script.num_frames, 3, 32, 32)
+    assert generated.video.abs().max() <= 1  # decoded to pixels in [-1, 1]
+    again = generate_script(streaming_world(pipe, "reference_sma"), script, seed=3)
+    assert torch.equal(generated.video, again.video)  # its re-noising draws are seeded
 
 
 def test_a_model_folder_without_a_sampling_file_samples_as_the_many_step_model(tmp_path):

@@ -11,6 +11,7 @@ from .pipeline import (
     NarrativeWorldPipeline,
     build_world_pipeline,
     load_world_pipeline,
+    load_world_student,
 )
 from .render import render_script
 
@@ -24,6 +25,7 @@ __all__ = [
     "build_world_pipeline",
     "detect",
     "load_world_pipeline",
+    "load_world_student",
     "make_script",
     "render_script",
 ]
