@@ -10,7 +10,8 @@ One training step (per process):
   to a random exit step; the last ``rollout.gradient_chunks`` chunks (the clip) are re-noised at a
   random level and scored by the teacher (classifier-free guidance ``dmd.guidance_scale``) and the
   critic; each clip chunk's exit step is then replayed with gradient (``rollout.py``) and its part
-  of the DMD loss backpropagated.
+  of the DMD loss backpropagated (with ``dmd.regression_weight``, plus its part of a regression to
+  the clip of the ``data.dataset`` video whose prompts the rollout follows).
 * **critic** (every step): a fresh rollout without gradient; the critic learns to denoise its clip
   (flow matching).
 
@@ -53,6 +54,7 @@ from memflow_adapter.streaming import (
 from .config import ConfigError, check
 from .dmd import distribution_matching_gradient, dmd_loss
 from .flow import NoiseRange, StepRandomness, flow_matching_loss, per_sample
+from .latents import DatasetError, LatentVideoDataset, VideoLatents
 from .models import LoraSettings, add_lora, load_teacher
 from .rollout import (
     Rollout,
@@ -167,6 +169,11 @@ class DMDConfig:
             from what it predicts without the NAM bank (a copy of the teacher streamed with
             ``bank_frames: 0, nam: false``), like classifier-free guidance on the memory:
             ``real + (scale - 1) * (cond - cond_without_bank)``, conditional flows; 1: none.
+        regression_weight: the student's clean clip is also pulled towards the clip of the video
+            whose prompts the rollout follows (``data.dataset``): the step's student loss is
+            ``dmd + weight * 0.5 * mse(clip, video's clip)``, in the student's own rollout (the
+            frames its memory holds are its own); for videos that are the truth given their
+            history, as the narrative world's; 0: DMD alone.
     """
 
     teacher: str = "Wan-AI/Wan2.1-T2V-14B-Diffusers"
@@ -178,9 +185,12 @@ class DMDConfig:
     generator_update_every: int = 5
     scoring: str = "clip"
     memory_guidance_scale: float = 1.0
+    regression_weight: float = 0.0
 
     def __post_init__(self) -> None:
         check(self.scoring in SCORINGS, "scoring", f"one of {SCORINGS}", self.scoring)
+        check(self.regression_weight >= 0.0, "regression_weight", ">= 0",
+              self.regression_weight)
         check(self.memory_guidance_scale >= 1.0, "memory_guidance_scale", ">= 1",
               self.memory_guidance_scale)
         check(
@@ -199,15 +209,21 @@ class DMDConfig:
 class PromptDataConfig:
     """The prompts: a prompt-group file (``memflow_adapter.eval.prompts`` formats: JSONL with a
     ``prompts`` list per line, ...); each video takes consecutive prompts of a random group.
-    ``prompts: null`` uses the packaged ``example_prompts.jsonl`` (a few short narratives)."""
+    ``prompts: null`` uses the packaged ``example_prompts.jsonl`` (a few short narratives).
+    ``dataset``, instead: a latent video folder (``memory_finetune``'s format, with prompts),
+    each video a group, its latents the clip's target of ``dmd.regression_weight``."""
 
     prompts: Path | None = None
+    dataset: Path | None = None
     negative_prompt: str = ""
     max_sequence_length: int = 512
 
     def __post_init__(self) -> None:
         check(self.max_sequence_length >= 1, "max_sequence_length", "an int >= 1",
               self.max_sequence_length)
+        check(self.prompts is None or self.dataset is None, "prompts",
+              "null when data.dataset is given (the dataset's videos carry their prompts)",
+              self.prompts)
 
 
 @dataclass(frozen=True)
@@ -217,6 +233,13 @@ class StreamingLongTuningConfig(RecipeConfig):
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     dmd: DMDConfig = field(default_factory=DMDConfig)
     data: PromptDataConfig = field(default_factory=PromptDataConfig)
+
+    def __post_init__(self) -> None:
+        check(
+            self.dmd.regression_weight == 0.0 or self.data.dataset is not None,
+            "dmd.regression_weight", "0 unless data.dataset gives the videos to regress to",
+            self.dmd.regression_weight,
+        )
 
 
 @dataclass(frozen=True)
@@ -231,6 +254,8 @@ class StepVideos:
         noise: ``[B, C, F, h, w]`` the initial noise of the whole video.
         memory: the student's memory layout for this step (``memflow``, SMA maybe on).
         gradient_chunks: the clip's length in chunks (the last ones of ``chunks``).
+        targets: ``[B, C, F, h, w]`` the clips of the videos the prompts are from (the
+            regression's targets; ``None`` without ``dmd.regression_weight``).
     """
 
     chunks: list[ChunkPlan]
@@ -240,6 +265,7 @@ class StepVideos:
     noise: torch.Tensor
     memory: MemFlowConfig
     gradient_chunks: int
+    targets: torch.Tensor | None = None
 
     @property
     def clip_chunks(self) -> list[ChunkPlan]:
@@ -290,8 +316,13 @@ class StreamingLongTuning(Recipe):
             check(not config.memflow.sma, "rollout.sma_share",
                   "0 when memflow.sma is true (every rollout already runs SMA)",
                   config.rollout.sma_share)
-        prompts = config.data.prompts or Path(__file__).with_name("example_prompts.jsonl")
-        self.groups = [group.prompts for group in load_prompt_groups(prompts)]
+        self.dataset: LatentVideoDataset | None = None
+        if config.data.dataset is not None:
+            self.dataset = LatentVideoDataset(config.data.dataset)
+            self.groups = [list(self._dataset_video(i).prompts) for i in range(len(self.dataset))]
+        else:
+            prompts = config.data.prompts or Path(__file__).with_name("example_prompts.jsonl")
+            self.groups = [group.prompts for group in load_prompt_groups(prompts)]
         needed = config.rollout.num_segments
         short = [i for i, prompts in enumerate(self.groups) if len(prompts) < needed]
         if short:
@@ -355,11 +386,16 @@ class StreamingLongTuning(Recipe):
         self, engine: ChunkEngine, generated: Rollout, videos: StepVideos, target: torch.Tensor
     ) -> torch.Tensor:
         clip_start = videos.clip_chunks[0].start
+        weight = self.config.dmd.regression_weight
 
         def chunk_loss(index: int, clean: torch.Tensor) -> torch.Tensor:
             chunk = videos.chunks[index]
-            part = target[:, :, chunk.start - clip_start : chunk.stop - clip_start]
-            return dmd_loss(clean, part, target.numel())
+            frames = slice(chunk.start - clip_start, chunk.stop - clip_start)
+            loss = dmd_loss(clean, target[:, :, frames], target.numel())
+            if videos.targets is not None:
+                # the same surrogate with the video's frames as the target: 0.5 * mse
+                loss = loss + weight * dmd_loss(clean, videos.targets[:, :, frames], target.numel())
+            return loss
 
         return replay_with_gradient(
             engine, self.accelerator, generated, videos.chunks, videos.exit_steps,
@@ -512,11 +548,14 @@ class StreamingLongTuning(Recipe):
         chunks = plan_chunks(segment_starts, rollout.num_chunks * frames, frames)
         chunks = chunks[: rollout.segment_chunks(segment).stop]
 
-        videos = []
+        videos, targets = [], []
         for draw in randomness.samples:
-            group = self.groups[int(torch.randint(len(self.groups), (), generator=draw))]
+            index = int(torch.randint(len(self.groups), (), generator=draw))
+            group = self.groups[index]
             offset = int(torch.randint(len(group) - rollout.num_segments + 1, (), generator=draw))
             videos.append(group[offset : offset + rollout.num_segments])
+            if self.config.dmd.regression_weight > 0:
+                targets.append(self._regression_target(index, offset, chunks))
         conditions = [
             PromptConditioning.of(self.student.attachment, self._stack([v[s] for v in videos]))
             for s in range(rollout.num_segments)
@@ -532,7 +571,40 @@ class StreamingLongTuning(Recipe):
         return StepVideos(
             chunks, exits.tolist(), conditions, negative, randomness.randn(shape, self.device),
             memory, rollout.gradient_chunks,
+            torch.stack(targets).to(self.device) if targets else None,
         )
+
+    def _dataset_video(self, index: int) -> VideoLatents:
+        """Video ``index`` of ``data.dataset``, checked to carry one prompt text per segment."""
+        assert self.dataset is not None
+        video = self.dataset[index]
+        if len(video.prompts) != len(video.segment_starts):
+            raise DatasetError(
+                f"{self.dataset.files[index]}: data.dataset videos need their prompts' texts "
+                f"(one per segment, {len(video.segment_starts)}), it has {len(video.prompts)}"
+            )
+        return video
+
+    def _regression_target(self, index: int, offset: int, chunks: list[ChunkPlan]) -> torch.Tensor:
+        """The clip ``[C, f, h, w]`` of dataset video ``index`` whose segments ``offset ..`` the
+        rollout ``chunks`` follow; the video's segments must start where the rollout's do."""
+        video = self._dataset_video(index)
+        rollout_starts: dict[int, int] = {}
+        for chunk in chunks:
+            rollout_starts.setdefault(chunk.segment, chunk.start)
+        starts = video.segment_starts.tolist()
+        first = starts[offset]
+        video_starts = [start - first for start in starts[offset:]][: len(rollout_starts)]
+        frames = video.latents.shape[1] - first
+        if video_starts != list(rollout_starts.values()) or frames < chunks[-1].stop:
+            raise DatasetError(
+                f"{self.dataset.files[index]}: dmd.regression_weight needs videos whose segments "
+                f"start where the rollout's do ({list(rollout_starts.values())}) and that last "
+                f">= {chunks[-1].stop} latent frames; its segments start at {video_starts} "
+                f"of {frames} frames"
+            )
+        clip = chunks[-self.config.rollout.gradient_chunks :]
+        return video.latents[:, first + clip[0].start : first + clip[-1].stop].float()
 
     def _stack(self, texts: Sequence[str]) -> torch.Tensor:
         return torch.cat([self.embeds[text] for text in texts]).to(self.device, self.dtype)

@@ -3,6 +3,7 @@ packaged many-step model as teacher, student start and critic start through the 
 ``model.pipeline`` / ``dmd.teacher`` factories; scores streamed with the memory of the student's
 video; the student exported with its sampling and streamed like any world model."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -13,8 +14,10 @@ from accelerate.state import AcceleratorState
 
 import memflow_adapter.world as world
 from memflow_adapter.eval.prompts import load_prompt_groups
+from memflow_adapter.recipes import streaming_long_tuning
 from memflow_adapter.recipes.config import ConfigError, load_config
 from memflow_adapter.recipes.flow import StepRandomness
+from memflow_adapter.recipes.latents import DatasetError, LatentVideoDataset, VideoLatents
 from memflow_adapter.recipes.models import trained_state_dict
 from memflow_adapter.recipes.streaming_long_tuning import (
     RolloutConfig,
@@ -24,7 +27,7 @@ from memflow_adapter.recipes.streaming_long_tuning import (
 from memflow_adapter.recipes.training import main
 from memflow_adapter.schedule import FlowMatchSchedule
 from memflow_adapter.world import load_world_pipeline, make_script
-from memflow_adapter.world.dataset import write_prompt_groups
+from memflow_adapter.world.dataset import write_dataset, write_prompt_groups
 from memflow_adapter.world.export import export
 from memflow_adapter.world.pipeline import WORLD_MODEL_DIR, WorldSampling
 from memflow_adapter.world.scoring import generate_script, streaming_world
@@ -194,3 +197,90 @@ def test_clip_segments_are_drawn_by_weight_and_the_rollout_stops_after_the_clip(
         sma_steps += videos.memory.sma
     assert segments == {1, 3, 5}
     assert 5 < sma_steps < 35
+
+
+@pytest.fixture(scope="module")
+def scripts(tmp_path_factory):
+    """Three training scripts as a latent dataset (their frames and prompts)."""
+    return write_dataset(tmp_path_factory.mktemp("scripts"), videos=3)
+
+
+def regressing_recipe(dataset, weight=1.0):
+    config = load_config(StreamingLongTuningConfig, DISTILL_YAML, [
+        "data.prompts=null", f"data.dataset={dataset}", f"dmd.regression_weight={weight}",
+        "rollout.batch_size=1",
+    ])
+    recipe = StreamingLongTuning(config, Accelerator(cpu=True))
+    recipe.prepared = {"student": recipe.student.model, "critic": recipe.critic}
+    return recipe
+
+
+def test_with_a_dataset_each_rollout_follows_a_videos_prompts_and_regresses_to_its_clip(scripts):
+    recipe = regressing_recipe(scripts)
+    videos = list(LatentVideoDataset(scripts))
+    assert recipe.groups == [list(video.prompts) for video in videos]
+    for step in range(8):
+        drawn = recipe._sample(StepRandomness.for_step(0, step, 0))
+        clip = slice(drawn.clip_chunks[0].start, drawn.clip_chunks[-1].stop)
+        followed = [v for v in videos if torch.equal(drawn.targets[0], v.latents[:, clip])]
+        assert len(followed) == 1
+        for segment, condition in enumerate(drawn.conditions):
+            assert torch.equal(condition.embeds, recipe.embeds[followed[0].prompts[segment]])
+
+
+@pytest.mark.slow
+def test_the_regression_adds_its_weight_times_half_the_mse_of_the_rollouts_clip_to_the_video(
+    scripts, monkeypatch
+):
+    """The student's step loss is DMD's plus ``weight * 0.5 * mse(clip, video's clip)``, the
+    clip being the student's own (replayed) rollout."""
+    recipe = regressing_recipe(scripts)
+    rollouts, rollout = [], streaming_long_tuning.self_forcing_rollout
+
+    def recorded(*args):
+        rollouts.append(rollout(*args))
+        return rollouts[-1]
+
+    monkeypatch.setattr(streaming_long_tuning, "self_forcing_rollout", recorded)
+
+    def step_loss(weight):
+        dmd = dataclasses.replace(recipe.config.dmd, regression_weight=weight)
+        recipe.config = dataclasses.replace(recipe.config, dmd=dmd)
+        return float(recipe.train_phase("student", 0, StepRandomness.for_step(0, 5, 0)))
+
+    dmd_alone, weighted_1, weighted_2 = step_loss(0.0), step_loss(1.0), step_loss(2.0)
+    videos = recipe._sample(StepRandomness.for_step(0, 5, 0))
+    assert all(torch.equal(r.video, rollouts[0].video) for r in rollouts)  # one rollout, thrice
+    clip = videos.clip_of(rollouts[0].video).double()
+    half_mse = 0.5 * torch.mean((clip - videos.targets.double()) ** 2).item()
+    assert half_mse > 0
+    # the replayed clip is the rollout's exit pass again, with gradient (float32 forward)
+    assert weighted_1 - dmd_alone == pytest.approx(half_mse, rel=1e-4)
+    assert weighted_2 - dmd_alone == pytest.approx(2 * half_mse, rel=1e-4)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["data.dataset=data/world"], "data.prompts must be null when data.dataset is given"),
+    (["dmd.regression_weight=1"], "dmd.regression_weight must be 0 unless data.dataset"),
+    (["data.prompts=null", "data.dataset=data/world", "dmd.regression_weight=-1"],
+     "dmd.regression_weight must be >= 0"),
+])
+def test_regression_options_that_do_not_fit_are_refused_by_name(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(StreamingLongTuningConfig, DISTILL_YAML, overrides)
+
+
+def test_dataset_videos_without_prompt_texts_or_of_another_layout_are_refused(
+    scripts, tmp_path
+):
+    video = next(iter(LatentVideoDataset(scripts)))
+    VideoLatents(video.latents, video.prompt_embeds, video.segment_starts).save(
+        tmp_path / "untitled" / "0.safetensors"
+    )
+    with pytest.raises(DatasetError, match="need their prompts' texts"):
+        regressing_recipe(tmp_path / "untitled")
+    VideoLatents(video.latents, video.prompt_embeds, torch.arange(0, 12, 2),
+                 video.prompts).save(tmp_path / "segments_of_two_frames" / "0.safetensors")
+    recipe = regressing_recipe(tmp_path / "segments_of_two_frames")
+    with pytest.raises(DatasetError, match=r"segments start where the rollout's do \(\[0, 4"):
+        recipe._sample(StepRandomness.for_step(0, 0, 0))
