@@ -81,6 +81,10 @@ class LatentDataConfig:
             prompt is these zero embeddings). The memory keeps the real prompt, as at generation:
             NAM scores, recaches and context passes use it. 0 (the default) trains text-
             conditioned only, as distilled streaming models are.
+        segment_loss_weights: with ``loss_chunks: all``, each chunk's loss weighted by the
+            prompt segment of the video it lies in (one weight > 0 per segment, the video's
+            first segment first), the step's loss their weighted mean: e.g. a story's returning
+            segment, where only the memory knows what to draw, weighted up. ``null``: the mean.
     """
 
     dataset: Path = Path("data/latents")
@@ -90,8 +94,16 @@ class LatentDataConfig:
     noise: NoiseRange = field(default_factory=lambda: NoiseRange(0.0, 1.0))
     videos_per_step: int = 1
     prompt_dropout: float = 0.0
+    segment_loss_weights: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
+        weights = self.segment_loss_weights
+        if weights is not None:
+            check(bool(weights) and all(weight > 0 for weight in weights),
+                  "segment_loss_weights", "null or weights > 0, one per prompt segment", weights)
+            check(self.loss_chunks == "all", "loss_chunks",
+                  "'all' when segment_loss_weights are given (they weight a window's chunks)",
+                  self.loss_chunks)
         check(self.chunks_per_sample >= 2, "chunks_per_sample", "an int >= 2",
               self.chunks_per_sample)
         check(self.videos_per_step >= 1, "videos_per_step", "an int >= 1", self.videos_per_step)
@@ -132,9 +144,10 @@ class MemoryFinetune(Recipe):
 
     def train_phase(self, name: str, step: int, randomness: StepRandomness) -> torch.Tensor:
         indices = [self._video_index(step, j) for j in range(self.config.data.videos_per_step)]
-        video, segment_starts, segments = self._window(indices, randomness)
+        video, segment_starts, segments, first_segment = self._window(indices, randomness)
         chunks = plan_chunks(segment_starts, video.shape[2], self.config.memflow.frames_per_chunk)
         trained = chunks if self.config.data.loss_chunks == "all" else chunks[-1:]
+        shares = self._loss_shares(trained, first_segment, indices[0])
         if self.sharded:
             self._require_same_passes(step, chunks, len(trained))
         conditions = [
@@ -148,13 +161,33 @@ class MemoryFinetune(Recipe):
             engine = self.student_engine(session, video.shape[0])
             commit_clean_chunks(engine, chunks[: len(chunks) - len(trained)], conditions, video)
 
-            def mean_share(chunk: ChunkPlan, cond: PromptConditioning) -> torch.Tensor:
+            def share_of_loss(chunk: ChunkPlan, cond: PromptConditioning) -> torch.Tensor:
                 loss = self._chunk_loss(engine, chunk, cond, video, randomness)
-                return loss / len(trained)
+                return loss * shares[chunk.index]
 
             return backward_chunk_by_chunk(
-                engine, self.accelerator, trained, conditions, video, mean_share
+                engine, self.accelerator, trained, conditions, video, share_of_loss
             )
+
+    def _loss_shares(
+        self, trained: Sequence[ChunkPlan], first_segment: int, video_index: int
+    ) -> dict[int, float]:
+        """Each trained chunk's share of the step's loss (by chunk index, adding up to 1): equal,
+        or by ``data.segment_loss_weights`` of the chunk's segment in the video (the window's
+        segment 0 is the video's ``first_segment``)."""
+        weights = self.config.data.segment_loss_weights
+        if weights is None:
+            return {chunk.index: 1.0 / len(trained) for chunk in trained}
+        last = first_segment + trained[-1].segment
+        if last >= len(weights):
+            raise DatasetError(
+                f"{self.dataset.files[video_index]}: data.segment_loss_weights has "
+                f"{len(weights)} weights, but the window reaches the video's segment {last} "
+                f"(count from 0); give one weight per segment"
+            )
+        chunk_weights = {chunk.index: weights[first_segment + chunk.segment] for chunk in trained}
+        total = sum(chunk_weights.values())
+        return {index: weight / total for index, weight in chunk_weights.items()}
 
     def _require_same_passes(
         self, step: int, chunks: Sequence[ChunkPlan], num_trained: int
@@ -217,10 +250,10 @@ class MemoryFinetune(Recipe):
 
     def _window(
         self, indices: Sequence[int], randomness: StepRandomness
-    ) -> tuple[torch.Tensor, list[int], list[torch.Tensor]]:
+    ) -> tuple[torch.Tensor, list[int], list[torch.Tensor], int]:
         """A random chunk-aligned window of the videos ``indices`` (one layout): latents
-        ``[B, C, n * F_c, h, w]``, the window's segment starts (relative, the first 0) and those
-        segments' embeddings ``[B, L, D]``."""
+        ``[B, C, n * F_c, h, w]``, the window's segment starts (relative, the first 0), those
+        segments' embeddings ``[B, L, D]`` and the video's segment the window starts in."""
         samples = [self.dataset[index] for index in indices]
         sample = samples[0]
         self._check_same_layout(samples, indices)
@@ -244,7 +277,7 @@ class MemoryFinetune(Recipe):
         latents = torch.stack([s.latents[:, first:stop] for s in samples])
         embeds = [torch.stack([s.prompt_embeds[i] for s in samples]) for i in [active, *later]]
         relative = [0, *(starts[i] - first for i in later)]
-        return latents.to(self.device, torch.float32), relative, embeds
+        return latents.to(self.device, torch.float32), relative, embeds, active
 
     def _check_same_layout(self, samples: Sequence[VideoLatents], indices: Sequence[int]) -> None:
         """Videos trained as one batch must have the same latent and embedding shapes and

@@ -80,6 +80,11 @@ def test_memory_finetune_windows_are_random_or_prefix():
         load_config(MFT, PACKAGE / "memory_finetune_tiny.yaml", ["data.loss_chunks=first"])
     with pytest.raises(ConfigError, match=r"data.prompt_dropout must be a probability in \[0, 1\)"):
         load_config(MFT, PACKAGE / "memory_finetune_tiny.yaml", ["data.prompt_dropout=1"])
+    with pytest.raises(ConfigError, match=r"data.segment_loss_weights must be null or weights > 0"):
+        load_config(MFT, PACKAGE / "memory_finetune_tiny.yaml", [
+            "data.loss_chunks=all", "data.segment_loss_weights=[1, 0]"])
+    with pytest.raises(ConfigError, match="data.loss_chunks must be 'all' when segment_loss_weig"):
+        load_config(MFT, PACKAGE / "memory_finetune_tiny.yaml", ["data.segment_loss_weights=[1]"])
 
 
 def test_the_command_line_reports_config_errors(capsys):

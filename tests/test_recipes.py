@@ -129,6 +129,51 @@ def test_memory_finetune_can_take_its_loss_on_every_chunk_of_a_window(
     assert all(not torch.equal(final[k], v) for k, v in recipe.initial["student"].items())
 
 
+def test_segment_loss_weights_weight_each_chunks_loss_by_its_segment_in_the_video(
+    dataset, tmp_path, monkeypatch
+):
+    """``data.segment_loss_weights``: the step's loss is the chunks' losses weighted by the
+    segment of the video each chunk lies in; the chunks' own losses are those of the plain mean
+    (the same draws), and a window past the last weight's segment is refused naming the file."""
+    runs = {}
+    chunk_loss = memory_finetune.MemoryFinetune._chunk_loss
+
+    def recorded(self, engine, chunk, cond, video, randomness):
+        loss = chunk_loss(self, engine, chunk, cond, video, randomness)
+        self.chunk_losses.append((chunk.segment, float(loss.detach())))
+        return loss
+
+    class Recorded(memory_finetune.MemoryFinetune):
+        def __init__(self, *args):
+            super().__init__(*args)
+            self.chunk_losses, self.step_losses = [], []
+            runs[len(runs)] = self
+
+        def train_phase(self, *args):
+            self.step_losses.append(float(super().train_phase(*args)))
+            return torch.tensor(self.step_losses[-1])
+
+    monkeypatch.setattr(memory_finetune.MemoryFinetune, "_chunk_loss", recorded)
+    # the first step's window: the 5 chunks of the first video, 2 in segment 0, 3 in segment 1
+    for name, weights in (("mean", []), ("weighted", ["data.segment_loss_weights=[1, 3, 2]"])):
+        main("memory_finetune", memory_finetune.MemoryFinetuneConfig, Recorded, overrides(
+            "memory_finetune", tmp_path / name, dataset, "training.max_steps=1",
+            "data.loss_chunks=all", *weights,
+        ))
+    plain, weighted = runs[0], runs[1]
+    assert [s for s, _ in weighted.chunk_losses] == [0, 0, 1, 1, 1]
+    assert weighted.chunk_losses == plain.chunk_losses
+    losses = [loss for _, loss in weighted.chunk_losses]
+    assert plain.step_losses[0] == pytest.approx(sum(losses) / 5, rel=1e-6)
+    expected = (losses[0] + losses[1] + 3 * (losses[2] + losses[3] + losses[4])) / 11
+    assert weighted.step_losses[0] == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(DatasetError, match="segment_loss_weights has 1 weights, but the window"):
+        run("memory_finetune", overrides(
+            "memory_finetune", tmp_path / "short", dataset, "training.max_steps=1",
+            "data.loss_chunks=all", "data.segment_loss_weights=[1]",
+        ))
+
+
 def test_prompt_dropout_denoises_some_loss_chunks_without_their_prompt(
     dataset, tmp_path, monkeypatch
 ):

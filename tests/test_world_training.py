@@ -67,9 +67,9 @@ def test_a_short_run_trains_every_weight_on_whole_scripts_and_exports_the_model(
             runs.append(self)
 
         def _window(self, indices, randomness):
-            latents, starts, segments = super()._window(indices, randomness)
-            windows.append((tuple(latents.shape), starts))
-            return latents, starts, segments
+            window = super()._window(indices, randomness)
+            windows.append((tuple(window[0].shape), window[1]))
+            return window
 
     out = tmp_path / "run"
     main("memory_finetune", MemoryFinetuneConfig, Recorded, [
