@@ -127,3 +127,21 @@ class LatentVideoDataset(Sequence[VideoLatents]):
 
     def __getitem__(self, index: int) -> VideoLatents:  # type: ignore[override]
         return VideoLatents.load(self.files[index])
+
+    def segment_prompts(self, index: int) -> tuple[str, ...]:
+        """Video ``index``'s prompt texts, one per segment, read from its header and its
+        ``segment_starts`` alone (not its latents); a video without them is refused."""
+        path = self.files[index]
+        try:
+            with safe_open(path, framework="pt") as handle:
+                metadata = handle.metadata() or {}
+                segments = len(handle.get_tensor("segment_starts"))
+        except (SafetensorError, OSError) as error:
+            raise DatasetError(f"{path}: not a readable latent video ({error})") from error
+        prompts = tuple(json.loads(metadata.get("prompts", "[]")))
+        if len(prompts) != segments:
+            raise DatasetError(
+                f"{path}: holds {len(prompts)} prompt texts (metadata 'prompts') for its "
+                f"{segments} segments; the prompts are needed, one per segment"
+            )
+        return prompts

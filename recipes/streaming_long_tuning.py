@@ -54,7 +54,7 @@ from memflow_adapter.streaming import (
 from .config import ConfigError, check
 from .dmd import distribution_matching_gradient, dmd_loss
 from .flow import NoiseRange, StepRandomness, flow_matching_loss, per_sample
-from .latents import DatasetError, LatentVideoDataset, VideoLatents
+from .latents import DatasetError, LatentVideoDataset
 from .models import LoraSettings, add_lora, load_teacher
 from .rollout import (
     Rollout,
@@ -319,7 +319,9 @@ class StreamingLongTuning(Recipe):
         self.dataset: LatentVideoDataset | None = None
         if config.data.dataset is not None:
             self.dataset = LatentVideoDataset(config.data.dataset)
-            self.groups = [list(self._dataset_video(i).prompts) for i in range(len(self.dataset))]
+            self.groups = [
+                list(self.dataset.segment_prompts(i)) for i in range(len(self.dataset))
+            ]
         else:
             prompts = config.data.prompts or Path(__file__).with_name("example_prompts.jsonl")
             self.groups = [group.prompts for group in load_prompt_groups(prompts)]
@@ -574,21 +576,11 @@ class StreamingLongTuning(Recipe):
             torch.stack(targets).to(self.device) if targets else None,
         )
 
-    def _dataset_video(self, index: int) -> VideoLatents:
-        """Video ``index`` of ``data.dataset``, checked to carry one prompt text per segment."""
-        assert self.dataset is not None
-        video = self.dataset[index]
-        if len(video.prompts) != len(video.segment_starts):
-            raise DatasetError(
-                f"{self.dataset.files[index]}: data.dataset videos need their prompts' texts "
-                f"(one per segment, {len(video.segment_starts)}), it has {len(video.prompts)}"
-            )
-        return video
-
     def _regression_target(self, index: int, offset: int, chunks: list[ChunkPlan]) -> torch.Tensor:
         """The clip ``[C, f, h, w]`` of dataset video ``index`` whose segments ``offset ..`` the
         rollout ``chunks`` follow; the video's segments must start where the rollout's do."""
-        video = self._dataset_video(index)
+        assert self.dataset is not None
+        video = self.dataset[index]
         rollout_starts: dict[int, int] = {}
         for chunk in chunks:
             rollout_starts.setdefault(chunk.segment, chunk.start)

@@ -277,7 +277,7 @@ def test_dataset_videos_without_prompt_texts_or_of_another_layout_are_refused(
     VideoLatents(video.latents, video.prompt_embeds, video.segment_starts).save(
         tmp_path / "untitled" / "0.safetensors"
     )
-    with pytest.raises(DatasetError, match="need their prompts' texts"):
+    with pytest.raises(DatasetError, match="holds 0 prompt texts .* for its 6 segments"):
         regressing_recipe(tmp_path / "untitled")
     VideoLatents(video.latents, video.prompt_embeds, torch.arange(0, 12, 2),
                  video.prompts).save(tmp_path / "segments_of_two_frames" / "0.safetensors")
