@@ -557,7 +557,9 @@ class StreamingLongTuning(Recipe):
             offset = int(torch.randint(len(group) - rollout.num_segments + 1, (), generator=draw))
             videos.append(group[offset : offset + rollout.num_segments])
             if self.config.dmd.regression_weight > 0:
-                targets.append(self._regression_target(index, offset, chunks))
+                targets.append(self._regression_target(
+                    index, offset, segment_starts[: segment + 1], chunks
+                ))
         conditions = [
             PromptConditioning.of(self.student.attachment, self._stack([v[s] for v in videos]))
             for s in range(rollout.num_segments)
@@ -576,22 +578,22 @@ class StreamingLongTuning(Recipe):
             torch.stack(targets).to(self.device) if targets else None,
         )
 
-    def _regression_target(self, index: int, offset: int, chunks: list[ChunkPlan]) -> torch.Tensor:
+    def _regression_target(
+        self, index: int, offset: int, rollout_starts: list[int], chunks: list[ChunkPlan]
+    ) -> torch.Tensor:
         """The clip ``[C, f, h, w]`` of dataset video ``index`` whose segments ``offset ..`` the
-        rollout ``chunks`` follow; the video's segments must start where the rollout's do."""
+        rollout ``chunks`` (segments starting at ``rollout_starts``) follow; the video's segments
+        must start where the rollout's do."""
         assert self.dataset is not None
         video = self.dataset[index]
-        rollout_starts: dict[int, int] = {}
-        for chunk in chunks:
-            rollout_starts.setdefault(chunk.segment, chunk.start)
         starts = video.segment_starts.tolist()
         first = starts[offset]
         video_starts = [start - first for start in starts[offset:]][: len(rollout_starts)]
         frames = video.latents.shape[1] - first
-        if video_starts != list(rollout_starts.values()) or frames < chunks[-1].stop:
+        if video_starts != rollout_starts or frames < chunks[-1].stop:
             raise DatasetError(
                 f"{self.dataset.files[index]}: dmd.regression_weight needs videos whose segments "
-                f"start where the rollout's do ({list(rollout_starts.values())}) and that last "
+                f"start where the rollout's do ({rollout_starts}) and that last "
                 f">= {chunks[-1].stop} latent frames; its segments start at {video_starts} "
                 f"of {frames} frames"
             )
