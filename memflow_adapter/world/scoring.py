@@ -11,6 +11,10 @@ Scores of one generated script (frames read by the exact detectors of ``detect.p
   false when no entity was fully in view at the first appearance), the consistency memory is
   for: segment 6's prompt names P but does not describe it.
 * ``return_truth``: P is back looking as the script describes it.
+* ``first_colour`` / ``_size`` / ``_shape``: P's first appearance (the frame ``return_looks``
+  compares with) shows that attribute as segment 2's prompt describes it: what the model can draw
+  at all, from the prompt, without memory (a return matches its first appearance in an attribute
+  the model cannot draw only by chance).
 * ``return_place``: segment 6 shows the place of the opening (also from the video itself).
 """
 
@@ -57,6 +61,9 @@ class ScriptScores:
     return_shape: bool
     return_truth: bool
     return_place: bool
+    first_colour: bool
+    first_size: bool
+    first_shape: bool
     seconds_per_chunk: float
 
 
@@ -165,6 +172,9 @@ def score_script(
         return_shape=seen_first and back.shape == first.shape,
         return_truth=back.looks == _looks(script.returning),
         return_place=back.place == detections[0].place,
+        first_colour=first.colour == script.returning.colour,
+        first_size=first.size == script.returning.size,
+        first_shape=first.shape == script.returning.shape,
         seconds_per_chunk=statistics.mean(chunk_seconds),
     )
 
