@@ -7,8 +7,9 @@ window alone. The exact detectors score prompt adherence, the consistency of the
 and place with their first appearance, and the time per chunk (see memflow_adapter/world/
 scoring.py), then, story by story against the window alone, how often the returning entity
 matches its first look (and its colour) only with memory or only without it, with an exact sign
-test. The "first drawn" columns say how often the entity's first appearance shows each attribute
-as its prompt describes it: what the model can draw at all, without memory.
+test. The "first drawn as prompted" columns say how often the entity's first appearance looks as
+its prompt describes it (whole look, then each attribute): what the model can draw at all,
+without memory.
 
     .venv/bin/python bench/narrative_eval.py --scripts 20          # the packaged model
     .venv/bin/python bench/narrative_eval.py --models memflow_adapter/world/model \\
@@ -53,7 +54,8 @@ COLUMNS = {
     "return_shape": "shape",
     "return_truth": "return = script",
     "return_place": "place back",
-    "first_colour": "first drawn: colour",
+    "first_looks": "first drawn as prompted: look",
+    "first_colour": "colour",
     "first_size": "size",
     "first_shape": "shape",
     "seconds_per_chunk": "ms / chunk",

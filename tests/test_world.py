@@ -117,7 +117,8 @@ def test_rendered_stories_score_perfectly_and_a_changed_return_is_caught():
     perfect = score_script(script, render_script(script), [0.01])
     assert perfect.adherence == 1.0 and perfect.return_looks and perfect.return_truth
     assert perfect.return_place
-    assert perfect.first_colour and perfect.first_size and perfect.first_shape
+    assert perfect.first_looks and perfect.first_colour and perfect.first_size
+    assert perfect.first_shape
     other_colour = next(c for c in COLOURS if c != script.returning.colour)
     changed = dataclasses.replace(script.returning, colour=other_colour)
     segments = list(script.segments)
@@ -126,7 +127,8 @@ def test_rendered_stories_score_perfectly_and_a_changed_return_is_caught():
     scores = score_script(script, wrong, [0.01])
     assert scores.adherence == 1.0 and not scores.return_looks and not scores.return_colour
     assert scores.return_size and scores.return_shape and not scores.return_truth
-    assert scores.first_colour and scores.first_size and scores.first_shape
+    assert scores.first_looks and scores.first_colour and scores.first_size
+    assert scores.first_shape
 
 
 def test_a_first_appearance_drawn_unlike_its_prompt_is_caught_per_attribute():
@@ -138,7 +140,8 @@ def test_a_first_appearance_drawn_unlike_its_prompt_is_caught_per_attribute():
     segments[5] = dataclasses.replace(segments[5], entity=misdrawn)
     video = render_script(dataclasses.replace(script, segments=tuple(segments)))
     scores = score_script(script, video, [0.01])
-    assert scores.first_colour and scores.first_size and not scores.first_shape
+    assert not scores.first_looks and not scores.first_shape
+    assert scores.first_colour and scores.first_size
     # the return matches the first appearance, which is what memory is for
     assert scores.return_looks and not scores.return_truth
 

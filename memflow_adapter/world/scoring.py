@@ -11,10 +11,10 @@ Scores of one generated script (frames read by the exact detectors of ``detect.p
   false when no entity was fully in view at the first appearance), the consistency memory is
   for: segment 6's prompt names P but does not describe it.
 * ``return_truth``: P is back looking as the script describes it.
-* ``first_colour`` / ``_size`` / ``_shape``: P's first appearance (the frame ``return_looks``
-  compares with) shows that attribute as segment 2's prompt describes it: what the model can draw
-  at all, from the prompt, without memory (a return matches its first appearance in an attribute
-  the model cannot draw only by chance).
+* ``first_looks``: P's first appearance (the frame ``return_looks`` compares with) looks as
+  segment 2's prompt describes it (``first_colour`` / ``_size`` / ``_shape`` per attribute): what
+  the model can draw at all, from the prompt, without memory (a model that cannot draw a shape on
+  purpose can hardly redraw it from memory).
 * ``return_place``: segment 6 shows the place of the opening (also from the video itself).
 """
 
@@ -61,6 +61,7 @@ class ScriptScores:
     return_shape: bool
     return_truth: bool
     return_place: bool
+    first_looks: bool
     first_colour: bool
     first_size: bool
     first_shape: bool
@@ -172,6 +173,7 @@ def score_script(
         return_shape=seen_first and back.shape == first.shape,
         return_truth=back.looks == _looks(script.returning),
         return_place=back.place == detections[0].place,
+        first_looks=first.looks == _looks(script.returning),
         first_colour=first.colour == script.returning.colour,
         first_size=first.size == script.returning.size,
         first_shape=first.shape == script.returning.shape,
