@@ -11,11 +11,11 @@ Scores of one generated script (frames read by the exact detectors of ``detect.p
   false when no entity was fully in view at the first appearance), the consistency memory is
   for: segment 6's prompt names P but does not describe it.
 * ``return_truth``: P is back looking as the script describes it.
+* ``return_place``: segment 6 shows the place of the opening (also from the video itself).
 * ``first_looks``: P's first appearance (the frame ``return_looks`` compares with) looks as
   segment 2's prompt describes it (``first_colour`` / ``_size`` / ``_shape`` per attribute): what
   the model can draw at all, from the prompt, without memory (a model that cannot draw a shape on
   purpose can hardly redraw it from memory).
-* ``return_place``: segment 6 shows the place of the opening (also from the video itself).
 """
 
 from __future__ import annotations
