@@ -97,15 +97,11 @@ class VideoLatents:
                 tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
         except (SafetensorError, OSError) as error:
             raise DatasetError(f"{path}: not a readable safetensors file ({error})") from error
-        if metadata.get("format") != FORMAT:
-            raise DatasetError(
-                f"{path}: metadata format is {metadata.get('format')!r}, expected {FORMAT!r}"
-            )
         sample = cls(
             tensors["latents"],
             tensors["prompt_embeds"],
             tensors["segment_starts"],
-            tuple(json.loads(metadata.get("prompts", "[]"))),
+            _header_prompts(metadata, path),
         )
         sample.validate(str(path))
         return sample
@@ -138,10 +134,19 @@ class LatentVideoDataset(Sequence[VideoLatents]):
                 segments = len(handle.get_tensor("segment_starts"))
         except (SafetensorError, OSError) as error:
             raise DatasetError(f"{path}: not a readable latent video ({error})") from error
-        prompts = tuple(json.loads(metadata.get("prompts", "[]")))
+        prompts = _header_prompts(metadata, path)
         if len(prompts) != segments:
             raise DatasetError(
                 f"{path}: holds {len(prompts)} prompt texts (metadata 'prompts') for its "
                 f"{segments} segments; the prompts are needed, one per segment"
             )
         return prompts
+
+
+def _header_prompts(metadata: dict[str, str], path: Path) -> tuple[str, ...]:
+    """The prompt texts of a latent video's safetensors header, checked to be this format's."""
+    if metadata.get("format") != FORMAT:
+        raise DatasetError(
+            f"{path}: metadata format is {metadata.get('format')!r}, expected {FORMAT!r}"
+        )
+    return tuple(json.loads(metadata.get("prompts", "[]")))

@@ -88,9 +88,14 @@ def test_samples_round_trip_and_foreign_files_are_refused(tmp_path):
     saved = sample().save(tmp_path / "ok.safetensors")
     loaded = VideoLatents.load(saved)
     assert loaded.segment_starts.tolist() == [0, 3] and loaded.prompts == ("one", "two")
+    assert LatentVideoDataset(tmp_path).segment_prompts(0) == ("one", "two")
     save_file({"latents": torch.zeros(1)}, tmp_path / "foreign.safetensors")
     with pytest.raises(DatasetError, match="missing tensors"):
         VideoLatents.load(tmp_path / "foreign.safetensors")
+    (tmp_path / "unformatted").mkdir()
+    save_file({"segment_starts": torch.tensor([0, 3])}, tmp_path / "unformatted" / "0.safetensors")
+    with pytest.raises(DatasetError, match="metadata format is None, expected"):
+        LatentVideoDataset(tmp_path / "unformatted").segment_prompts(0)
     (tmp_path / "empty").mkdir()
     with pytest.raises(DatasetError, match="holds no"):
         LatentVideoDataset(tmp_path / "empty")
