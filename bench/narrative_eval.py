@@ -104,7 +104,6 @@ def main() -> None:
              for folder in args.models}
     overrides = {name: getattr(args, name) for name in ("position_overflow", "cache_dtype")
                  if getattr(args, name)}
-    scripts = {seed: make_script(seed) for seed in seeds}
     per_story = {}
     for name, pipe in pipes.items():
         if args.rope_frames:
@@ -112,7 +111,9 @@ def main() -> None:
         guidance = pipe.sampling.guidance_scale if args.guidance_scale is None else \
             args.guidance_scale
         print(f"{name}: {pipe.sampling.schedule.steps} ({pipe.sampling.describe()}), sampled "
-              f"at guidance scale {guidance:g}")
+              f"at guidance scale {guidance:g}, world edition {pipe.sampling.edition}")
+        # each model is scored on the scripts of the world edition it was trained on
+        scripts = {seed: make_script(seed, pipe.sampling.edition) for seed in seeds}
         for layout in args.layouts:
             streaming = streaming_world(pipe, layout, **overrides)
             row = f"{name}: {layout}" if len(pipes) > 1 else layout
@@ -146,7 +147,8 @@ def main() -> None:
         sampling = {name: {"steps": list(pipe.sampling.schedule.steps),
                            "stochastic": pipe.sampling.schedule.stochastic,
                            "guidance_scale": pipe.sampling.guidance_scale
-                           if args.guidance_scale is None else args.guidance_scale}
+                           if args.guidance_scale is None else args.guidance_scale,
+                           "edition": pipe.sampling.edition}
                     for name, pipe in pipes.items()}
         result = {"seeds": [seeds.start, seeds.stop - 1], "models": sampling,
                   "switch_offset": args.switch_offset, "rope_frames": table_frames,

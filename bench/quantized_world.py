@@ -69,7 +69,7 @@ def main() -> None:
             streaming = streaming_world(pipe, layout, **overrides)
             runs[cache_dtype] = {}
             for seed in seeds:
-                script = make_script(seed)
+                script = make_script(seed, pipe.sampling.edition)
                 generated = generate_script(streaming, script, seed)
                 score = score_script(script, generated.video, generated.chunk_seconds)
                 runs[cache_dtype][seed] = (generated.output, score)

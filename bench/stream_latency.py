@@ -109,7 +109,7 @@ def main() -> None:
     remove_memflow(pipe.transformer)
 
     world = load_world_pipeline()
-    script = make_script(900)
+    script = make_script(900, world.sampling.edition)
     streaming = MemFlowStreamingPipeline(world, WORLD_LAYOUTS["reference"], WORLD_SCHEDULE,
                                          device="cpu")
     compare(

@@ -60,7 +60,7 @@ def run_world_demo(
     pipe = load_world_pipeline(model)
     if guidance_scale is None:
         guidance_scale = pipe.sampling.guidance_scale
-    script = make_script(script_seed)
+    script = make_script(script_seed, pipe.sampling.edition)
     overrides = {"cache_dtype": cache_dtype} if cache_dtype else {}
     configs = {name: dataclasses.replace(config, **overrides)
                for name, config in WORLD_LAYOUTS.items()}

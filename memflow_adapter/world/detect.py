@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .grammar import COLOURS, PLACES
+from .grammar import COLOURS, EDITIONS, PLACES, world_edition
 from .render import place_background
 
 #: A pixel belongs to the entity when it is this far (RGB distance in [0, 1] units) from the
@@ -27,6 +27,10 @@ MIN_ENTITY_PIXELS = 20
 SIZE_SPLIT = 11
 #: Fill ratios: square ~1.0, circle ~0.8, triangle ~0.55.
 SQUARE_FILL, CIRCLE_FILL = 0.9, 0.67
+#: Edition v2: the long side splitting small (8) from big (16), and the aspect ratio (width over
+#: height) above which a box is a bar (2) and below whose inverse it is a pole (1/2); a block is 1.
+LONG_SIDE_SPLIT = 12
+BAR_ASPECT = 1.5
 
 
 @dataclass(frozen=True)
@@ -44,15 +48,21 @@ class Detection:
         return self.colour, self.size, self.shape
 
 
-_BACKGROUNDS = {name: place_background(place) for name, place in PLACES.items()}
+_BACKGROUNDS = {
+    edition: {name: place_background(place, edition=EDITIONS[edition])
+              for name, place in PLACES.items()}
+    for edition in EDITIONS
+}
 _COLOURS = torch.tensor(list(COLOURS.values()))
 
 
-def detect(frame: torch.Tensor) -> Detection:
-    """Read one frame ``[3, H, W]`` in ``[-1, 1]``."""
+def detect(frame: torch.Tensor, edition: str = "v1") -> Detection:
+    """Read one frame ``[3, H, W]`` in ``[-1, 1]`` of world ``edition``."""
+    world = world_edition(edition)
+    backgrounds = _BACKGROUNDS[edition]
     image = (frame.float().clamp(-1, 1) + 1) / 2
-    place = min(_BACKGROUNDS, key=lambda name: _background_error(image, _BACKGROUNDS[name]))
-    distance = (image - _BACKGROUNDS[place]).norm(dim=0)
+    place = min(backgrounds, key=lambda name: _background_error(image, backgrounds[name]))
+    distance = (image - backgrounds[place]).norm(dim=0)
     mask = largest_blob(distance > ENTITY_DISTANCE)
     if int(mask.sum()) < MIN_ENTITY_PIXELS:
         return Detection(place)
@@ -64,10 +74,20 @@ def detect(frame: torch.Tensor) -> Detection:
         return Detection(place, colour)
     height = int(rows[-1] - rows[0] + 1)
     width = int(cols[-1] - cols[0] + 1)
+    if world.grid_aligned:
+        return Detection(place, colour, *_box_looks(height, width))
     fill = float(mask.sum()) / (height * width)
     size = "big" if height > SIZE_SPLIT else "small"
     shape = "square" if fill > SQUARE_FILL else "circle" if fill > CIRCLE_FILL else "triangle"
     return Detection(place, colour, size, shape)
+
+
+def _box_looks(height: int, width: int) -> tuple[str, str]:
+    """Edition v2's size (by the long side) and shape (by the aspect ratio) of a bounding box."""
+    size = "big" if max(height, width) > LONG_SIDE_SPLIT else "small"
+    aspect = width / height
+    shape = "bar" if aspect > BAR_ASPECT else "pole" if aspect < 1 / BAR_ASPECT else "block"
+    return size, shape
 
 
 def largest_blob(mask: torch.Tensor) -> torch.Tensor:

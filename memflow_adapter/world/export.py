@@ -7,6 +7,11 @@ how it samples (``sampling.json``; the packaged models are written this way)::
     python -m memflow_adapter.world.export --adapter outputs/world-student/adapter \\
         --output memflow_adapter/world/student --steps 1000 750 500 250 --stochastic \\
         --guidance-scale 1 --metrics outputs/world-student/metrics.jsonl
+
+or, for a look at a run in progress, a ``memory_finetune`` checkpoint of a model trained in full::
+
+    python -m memflow_adapter.world.export --edition v2 \\
+        --checkpoint runs/world-v2/teacher/checkpoints/checkpoint-400 --output /tmp/teacher-400
 """
 
 from __future__ import annotations
@@ -17,13 +22,18 @@ import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
+from safetensors.torch import load_file
+
 from ..hooks import remove_memflow
 from ..hub import MemFlowAdapter
 from ..schedule import FlowMatchSchedule
+from .grammar import DEFAULT_EDITION, EDITIONS
 from .pipeline import WORLD_MEMORY, WORLD_SCHEDULE, WorldSampling, build_world_pipeline
 
 #: Steps averaged per point of the training curve.
 CURVE_WINDOW = 100
+#: What a ``memory_finetune`` checkpoint calls the weights of its student trained in full.
+CHECKPOINT_WEIGHTS = "student_weights.safetensors"
 
 
 def export(adapter_dir: Path, output: Path, sampling: WorldSampling | None = None) -> Path:
@@ -38,6 +48,24 @@ def export(adapter_dir: Path, output: Path, sampling: WorldSampling | None = Non
     transformer = build_world_pipeline().transformer
     adapter.apply_to(transformer, merge_lora=True)
     remove_memflow(transformer)
+    transformer.save_pretrained(output)
+    (sampling or WorldSampling()).save(output)
+    return output
+
+
+def export_checkpoint(
+    checkpoint: Path, output: Path, sampling: WorldSampling | None = None
+) -> Path:
+    """Save the world transformer of a ``memory_finetune`` checkpoint folder (a model trained in
+    full: ``student_weights.safetensors``, every weight) in ``output`` with its ``sampling``."""
+    weights = Path(checkpoint) / CHECKPOINT_WEIGHTS
+    if not weights.is_file():
+        raise FileNotFoundError(
+            f"--checkpoint {checkpoint}: no {CHECKPOINT_WEIGHTS} (a memory_finetune checkpoint of "
+            f"a world model trained with model.train: full)"
+        )
+    transformer = build_world_pipeline().transformer
+    transformer.load_state_dict(load_file(weights), strict=True)
     transformer.save_pretrained(output)
     (sampling or WorldSampling()).save(output)
     return output
@@ -91,7 +119,10 @@ def _losses(rows: list[dict]) -> dict[str, str]:
 
 def main(argv: Sequence[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(prog="python -m memflow_adapter.world.export")
-    parser.add_argument("--adapter", type=Path, required=True, help="the recipe's adapter folder")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--adapter", type=Path, help="the recipe's adapter folder")
+    source.add_argument("--checkpoint", type=Path,
+                        help="a memory_finetune checkpoint folder of a model trained in full")
     parser.add_argument("--output", type=Path, required=True, help="the model folder to write")
     parser.add_argument("--metrics", type=Path, nargs="+",
                         help="metrics.jsonl (one per stage of a chained training, in order): "
@@ -107,15 +138,21 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--curve-window", type=int, default=CURVE_WINDOW,
                         help="logged steps averaged per point of the curve")
     parser.add_argument("--title", default="narrative world: memory_finetune (memory active)")
+    parser.add_argument("--edition", choices=sorted(EDITIONS), default=DEFAULT_EDITION,
+                        help="the world edition the model was trained on (its scripts)")
     args = parser.parse_args(argv)
     try:
         sampling = WorldSampling(
             FlowMatchSchedule(tuple(args.steps), args.shift, args.stochastic),
             args.guidance_scale,
+            args.edition,
         )
     except ValueError as error:
         parser.error(str(error))
-    folder = export(args.adapter, args.output, sampling)
+    if args.checkpoint is not None:
+        folder = export_checkpoint(args.checkpoint, args.output, sampling)
+    else:
+        folder = export(args.adapter, args.output, sampling)
     if args.metrics:
         plot_training_curve(args.metrics, folder / "training_curve.png", args.curve_window,
                             args.title)

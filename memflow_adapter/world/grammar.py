@@ -11,6 +11,16 @@ A script's six segments (``SEGMENT_FRAMES`` latent frames each):
 5. Q leaves place B;
 6. back in place A, P comes back: the prompt names P but does not describe it, so what P looks
    like is only in the video's own history (its first appearance, segment 2).
+
+The world comes in two editions (``WorldEdition``), with the same places, names, colours and
+story grammar; what differs is the entities' shapes and sizes and the backgrounds' position cue:
+
+* ``v1`` (the packaged models): square / circle / triangle, 8 or 14 pixels, centred anywhere
+  inside a 4-pixel token: the shapes differ only inside a token, which the model draws at chance;
+* ``v2``: block / bar / pole (a box; half as tall; half as wide), 8 or 16 pixels on the long
+  side, every edge on the 4-pixel token grid, so shape and size differ by whole tokens; the
+  backgrounds carry a weak absolute position cue (red grows down the frame, blue to the right),
+  which a model with relative position codes alone lacks.
 """
 
 from __future__ import annotations
@@ -34,6 +44,43 @@ SHAPES = ("square", "circle", "triangle")
 #: Entity side length in pixels.
 SIZES: dict[str, int] = {"small": 8, "big": 14}
 NAMES = ("bo", "kip", "zed", "mia", "tok", "lux", "rin", "pim", "dax", "nel", "oru", "vix")
+
+
+@dataclass(frozen=True)
+class WorldEdition:
+    """What an edition of the world draws: the entities' ``shapes``, their ``sizes`` (name ->
+    pixels on the long side), whether their edges lie on the token grid (``grid_aligned``), and
+    the backgrounds' absolute position cue (``position_cue``: how much red grows from the top row
+    to the bottom one and blue from the left column to the right one, in ``[0, 1]`` units)."""
+
+    name: str
+    shapes: tuple[str, ...]
+    sizes: tuple[tuple[str, int], ...]
+    grid_aligned: bool
+    position_cue: float
+
+    @property
+    def size_pixels(self) -> dict[str, int]:
+        return dict(self.sizes)
+
+
+EDITIONS: dict[str, WorldEdition] = {
+    edition.name: edition
+    for edition in (
+        WorldEdition("v1", SHAPES, tuple(SIZES.items()), grid_aligned=False, position_cue=0.0),
+        WorldEdition("v2", ("block", "bar", "pole"), (("small", 8), ("big", 16)),
+                     grid_aligned=True, position_cue=0.16),
+    )
+}
+#: The edition of the packaged models.
+DEFAULT_EDITION = "v1"
+
+
+def world_edition(name: str) -> WorldEdition:
+    """The edition called ``name`` (``v1`` or ``v2``)."""
+    if name not in EDITIONS:
+        raise ValueError(f"edition must be one of {sorted(EDITIONS)}, got {name!r}")
+    return EDITIONS[name]
 
 
 @dataclass(frozen=True)
@@ -96,12 +143,14 @@ class Segment:
 
 @dataclass(frozen=True)
 class Script:
-    """A six-segment story. ``returning`` is P (its description appears only in segment 2)."""
+    """A six-segment story of one world edition. ``returning`` is P (its description appears
+    only in segment 2)."""
 
     segments: tuple[Segment, ...]
     returning: Entity
     first_appearance: int = 1
     return_segment: int = 5
+    edition: str = DEFAULT_EDITION
 
     @property
     def prompts(self) -> list[str]:
@@ -116,16 +165,20 @@ class Script:
         return len(self.segments) * SEGMENT_FRAMES
 
 
-def random_entity(rng: random.Random, name: str) -> Entity:
-    return Entity(name, rng.choice(list(SIZES)), rng.choice(list(COLOURS)), rng.choice(SHAPES))
+def random_entity(rng: random.Random, name: str, edition: WorldEdition = EDITIONS["v1"]) -> Entity:
+    size_names = [size for size, _ in edition.sizes]
+    return Entity(name, rng.choice(size_names), rng.choice(list(COLOURS)),
+                  rng.choice(edition.shapes))
 
 
-def make_script(seed: int) -> Script:
-    """The script of ``seed`` (the same seed always gives the same script)."""
+def make_script(seed: int, edition: str = DEFAULT_EDITION) -> Script:
+    """The script of ``seed`` in world ``edition`` (the same seed always gives the same script;
+    the editions' scripts of one seed share places, names, colours and size names)."""
+    world = world_edition(edition)
     rng = random.Random(seed)
     first_place, second_place = (PLACES[name] for name in rng.sample(sorted(PLACES), 2))
     first_name, second_name = rng.sample(NAMES, 2)
-    p, q = random_entity(rng, first_name), random_entity(rng, second_name)
+    p, q = random_entity(rng, first_name, world), random_entity(rng, second_name, world)
     a, b = first_place.name, second_place.name
     segments = (
         Segment(f"an empty {a}", first_place, None, None),
@@ -135,13 +188,16 @@ def make_script(seed: int) -> Script:
         Segment(f"{q.name} leaves the {b}", second_place, q, "leaves"),
         Segment(f"back in the {a} , {p.name} comes back", first_place, p, "enters"),
     )
-    return Script(segments, p)
+    return Script(segments, p, edition=edition)
 
 
 def vocabulary() -> list[str]:
-    """Every word the grammar writes, in a fixed order."""
+    """Every word the grammar writes, in a fixed order: the first edition's words first, later
+    editions' new words appended (so a word keeps its id, and its embedding, across editions)."""
     words = [
         "an", "empty", "a", ",", "enters", "the", "leaves", "in", "walks", "back", "comes",
         *SIZES, *COLOURS, *SHAPES, *PLACES, *NAMES,
     ]
+    for edition in EDITIONS.values():
+        words += [size for size, _ in edition.sizes] + list(edition.shapes)
     return list(dict.fromkeys(words))

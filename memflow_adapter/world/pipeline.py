@@ -28,6 +28,7 @@ from ..config import MemFlowConfig
 from ..schedule import FlowMatchSchedule
 from ..tiny_wan import reinitialise
 from .components import PixelAutoencoder, WorldTextEncoder, WorldTokenizer
+from .grammar import DEFAULT_EDITION, world_edition
 
 #: The tiny Wan2.1-architecture transformer (about 1.6M parameters): 12 latent channels (2x2
 #: pixel patches), 1x2x2 token patches, 6 blocks of width 128 (4 heads of 32).
@@ -71,14 +72,17 @@ SAMPLING_FILE = "sampling.json"
 
 @dataclass(frozen=True)
 class WorldSampling:
-    """How a world model samples: its denoising schedule and classifier-free guidance scale
-    (1: none). A model folder keeps it in ``sampling.json``; a folder without one samples as the
-    packaged many-step model (``WORLD_SCHEDULE``, ``WORLD_GUIDANCE_SCALE``)."""
+    """How a world model samples: its denoising schedule, classifier-free guidance scale
+    (1: none) and the world edition it was trained on (``grammar.EDITIONS``: the scripts it is
+    scored on). A model folder keeps it in ``sampling.json``; a folder without one samples as the
+    packaged many-step model (``WORLD_SCHEDULE``, ``WORLD_GUIDANCE_SCALE``, edition v1)."""
 
     schedule: FlowMatchSchedule = WORLD_SCHEDULE
     guidance_scale: float = WORLD_GUIDANCE_SCALE
+    edition: str = DEFAULT_EDITION
 
     def __post_init__(self) -> None:
+        world_edition(self.edition)
         if not 1.0 <= self.guidance_scale < math.inf:
             raise ValueError(
                 f"guidance_scale must be >= 1 and finite (1: no guidance), got "
@@ -96,7 +100,7 @@ class WorldSampling:
         path = Path(folder) / SAMPLING_FILE
         schedule = dataclasses.asdict(self.schedule)
         data = {"schedule": {**schedule, "steps": list(schedule["steps"])},
-                "guidance_scale": self.guidance_scale}
+                "guidance_scale": self.guidance_scale, "edition": self.edition}
         path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
         return path
 
@@ -113,6 +117,7 @@ class WorldSampling:
                 FlowMatchSchedule(tuple(schedule["steps"]), schedule["shift"],
                                   schedule["stochastic"]),
                 float(data["guidance_scale"]),
+                str(data.get("edition", DEFAULT_EDITION)),
             )
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(f"{path}: not a world sampling file ({error!r})") from error

@@ -87,7 +87,15 @@ def generate_script(
 ) -> Generated:
     """Stream ``script``'s six prompts (``SEGMENT_FRAMES`` latent frames each, each switch
     ``switch_offset`` frames late: ``script_schedule``), with classifier-free guidance above
-    scale 1 (negative: the zero embedding; default: the model's ``WorldSampling``)."""
+    scale 1 (negative: the zero embedding; default: the model's ``WorldSampling``). The script
+    must be of the world edition the model was trained on."""
+    model_edition = streaming.pipe.sampling.edition
+    if script.edition != model_edition:
+        raise ValueError(
+            f"script.edition must be the model's world edition {model_edition!r} (its "
+            f"sampling.json), got {script.edition!r}: make the script with "
+            f"make_script(seed, {model_edition!r})"
+        )
     if guidance_scale is None:
         guidance_scale = streaming.pipe.sampling.guidance_scale
     output = streaming(
@@ -151,7 +159,7 @@ def score_script(
 ) -> ScriptScores:
     """Score a video ``[F, 3, H, W]`` in ``[-1, 1]`` of ``script`` generated with ``schedule``
     (default ``script_schedule(script)``; see the module docstring)."""
-    detections = [detect(frame) for frame in video]
+    detections = [detect(frame, script.edition) for frame in video]
     segment_frames = _segment_frames(script, schedule or script_schedule(script))
     checks: list[bool] = []
     for index, segment in enumerate(script.segments[:-1]):
