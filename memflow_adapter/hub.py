@@ -88,7 +88,8 @@ class MemFlowAdapter:
 
     Attributes:
         config: the memory layout.
-        base_model: Hub id (or name) of the base diffusers model.
+        base_model: Hub id (or name) of the base diffusers model; ``None`` when not known (e.g.
+            ``memflow convert`` with another ``--base-config`` and no ``--base-model``).
         integration: the model family (``memflow_adapter.integrations``), e.g. ``"wan"``.
         base_model_config: transformer config fields the target model must match.
         lora_state: LoRA weights, peft layout on diffusers module names.
@@ -97,7 +98,7 @@ class MemFlowAdapter:
     """
 
     config: MemFlowConfig
-    base_model: str
+    base_model: str | None
     integration: str
     base_model_config: dict[str, Any]
     lora_state: dict[str, torch.Tensor] | None = field(default=None, repr=False)
@@ -109,7 +110,7 @@ class MemFlowAdapter:
         cls,
         transformer: nn.Module,
         config: MemFlowConfig,
-        base_model: str,
+        base_model: str | None,
         lora_state: dict[str, torch.Tensor] | None = None,
         lora_alpha: float | None = None,
         base_weights: dict[str, torch.Tensor] | None = None,
@@ -127,7 +128,8 @@ class MemFlowAdapter:
 
     # ------------------------------------------------------------------------------------ saving
     def save_pretrained(self, directory: str | os.PathLike[str]) -> Path:
-        """Write the adapter folder (created if needed); returns its path."""
+        """Write the adapter folder (created if needed), every file with the mode the umask
+        gives; returns its path."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         meta = {
@@ -144,6 +146,7 @@ class MemFlowAdapter:
                               (BASE_WEIGHTS_NAME, self.base_weights)):
             if weights is not None:
                 save_file({k: v.contiguous() for k, v in weights.items()}, directory / name)
+                chmod_as_umask(directory / name)  # safetensors writes 0600
         (directory / MODEL_CARD_NAME).write_text(self._model_card(), encoding="utf-8")
         return directory
 
@@ -171,13 +174,15 @@ class MemFlowAdapter:
             tags=["memflow", "video-generation", "streaming", "long-video"]
             + (["lora"] if self.lora_state is not None else []),
         ).to_yaml()
+        base = self.base_model or "an unrecorded base model"
+        repo = self.base_model or "<the base model's Hub id or folder>"
         rows = "\n".join(f"| `{k}` | `{v}` |" for k, v in self.config.to_dict().items())
         contents = [name for name, present in (
             ("LoRA weights", self.lora_state is not None),
             ("full transformer weights", self.base_weights is not None),
         ) if present] or ["no weights (configuration only)"]
         return (
-            f"---\n{metadata}\n---\n\n# MemFlow adapter for {self.base_model}\n\n"
+            f"---\n{metadata}\n---\n\n# MemFlow adapter for {base}\n\n"
             "Long-term narrative memory (MemFlow: Narrative Adaptive Memory and Sparse Memory "
             "Activation) for streaming video generation with "
             f"[memflow-adapter](https://pypi.org/project/memflow-adapter/).\n\n"
@@ -186,7 +191,7 @@ class MemFlowAdapter:
             "## Usage\n\n```python\n"
             "from memflow_adapter import MemFlowAdapter, MemFlowStreamingPipeline\n\n"
             "adapter = MemFlowAdapter.from_pretrained(\"<this repo>\")\n"
-            f"pipe = MemFlowStreamingPipeline.from_pretrained(\"{self.base_model}\", "
+            f"pipe = MemFlowStreamingPipeline.from_pretrained(\"{repo}\", "
             "adapter.config)\nadapter.apply_to(pipe.transformer)\n"
             "video = pipe([\"first prompt\", \"second prompt\"], frames_per_prompt=40,\n"
             "             num_latent_frames=80, height=480, width=832)\n```\n"
@@ -289,7 +294,8 @@ class MemFlowAdapter:
             details = ", ".join(f"{k}: adapter {a!r} vs model {m!r}"
                                 for k, (a, m) in sorted(mismatched.items()))
             raise ValueError(
-                f"this adapter targets another base model ({self.base_model}): {details}"
+                f"this adapter targets another base model ({self.base_model or 'unrecorded'}): "
+                f"{details}"
             )
         attachment = get_memflow(transformer)
         if attachment is not None and attachment.config != self.config:
@@ -305,6 +311,19 @@ class MemFlowAdapter:
         if self.lora_state is not None:
             load_lora_into(transformer, self.lora_state, self.lora_alpha, merge=merge_lora)
         return attachment or apply_memflow(transformer, self.config)
+
+
+def chmod_as_umask(path: str | os.PathLike[str]) -> None:
+    """Give ``path`` (and, for a folder, everything under it) the mode a plain ``open`` or
+    ``mkdir`` would have: 0o666 (files) or 0o777 (folders) less the process umask.
+    ``safetensors`` writes its files through a temporary file (0600) and ``tempfile.mkdtemp``
+    makes folders 0700, which other users of a shared machine then cannot read."""
+    umask = os.umask(0)  # reading the umask means setting it; restored at once
+    os.umask(umask)
+    root = Path(path)
+    for item in [root, *(root.rglob("*") if root.is_dir() else ())]:
+        if not item.is_symlink():
+            item.chmod((0o777 if item.is_dir() else 0o666) & ~umask)
 
 
 def _architecture(transformer: nn.Module) -> dict[str, Any]:

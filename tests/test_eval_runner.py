@@ -156,7 +156,8 @@ def test_a_rerun_skips_finished_videos_and_regenerates_unfinished_ones(generated
     groups = load_prompt_groups(argv[argv.index("--prompts") + 1])
     protocol = EvalProtocol(frames_per_prompt=3, height=32, width=32, max_sequence_length=16)
     entries = generate_videos(
-        groups, ["reference", "longlive"], output, protocol, must_not_load, "tiny", progress=False
+        groups, ["reference", "longlive"], output, protocol, must_not_load, "tiny-random",
+        progress=False,
     )
     assert len(entries) == 4 and all(entry.status == "pending" for entry in entries)
 

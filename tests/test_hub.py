@@ -1,6 +1,7 @@
 """MemFlowAdapter: save, load (folders, the Hub cache, the published layout), apply, push."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -72,6 +73,26 @@ def test_save_and_load_round_trip_with_a_model_card(adapter, tmp_path):
     assert loaded.base_model_config == adapter.base_model_config
     assert loaded.lora_state.keys() == adapter.lora_state.keys()
     assert all(torch.equal(loaded.lora_state[k], v) for k, v in adapter.lora_state.items())
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_saved_files_get_the_modes_the_umask_gives(adapter, tmp_path, umask):
+    previous = os.umask(umask)
+    try:
+        folder = adapter.save_pretrained(tmp_path / "adapter")
+    finally:
+        os.umask(previous)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()}
+    assert modes == dict.fromkeys(modes, 0o666 & ~umask) and "adapter_model.safetensors" in modes
+
+
+def test_an_adapter_of_an_unknown_base_model_saves_and_loads_it_as_none(adapter, tmp_path):
+    adapter.base_model = None
+    folder = adapter.save_pretrained(tmp_path / "adapter")
+    assert MemFlowAdapter.from_pretrained(folder).base_model is None
+    card = (folder / "README.md").read_text()
+    assert "base_model" not in card.split("---")[1]  # the Hub metadata names no base
+    assert "# MemFlow adapter for an unrecorded base model" in card
 
 
 def test_apply_to_loads_the_lora_and_attaches_memflow(adapter, source, tmp_path):

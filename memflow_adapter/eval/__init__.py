@@ -14,31 +14,69 @@ frames, six 10 s segments at 16 fps). Modules:
 The metric definitions are in :mod:`.metrics`' docstring.
 """
 
-from .features import ClipFeatures, DinoFeatures, LinearAestheticPredictor
-from .metrics import (
-    SegmentScores,
-    VideoScores,
-    anchor_similarity,
-    boundary_similarity,
-    chunk_aligned_starts,
-    clip_score,
-    score_video_features,
-    segment_ranges,
-    temporal_consistency,
-)
-from .prompts import PromptFileError, PromptGroup, load_prompt_groups, match_videos
-from .report import plot_segment_scores, summarize, write_reports
-from .runner import (
-    EvalProtocol,
-    EvalResult,
-    VideoEntry,
-    VideoReadError,
-    VideoScorer,
-    collect_videos,
-    evaluate,
-    generate_videos,
-    iter_video_batches,
-)
+from typing import TYPE_CHECKING
+
+from .._lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from .features import ClipFeatures, DinoFeatures, LinearAestheticPredictor
+    from .metrics import (
+        SegmentScores,
+        VideoScores,
+        anchor_similarity,
+        boundary_similarity,
+        chunk_aligned_starts,
+        clip_score,
+        score_video_features,
+        segment_ranges,
+        temporal_consistency,
+    )
+    from .prompts import PromptFileError, PromptGroup, load_prompt_groups, match_videos
+    from .report import plot_segment_scores, summarize, write_reports
+    from .runner import (
+        EvalProtocol,
+        EvalResult,
+        VideoEntry,
+        VideoReadError,
+        VideoScorer,
+        collect_videos,
+        evaluate,
+        generate_videos,
+        iter_video_batches,
+    )
+
+# Imported on first use: the CLI builds its parser without torch (memflow --help).
+_EXPORTS = {
+    "ClipFeatures": ".features",
+    "DinoFeatures": ".features",
+    "LinearAestheticPredictor": ".features",
+    "SegmentScores": ".metrics",
+    "VideoScores": ".metrics",
+    "anchor_similarity": ".metrics",
+    "boundary_similarity": ".metrics",
+    "chunk_aligned_starts": ".metrics",
+    "clip_score": ".metrics",
+    "score_video_features": ".metrics",
+    "segment_ranges": ".metrics",
+    "temporal_consistency": ".metrics",
+    "PromptFileError": ".prompts",
+    "PromptGroup": ".prompts",
+    "load_prompt_groups": ".prompts",
+    "match_videos": ".prompts",
+    "plot_segment_scores": ".report",
+    "summarize": ".report",
+    "write_reports": ".report",
+    "EvalProtocol": ".runner",
+    "EvalResult": ".runner",
+    "VideoEntry": ".runner",
+    "VideoReadError": ".runner",
+    "VideoScorer": ".runner",
+    "collect_videos": ".runner",
+    "evaluate": ".runner",
+    "generate_videos": ".runner",
+    "iter_video_batches": ".runner",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 __all__ = [
     "ClipFeatures",

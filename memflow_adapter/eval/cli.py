@@ -10,8 +10,8 @@ The first generates one video per prompt group and configuration into
 the second scores existing videos (e.g. the official code's), matched to groups by file name.
 Both write ``videos.csv``, ``segments.csv``, ``summary.csv``, ``summary.md`` and
 ``segment_scores.png`` into ``--output-dir`` and print the summary. Without ``--model`` (or
-with ``--model tiny``) the embedded tiny random-weight Wan generates: an offline smoke run whose
-scores mean nothing.
+with ``--model tiny-random``) the embedded tiny random-weight Wan generates: an offline smoke run
+whose scores mean nothing.
 """
 
 from __future__ import annotations
@@ -22,13 +22,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..config import PRESETS
-from .features import DEFAULT_AESTHETIC_CLIP_MODEL, DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL
-from .tiny import SAMPLE_PROMPTS, TINY_SCORER, save_tiny_clip, save_tiny_dino
+# torch, transformers and the scorers are imported by run_eval: building the parser stays light.
+from ..cli_choices import (
+    DEFAULT_AESTHETIC_CLIP_MODEL,
+    DEFAULT_CLIP_MODEL,
+    DEFAULT_DINO_MODEL,
+    PRESETS,
+    TINY_RANDOM,
+)
 
 __all__ = ["add_eval_parser", "run_eval"]
 
-TINY = "tiny"
 _TINY_DEFAULTS = {"height": 64, "width": 64, "max_sequence_length": 32}
 _PROTOCOL_DEFAULTS = {"height": 480, "width": 832, "max_sequence_length": 512}
 
@@ -64,8 +68,8 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
 
     generation = parser.add_argument_group("generation")
     generation.add_argument(
-        "--model", help="diffusers pipeline (Hub id or folder); 'tiny' or absent: the embedded "
-                        "random-weight tiny Wan (offline smoke run)",
+        "--model", help=f"diffusers pipeline (Hub id or folder); '{TINY_RANDOM}' or absent: the "
+                        "embedded random-weight tiny Wan (offline smoke run)",
     )
     generation.add_argument(
         "--config", nargs="+", action="extend", choices=PRESETS, metavar="PRESET",
@@ -79,15 +83,24 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--latent-frames", type=int,
         help="latent frames per video (default: prompts x frames-per-prompt, 240 for 6 prompts)",
     )
-    generation.add_argument("--height", type=int, help="pixels (default: 480; tiny: 64)")
-    generation.add_argument("--width", type=int, help="pixels (default: 832; tiny: 64)")
-    generation.add_argument("--fps", type=int, default=16)
+    generation.add_argument("--height", type=int, help="pixels (default: 480; tiny-random: 64)")
+    generation.add_argument("--width", type=int, help="pixels (default: 832; tiny-random: 64)")
+    generation.add_argument(
+        "--fps", type=int, default=16, help="frames per second of the videos (default: 16)"
+    )
     generation.add_argument("--seed", type=int, default=0, help="group i uses seed + i")
     generation.add_argument(
-        "--max-sequence-length", type=int, help="text tokens per prompt (default: 512; tiny: 32)"
+        "--max-sequence-length", type=int,
+        help="text tokens per prompt (default: 512; tiny-random: 32)",
     )
-    generation.add_argument("--device", help="default: cuda if available, else cpu")
-    generation.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto")
+    generation.add_argument(
+        "--device", help="torch device to generate and score on (default: cuda if available, "
+        "else cpu)"
+    )
+    generation.add_argument(
+        "--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+        help="weights' dtype (default: auto, bfloat16 on CUDA and float32 on the CPU)",
+    )
     generation.add_argument(
         "--no-score", action="store_true", help="generate only (score later with --videos)"
     )
@@ -96,13 +109,13 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     scoring.add_argument(
         "--clip-model", default=DEFAULT_CLIP_MODEL,
         help=f"CLIP for the CLIP score and background consistency: a Hub id or a folder "
-             f"(default: {DEFAULT_CLIP_MODEL}); '{TINY_SCORER}' for a tiny random one (offline "
+             f"(default: {DEFAULT_CLIP_MODEL}); '{TINY_RANDOM}' for a tiny random one (offline "
              "smoke runs; scores mean nothing)",
     )
     scoring.add_argument(
         "--dino-model", default=DEFAULT_DINO_MODEL,
         help=f"DINO for subject consistency: a Hub id or a folder (default: "
-             f"{DEFAULT_DINO_MODEL}); '{TINY_SCORER}' for a tiny random one",
+             f"{DEFAULT_DINO_MODEL}); '{TINY_RANDOM}' for a tiny random one",
     )
     scoring.add_argument(
         "--aesthetic-head", help="LAION aesthetic head state dict (.pth); without it aesthetic "
@@ -123,7 +136,10 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     scoring.add_argument(
         "--batch-size", type=int, default=32, help="frames per forward pass (default: 32)"
     )
-    scoring.add_argument("--output-dir", default="outputs/eval", help="default: outputs/eval")
+    scoring.add_argument(
+        "--output-dir", default="outputs/eval",
+        help="where the videos and reports go (default: outputs/eval)",
+    )
     scoring.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(handler=run_eval)
     return parser
@@ -134,6 +150,7 @@ def run_eval(args: argparse.Namespace) -> int:
     only), 1 when none could be, 2 on bad input."""
     from .prompts import PromptFileError, load_prompt_groups
     from .runner import EvalProtocol, VideoScorer, collect_videos, evaluate, generate_videos
+    from .tiny import SAMPLE_PROMPTS, save_tiny_clip, save_tiny_dino
 
     error = _check_arguments(args)
     if error:
@@ -150,7 +167,7 @@ def run_eval(args: argparse.Namespace) -> int:
             print(f"memflow eval: error: {error}", file=sys.stderr)
             return 2
     groups = groups[: args.limit] if args.limit else groups
-    tiny = args.videos is None and args.model in (None, TINY)
+    tiny = args.videos is None and args.model in (None, TINY_RANDOM)
     sizes = _TINY_DEFAULTS if tiny else _PROTOCOL_DEFAULTS
     protocol = EvalProtocol(
         frames_per_prompt=args.frames_per_prompt,
@@ -180,7 +197,7 @@ def run_eval(args: argparse.Namespace) -> int:
                 args.output_dir,
                 protocol,
                 _pipe_factory(args.model, args.device, args.dtype),
-                model=args.model or TINY,
+                model=args.model or TINY_RANDOM,
                 device=args.device or ("cpu" if tiny else None),
                 progress=progress,
             )
@@ -219,7 +236,7 @@ def _check_scorers(args: argparse.Namespace) -> str | None:
             return f"--aesthetic-head: no such file {args.aesthetic_head!r}"
         models.append(("--aesthetic-clip-model", args.aesthetic_clip_model))
     for option, name in models:
-        if name == TINY_SCORER or Path(name).is_dir():
+        if name == TINY_RANDOM or Path(name).is_dir():
             continue
         try:
             AutoConfig.from_pretrained(name)
@@ -227,7 +244,7 @@ def _check_scorers(args: argparse.Namespace) -> str | None:
             reason = str(problem).strip().splitlines()[0]
             return (
                 f"{option} {name!r} cannot be loaded ({reason}); offline, give a local folder, "
-                f"'{TINY_SCORER}' for a smoke run, or --no-score to generate only"
+                f"'{TINY_RANDOM}' for a smoke run, or --no-score to generate only"
             )
     return None
 
@@ -236,7 +253,7 @@ def _scorer_model(
     name: str, save_tiny: Callable[[Path], Path], output_dir: str, kind: str
 ) -> str:
     """``name``, or for ``tiny-random`` the folder the tiny model is saved into."""
-    if name != TINY_SCORER:
+    if name != TINY_RANDOM:
         return name
     return str(save_tiny(Path(output_dir) / "tiny-scorers" / kind))
 
@@ -261,7 +278,7 @@ def _pipe_factory(model: str | None, device: str | None, dtype_name: str) -> Any
     generated)."""
     import torch
 
-    if model in (None, TINY):
+    if model in (None, TINY_RANDOM):
         from ..tiny_wan import build_tiny_wan_pipeline
 
         return lambda: build_tiny_wan_pipeline(seed=0)
