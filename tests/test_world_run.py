@@ -1,0 +1,66 @@
+"""The world v2 training run kept in the repository (runs/world-v2, issue "A world that shows
+memory"): its committed state is a whole training state, and training resumed from it continues
+bit-identically whether or not it is interrupted again."""
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from memflow_adapter.recipes.memory_finetune import MemoryFinetune, MemoryFinetuneConfig
+from memflow_adapter.recipes.training import main
+from memflow_adapter.world.dataset import write_dataset
+from memflow_adapter.world.export import CHECKPOINT_WEIGHTS
+
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
+
+RUN = Path(__file__).resolve().parents[1] / "runs" / "world-v2"
+TEACHER_YAML = RUN / "teacher.yaml"
+
+
+def committed_checkpoint() -> tuple[Path, int]:
+    """The run's one committed checkpoint folder and its step."""
+    folders = list((RUN / "teacher" / "checkpoints").glob("checkpoint-*"))
+    assert len(folders) == 1, f"runs/world-v2 must keep exactly one checkpoint, found {folders}"
+    return folders[0], int(re.fullmatch(r"checkpoint-(\d+)", folders[0].name).group(1))
+
+
+def test_the_committed_checkpoint_is_a_whole_training_state_under_30_mb():
+    folder, step = committed_checkpoint()
+    assert step >= 1
+    files = {path.name: path.stat().st_size for path in folder.iterdir() if path.is_file()}
+    assert CHECKPOINT_WEIGHTS in files and "optimizer.bin" in files
+    assert "scheduler.bin" in files and "training_state.json" in files
+    assert any(name.startswith("random_states") for name in files)
+    assert sum(files.values()) < 30 * 2**20
+
+
+@pytest.mark.slow
+def test_training_resumed_from_the_committed_state_continues_bit_identically(tmp_path):
+    checkpoint, step = committed_checkpoint()
+    data = write_dataset(tmp_path / "data", videos=2, edition="v2")
+    common = [
+        "--config", str(TEACHER_YAML), f"data.dataset={data}", "data.videos_per_step=1",
+        f"training.max_steps={step + 2}", "training.lr_scheduler=constant",
+        "training.checkpoint_every=1", "training.checkpoints_total_limit=null",
+    ]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    main("memory_finetune", MemoryFinetuneConfig, MemoryFinetune, [
+        *common, f"training.output_dir={straight}", f"training.resume_from={checkpoint}",
+    ])
+    main("memory_finetune", MemoryFinetuneConfig, MemoryFinetune, [
+        *common, f"training.output_dir={resumed}",
+        f"training.resume_from={straight / 'checkpoints' / f'checkpoint-{step + 1}'}",
+    ])
+    final = f"checkpoints/checkpoint-{step + 2}/{CHECKPOINT_WEIGHTS}"
+    straight_weights, resumed_weights = load_file(straight / final), load_file(resumed / final)
+    assert straight_weights.keys() == resumed_weights.keys()
+    for key, value in straight_weights.items():
+        assert torch.equal(value, resumed_weights[key]), key
+    # the two steps continued the committed weights (they moved them, and only a little)
+    committed = load_file(checkpoint / CHECKPOINT_WEIGHTS)
+    moved = [torch.linalg.vector_norm(straight_weights[key] - value) /
+             torch.linalg.vector_norm(value).clamp_min(1e-12) for key, value in committed.items()]
+    assert max(moved) > 0 and sum(moved) / len(moved) < 0.05
