@@ -105,8 +105,8 @@ def load_checkpoint_file(path: PathLike) -> dict[str, Any]:
 
     Raises:
         FileNotFoundError: no file at ``path``.
-        ValueError: an unknown suffix, or a file that is not a tensor checkpoint (corrupt, or a
-            pickle of other objects).
+        ValueError: an unknown suffix, a file that is not a tensor checkpoint (corrupt, or a
+            pickle of other objects), or a tensor holding NaN or infinite values (named).
     """
     path = Path(path)
     if not path.is_file():
@@ -132,7 +132,26 @@ def load_checkpoint_file(path: PathLike) -> dict[str, Any]:
             f"checkpoint file {str(path)!r} is not a tensor checkpoint: it holds a "
             f"{type(checkpoint).__name__}, expected a dict"
         )
+    check_finite(checkpoint, f"checkpoint file {str(path)!r}")
     return checkpoint
+
+
+def check_finite(tensors: Mapping[str, Any], source: str) -> None:
+    """Raise ``ValueError`` naming ``source`` and the first tensor of ``tensors`` (searched
+    through nested dicts, keys joined by ``.``) that holds NaN or infinite values: weights like
+    that load without error and then turn every output into NaN.
+    """
+    for key, value in tensors.items():
+        if isinstance(value, Mapping):
+            check_finite(value, f"{source}, entry {key!r}")
+        elif isinstance(value, torch.Tensor) and value.is_floating_point():
+            finite = torch.isfinite(value)
+            if not finite.all():
+                raise ValueError(
+                    f"{source}: tensor {key!r} {list(value.shape)} holds "
+                    f"{int(finite.numel() - finite.sum())} NaN or infinite value(s); expected "
+                    "finite weights (the file is corrupt, or was saved from a diverged run)"
+                )
 
 
 def unwrap_training_checkpoint(

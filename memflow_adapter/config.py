@@ -129,6 +129,17 @@ class MemFlowConfig:
                 f"bank_frames must be 0 when nam=False (no memory bank, the LongLive behaviour), "
                 f"got bank_frames={self.bank_frames}"
             )
+        if self.sma and self.sma_top_k > self.sink_frames + self.bank_frames:
+            raise ValueError(
+                f"sma_top_k must be <= sink_frames + bank_frames "
+                f"({self.sink_frames + self.bank_frames}), the frames SMA selects from, got "
+                f"sma_top_k={self.sma_top_k}; with sma_top_k equal to it SMA attends to all of "
+                "them (dense attention)"
+            )
+        for name in ("bank_staging", "cache_dtype", "position_overflow", "attention_backend"):
+            value = getattr(self, name)
+            if not isinstance(value, str) and not (name == "cache_dtype" and value is None):
+                raise TypeError(f"{name} must be a str, got {value!r}")
         if self.bank_staging not in BANK_STAGINGS:
             raise ValueError(
                 f"bank_staging must be one of {list(BANK_STAGINGS)}, got {self.bank_staging!r}"
@@ -267,8 +278,17 @@ class MemFlowConfig:
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike[str]) -> MemFlowConfig:
+        """A config from ``to_json_file``'s file; errors name the file."""
         with open(path, encoding="utf-8") as handle:
-            return cls.from_json_string(handle.read())
+            text = handle.read()
+        try:
+            return cls.from_json_string(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(
+                f"{os.fspath(path)} is not a MemFlowConfig JSON file: {error}"
+            ) from None
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"{os.fspath(path)}: {error}") from None
 
 
 #: Preset names accepted by ``MemFlowConfig.preset`` (and the command line).

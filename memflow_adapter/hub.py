@@ -43,6 +43,7 @@ from .hooks import MemFlowAttachment, apply_memflow, get_memflow
 from .integrations import find_integration
 from .integrations.wan import WAN21_T2V_1_3B_TRANSFORMER
 from .integrations.wan_checkpoints import (
+    check_finite,
     check_state_dict_fits,
     load_checkpoint_file,
     load_lora_into,
@@ -275,7 +276,8 @@ class MemFlowAdapter:
         """Load the adapter's weights into a transformer (or a pipeline's) and attach MemFlow.
 
         Everything is checked before the model is changed: the integration, the architecture,
-        the full weights' names and shapes, and the LoRA's targets and shapes.
+        the full weights' names, shapes and values (finite), and the LoRA's targets, shapes and
+        values.
         """
         transformer = getattr(target, "transformer", target)
         integration = find_integration(transformer)
@@ -304,8 +306,10 @@ class MemFlowAdapter:
             )
         if self.base_weights is not None:
             check_state_dict_fits(transformer.state_dict(), self.base_weights)
+            check_finite(self.base_weights, "the adapter's base_weights")
         if self.lora_state is not None:
             validate_lora(transformer, self.lora_state)
+            check_finite(self.lora_state, "the adapter's lora_state")
         if self.base_weights is not None:
             transformer.load_state_dict(self.base_weights, strict=True)
         if self.lora_state is not None:
@@ -412,6 +416,8 @@ def _load_weights(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"the adapter config names weights that are missing: {path}")
     try:
-        return load_file(path)
+        weights = load_file(path)
     except (SafetensorError, OSError) as error:
         raise ValueError(f"{path} is not a readable safetensors file: {error}") from error
+    check_finite(weights, str(path))
+    return weights

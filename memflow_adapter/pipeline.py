@@ -10,8 +10,10 @@ more at timestep 0 to write their keys and values (the context pass).
 
 from __future__ import annotations
 
+import numbers
 import os
-from collections.abc import Callable, Iterator, Sequence
+import pickle
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +47,9 @@ from .streaming import (
 from .timing import Mark, Stopwatch, hardware_name, seconds_between
 
 OUTPUT_TYPES = ("np", "pil", "pt", "latent")
+#: What ``VideoStream.state_dict()`` holds.
+STREAM_STATE_KEYS = ("session", "decoder", "recent", "recent_start", "noise", "schedule",
+                     "previous", "generator", "arguments")
 
 
 @dataclass(frozen=True)
@@ -141,9 +146,19 @@ class StreamingVideoOutput:
         return sum(frames) / seconds
 
     def save_video(self, path: str | Path, fps: int = 16, batch_index: int = 0) -> Path:
-        """Write the decoded video to ``path`` (mp4 needs the ``video`` extra)."""
+        """Write video ``batch_index`` (``0 .. B - 1``) to ``path`` at ``fps`` frames per
+        second (a number > 0; mp4 needs the ``video`` extra)."""
         if self.frames is None:
             raise ValueError("no decoded frames: generate with output_type='np' or 'pil'")
+        if isinstance(fps, bool) or not isinstance(fps, numbers.Real) or not 0 < fps < np.inf:
+            raise ValueError(f"fps must be a finite number > 0 (frames per second), got {fps!r}")
+        if isinstance(batch_index, bool) or not isinstance(batch_index, int) or not (
+            0 <= batch_index < len(self.frames)
+        ):
+            raise ValueError(
+                f"batch_index must be an int in 0..{len(self.frames) - 1} (the videos "
+                f"generated), got {batch_index!r}"
+            )
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         export_to_video(list(self.frames[batch_index]), str(path), fps=fps)
@@ -178,6 +193,12 @@ class MemFlowStreamingPipeline:
         device: str | torch.device | None = None,
         ulysses_degree: int = 1,
     ) -> None:
+        if not isinstance(config, MemFlowConfig):
+            raise TypeError(f"config must be a MemFlowConfig, got {type(config).__name__}")
+        if schedule is not None and not isinstance(schedule, FlowMatchSchedule):
+            raise TypeError(
+                f"schedule must be a FlowMatchSchedule or None, got {type(schedule).__name__}"
+            )
         self.device = torch.device(device or _default_device(ulysses_degree))
         self.pipe = pipe.to(self.device)
         self.transformer = pipe.transformer
@@ -284,13 +305,36 @@ class MemFlowStreamingPipeline:
                 (``collect()`` gathers the chunks' traces).
         """
         schedule = _as_schedule(prompt, frames_per_prompt)
-        if isinstance(num_latent_frames, bool) or not isinstance(num_latent_frames, int) or (
-            num_latent_frames < 1
-        ):
-            raise ValueError(f"num_latent_frames must be an int >= 1, got {num_latent_frames!r}")
+        for name, value in (("num_latent_frames", num_latent_frames), ("num_videos", num_videos),
+                            ("max_sequence_length", max_sequence_length)):
+            _require_count(name, value)
+        _require_count("fps", fps, " (frames per second)")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        guidance = Guidance(guidance_scale)  # validates the scale
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real):
+            raise TypeError(
+                f"guidance_scale must be a number, finite and >= 1 (1 disables guidance), got "
+                f"{guidance_scale!r}"
+            )
+        guidance = Guidance(float(guidance_scale))  # validates the scale
+        if negative_prompt is not None and not isinstance(negative_prompt, str):
+            raise TypeError(f"negative_prompt must be a str or None, got {negative_prompt!r}")
+        if negative_prompt is not None and guidance.scale == 1.0:
+            raise ValueError(
+                f"negative_prompt is only used with guidance_scale > 1, got guidance_scale="
+                f"{guidance_scale!r}; pass a guidance_scale or leave negative_prompt out"
+            )
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(
+                f"generator must be a torch.Generator (one seeds the whole batch) or None, got "
+                f"{generator!r}"
+            )
+        if step_noise is not None and not callable(step_noise):
+            raise TypeError(
+                "step_noise must be a function (chunk_index, step_index, shape) -> tensor, got "
+                f"{type(step_noise).__name__}"
+            )
+        _require_bool("record_trace", record_trace)
         try:  # every scheduled prompt must get a chunk of its own
             applied_segment_starts(
                 schedule.segment_starts, num_latent_frames, self.config.frames_per_chunk
@@ -305,30 +349,28 @@ class MemFlowStreamingPipeline:
             latent_height,
             latent_width,
         )
+        if latents is not None:
+            _check_latents(latents, shape)
         if self.ulysses_degree != 1 and generator is None:
             generator = shared_generator(self.device)
         if latents is None:
             latents = randn_tensor(
                 shape, generator=generator, device=self.device, dtype=torch.float32
             )
-        elif tuple(latents.shape) != shape:
-            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
-        elif not torch.isfinite(latents).all():
-            raise ValueError("latents must be finite, got NaN or infinite values")
         if self.ulysses_degree != 1:
             check_same_on_every_rank(latents, "the initial noise (generator or latents)")
-        if guidance_scale != 1.0 and negative_prompt is not None:
+        if guidance.scale != 1.0 and negative_prompt is not None:
             guidance = Guidance(
-                guidance_scale, self._embed(negative_prompt, num_videos, max_sequence_length)
+                guidance.scale, self._embed(negative_prompt, num_videos, max_sequence_length)
             )
         integration = self.attachment.integration
         return VideoStream(
             self,
             schedule,
             noise=latents.to("cpu"),
-            step_noise=step_noise or _drawn_noise(generator, self.device),
+            step_noise=step_noise,
             generator=generator,
-            guidance=None if guidance_scale == 1.0 else guidance,
+            guidance=None if guidance.scale == 1.0 else guidance,
             session=self.attachment.create_session(
                 latent_height, latent_width, record_trace=record_trace, trace_chunks=1
             ),
@@ -336,7 +378,49 @@ class MemFlowStreamingPipeline:
             output_type=output_type,
             conditioning=integration.conditioning_inputs(num_videos, fps),
             encode=lambda text: self._embed(text, num_videos, max_sequence_length),
+            arguments={
+                "height": height, "width": width, "output_type": output_type,
+                "max_sequence_length": max_sequence_length, "fps": fps,
+                "guidance_scale": guidance.scale, "negative_prompt": negative_prompt,
+            },
         )
+
+    def resume(
+        self, state: str | os.PathLike[str] | Mapping[str, Any], *,
+        step_noise: StepNoise | None = None, record_trace: bool = True,
+    ) -> VideoStream:
+        """The stream a ``VideoStream.save(path)`` (or ``state_dict()``) paused, ready to run
+        its next chunk: made with the saved arguments (prompts and live switches, size, noise,
+        guidance, output type, generator), so it continues the video bit-identically, in this
+        process or another. The file is read with ``torch.load(weights_only=True)``.
+
+        Args:
+            state: the saved file, or the state dict itself.
+            step_noise: the re-noising noise, needed again when the paused stream was given its
+                own (a function cannot be saved); else it draws from the saved generator.
+            record_trace: as for ``stream()``.
+        """
+        if not isinstance(state, Mapping):
+            state = load_stream_state(state)
+        if "arguments" not in state or "noise" not in state or "schedule" not in state:
+            raise ValueError(
+                "state must be a VideoStream.state_dict() (keys 'arguments', 'noise', "
+                f"'schedule', ...), got keys {sorted(state)}"
+            )
+        arguments = dict(state["arguments"])
+        if arguments.pop("step_noise_given") and step_noise is None:
+            raise ValueError(
+                "the paused stream was made with its own step_noise: pass the same step_noise "
+                "to resume it"
+            )
+        noise = state["noise"]
+        stream = self.stream(
+            PromptSchedule(tuple(tuple(entry) for entry in state["schedule"])),
+            noise.shape[2], num_videos=noise.shape[0], latents=noise, step_noise=step_noise,
+            record_trace=record_trace, **arguments,
+        )
+        stream.load_state_dict(state)
+        return stream
 
     @torch.no_grad()
     def __call__(
@@ -351,6 +435,7 @@ class MemFlowStreamingPipeline:
     ) -> StreamingVideoOutput:
         """Generate a whole video: ``stream(...)`` (same arguments) collected into one output;
         ``progress`` shows a bar over the chunks."""
+        _require_bool("progress", progress)
         stream = self.stream(prompt, num_latent_frames, height, width, **kwargs)
         return stream.collect(progress=progress)
 
@@ -384,8 +469,9 @@ class VideoStream:
     ``StreamedChunk`` that runs one chunk per ``next()``.
 
     Between chunks, ``set_prompt(text)`` (or ``send(text)``, which then runs the next chunk)
-    starts a new prompt segment at the next chunk; ``state_dict()`` / ``load_state_dict()``
-    pause and resume the stream (session, decoder cache, latents, schedule, noise).
+    starts a new prompt segment at the next chunk; ``save(path)`` and
+    ``MemFlowStreamingPipeline.resume(path)`` (or ``state_dict()`` / ``load_state_dict()``)
+    pause and resume the stream (session, decoder cache, latents, schedule, noise, generator).
 
     What it holds: on the device, the session's bounded cache and the clean latents a recache
     can read back (``recent``: the last ``cache_frames`` frames and one chunk; the chunks it
@@ -400,7 +486,7 @@ class VideoStream:
         schedule: PromptSchedule,
         *,
         noise: torch.Tensor,
-        step_noise: StepNoise,
+        step_noise: StepNoise | None,
         generator: torch.Generator | None,
         guidance: Guidance | None,
         session: StreamingSession,
@@ -408,6 +494,7 @@ class VideoStream:
         output_type: str,
         conditioning: dict[str, Any],
         encode: Callable[[str], torch.Tensor],
+        arguments: dict[str, Any],
     ) -> None:
         self.pipeline = pipeline
         self.session = session
@@ -420,8 +507,9 @@ class VideoStream:
         )
         self.output_type = output_type
         self._schedule = schedule
-        self._step_noise = step_noise
+        self._given_step_noise = step_noise
         self._generator = generator
+        self._arguments = arguments
         self._guidance = guidance
         self._decoder = decoder
         self._encode = encode
@@ -494,11 +582,12 @@ class VideoStream:
             raise StopIteration
         attachment = self.pipeline.attachment
         began = self._stopwatch.mark()
+        step_noise = self._chunk_step_noise(chunk)
         self.recent.make_room(chunk)
         with torch.no_grad(), attachment.bind(self.session):
             clean = self._engine.step(
                 chunk, self._conditions[chunk.prompt], self.noise, self.recent.frames,
-                self._step_noise, self._guidance, video_start=self.recent.start,
+                step_noise, self._guidance, video_start=self.recent.start,
             )
             generated = self._stopwatch.mark()
             frames, video_frames = None, None
@@ -520,8 +609,33 @@ class VideoStream:
         memory = self.session.last_chunk_memory()
         return StreamedChunk(chunk, clean.clone(), frames, memory, report)
 
+    def _chunk_step_noise(self, chunk: ChunkPlan) -> StepNoise | None:
+        """The re-noising noise of ``chunk``'s steps (``None``: a deterministic schedule draws
+        none), drawn in the order the steps use it and checked before the chunk opens, so a
+        bad ``step_noise`` leaves the stream as it was."""
+        if not self._engine.schedule.stochastic:
+            return None
+        draw = self._given_step_noise or _drawn_noise(self._generator, self.pipeline.device)
+        batch, channels, _, height, width = self.noise.shape
+        shape = torch.Size((batch, channels, chunk.num_frames, height, width))
+        drawn = []
+        for step in range(len(self._engine.schedule.steps) - 1):
+            noise = draw(chunk.index, step, shape)
+            if not isinstance(noise, torch.Tensor) or noise.shape != shape or not (
+                noise.is_floating_point() and torch.isfinite(noise).all()
+            ):
+                got = (f"shape {tuple(noise.shape)}, {noise.dtype}"
+                       if isinstance(noise, torch.Tensor) else type(noise).__name__)
+                raise ValueError(
+                    f"step_noise({chunk.index}, {step}, shape) must return a finite "
+                    f"floating-point tensor of shape {tuple(shape)}, got {got}"
+                )
+            drawn.append(noise)
+        return lambda chunk_index, step, shape: drawn[step]
+
     def collect(self, progress: bool = False) -> StreamingVideoOutput:
         """Run every chunk and return the whole video (a stream that has not started yet)."""
+        _require_bool("progress", progress)
         if self._previous is not None:
             raise ValueError(
                 f"collect() needs a stream that has not started; {self._previous.index + 1} "
@@ -562,51 +676,118 @@ class VideoStream:
 
     # ----------------------------------------------------------------------------- pause/resume
     def state_dict(self) -> dict[str, Any]:
-        """Everything the next chunk depends on: the session state, the decoder's cache, the
-        recent latents, the initial noise, the schedule, the last chunk and the generator's
-        state. Loading it into a stream made with the same arguments continues the video
-        bit-identically (``torch.save`` keeps it)."""
+        """Everything the next chunk depends on, as tensors and built-in types (``torch.load(
+        weights_only=True)`` reads it): the session state, the decoder's cache, the recent
+        latents, the initial noise, the schedule, the last chunk, the generator's state and
+        device, and the stream's arguments. ``MemFlowStreamingPipeline.resume`` makes the
+        stream again from it; loading it into a stream made with the same arguments continues
+        the video bit-identically."""
+        generator = None
+        if self._generator is not None:
+            generator = {"state": self._generator.get_state(),
+                         "device": str(self._generator.device)}
         return {
             "session": self.session.state_dict(),
             "decoder": None if self._decoder is None else self._decoder.state(),
             "recent": self.recent.frames.clone(),
             "recent_start": self.recent.start,
             "noise": self.noise.clone(),
-            "schedule": self._schedule.entries,
-            "previous": self._previous,
-            "generator": None if self._generator is None else self._generator.get_state(),
+            "schedule": [list(entry) for entry in self._schedule.entries],
+            "previous": None if self._previous is None else self._previous.to_state(),
+            "generator": generator,
+            "arguments": {**self._arguments,
+                          "step_noise_given": self._given_step_noise is not None},
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from a ``state_dict()``; on a bad state nothing changes."""
-        if tuple(state["noise"].shape) != tuple(self.noise.shape):
-            raise ValueError(
-                f"the state is of a video of shape {tuple(state['noise'].shape)}, this stream "
-                f"makes {tuple(self.noise.shape)}"
-            )
-        if (state["generator"] is None) != (self._generator is None):
-            raise ValueError("the state and this stream must both have a generator, or neither")
-        schedule = PromptSchedule(tuple(state["schedule"]))
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Pause: write ``state_dict()`` to ``path`` (``torch.save``; parent folders are
+        created). ``MemFlowStreamingPipeline.resume(path)`` continues it, in any process."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(self.state_dict(), path)
+        return path
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from a ``state_dict()`` of a stream made with the same arguments (the
+        generator, and whether there is one, are the state's). On a bad state nothing changes.
+        """
+        previous, schedule = self._check_state(state)
         for text in schedule.prompts:
             self._condition(text)
         current = self.state_dict()
         try:
-            self._load(state, schedule)
+            self._load(state, schedule, previous)
         except BaseException:
-            self._load(current, self._schedule)
+            self._load(current, self._schedule, self._previous)
             raise
 
-    def _load(self, state: dict[str, Any], schedule: PromptSchedule) -> None:
+    def _check_state(self, state: Mapping[str, Any]) -> tuple[ChunkPlan | None, PromptSchedule]:
+        """``state``'s last chunk and schedule; ``ValueError`` naming what does not fit."""
+        if not isinstance(state, Mapping):
+            raise TypeError(f"state must be a VideoStream.state_dict(), got {type(state).__name__}")
+        missing = [key for key in STREAM_STATE_KEYS if key not in state]
+        if missing:
+            raise ValueError(
+                f"state is missing {missing}: expected a VideoStream.state_dict() (keys "
+                f"{list(STREAM_STATE_KEYS)})"
+            )
+        for key, expected, what in (("noise", self.noise, "a video"),
+                                    ("recent", self.recent.frames, "recent latents")):
+            if not isinstance(state[key], torch.Tensor) or state[key].shape != expected.shape:
+                got = (tuple(state[key].shape) if isinstance(state[key], torch.Tensor)
+                       else type(state[key]).__name__)
+                raise ValueError(
+                    f"the state is of {what} of shape {got} (state[{key!r}]), this stream "
+                    f"makes {tuple(expected.shape)}"
+                )
+        start = state["recent_start"]
+        if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+            raise ValueError(f"state['recent_start'] must be an int >= 0, got {start!r}")
+        theirs = {k: v for k, v in state["arguments"].items() if k != "step_noise_given"}
+        differ = sorted(k for k in self._arguments.keys() | theirs.keys()
+                        if self._arguments.get(k) != theirs.get(k))
+        if differ:
+            raise ValueError(
+                "the state is of a stream made with "
+                + ", ".join(f"{k}={theirs.get(k)!r}" for k in differ)
+                + ", this one has " + ", ".join(f"{k}={self._arguments.get(k)!r}" for k in differ)
+                + ": make the stream with the same arguments, or use pipe.resume(state)"
+            )
+        generator = state["generator"]
+        if generator is not None and not (
+            isinstance(generator, Mapping) and isinstance(generator.get("state"), torch.Tensor)
+            and isinstance(generator.get("device"), str)
+        ):
+            raise ValueError(
+                "state['generator'] must be None or {'state': ByteTensor, 'device': str}, got "
+                f"{generator!r}"
+            )
+        try:
+            schedule = PromptSchedule(tuple(tuple(entry) for entry in state["schedule"]))
+            previous = state["previous"] and ChunkPlan.from_state(state["previous"])
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"state holds a bad schedule or last chunk: {error}") from None
+        return previous, schedule
+
+    def _load(
+        self, state: Mapping[str, Any], schedule: PromptSchedule, previous: ChunkPlan | None
+    ) -> None:
+        device = self.pipeline.device
         self.session.load_state_dict(state["session"])
         if self._decoder is not None:
-            self._decoder.load_state(state["decoder"])
+            self._decoder.load_state(_moved(state["decoder"], device))
         self.recent.frames.copy_(state["recent"])
         self.recent.start = state["recent_start"]
         self.noise = state["noise"].clone().to(self.noise.device)
         self._schedule = schedule
-        self._previous = state["previous"]
-        if self._generator is not None:
-            self._generator.set_state(state["generator"])
+        self._previous = previous
+        saved = state["generator"]
+        if saved is None:
+            self._generator = None
+        else:
+            if self._generator is None or str(self._generator.device) != saved["device"]:
+                self._generator = torch.Generator(device=saved["device"])
+            self._generator.set_state(saved["state"].cpu())
 
     def _condition(self, text: str) -> PromptConditioning:
         """The prompt's embeddings and NAM text keys, computed once per distinct prompt."""
@@ -639,10 +820,20 @@ def _as_schedule(
     prompt: str | Sequence[str] | PromptSchedule, frames_per_prompt: int | None
 ) -> PromptSchedule:
     if isinstance(prompt, PromptSchedule):
+        if frames_per_prompt is not None:
+            raise ValueError(
+                f"frames_per_prompt is for a list of prompts; a PromptSchedule carries its own "
+                f"start frames, got frames_per_prompt={frames_per_prompt!r}"
+            )
         return prompt
-    if isinstance(prompt, str):
-        return PromptSchedule(((prompt, 0),))
-    prompts = list(prompt)
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if not isinstance(prompts, (list, tuple)) or not prompts or not all(
+        isinstance(text, str) for text in prompts
+    ):
+        raise TypeError(
+            "prompt must be a str, a non-empty list of str (one every frames_per_prompt latent "
+            f"frames) or a PromptSchedule, got {prompt!r}"
+        )
     if len(prompts) > 1 and frames_per_prompt is None:
         raise ValueError(
             "frames_per_prompt is required with a list of prompts (a prompt every N latent "
@@ -650,6 +841,52 @@ def _as_schedule(
         )
     every = 1 if frames_per_prompt is None else frames_per_prompt
     return PromptSchedule.from_prompts(prompts, every)
+
+
+def _require_count(name: str, value: Any, unit: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1{unit}, got {value!r}")
+
+
+def _require_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+
+
+def _check_latents(latents: Any, shape: tuple[int, ...]) -> None:
+    if not isinstance(latents, torch.Tensor) or not latents.is_floating_point():
+        got = latents.dtype if isinstance(latents, torch.Tensor) else type(latents).__name__
+        raise TypeError(f"latents must be a floating-point torch.Tensor, got {got}")
+    if tuple(latents.shape) != shape:
+        raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+    if not torch.isfinite(latents).all():
+        raise ValueError("latents must be finite, got NaN or infinite values")
+
+
+def load_stream_state(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A ``VideoStream.save(path)`` file, read with ``torch.load(weights_only=True)`` onto the
+    CPU (tensors and built-in types only: nothing else is unpickled)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no saved stream at {str(path)!r}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as error:
+        raise ValueError(
+            f"{str(path)!r} is not a saved stream (VideoStream.save): {type(error).__name__}: "
+            f"{error}"
+        ) from error
+
+
+def _moved(value: Any, device: torch.device) -> Any:
+    """``value`` (tensors in nested lists and dicts) with its tensors on ``device``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {key: _moved(item, device) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_moved(item, device) for item in value]
+    return value
 
 
 def _drawn_noise(generator: torch.Generator | None, device: torch.device) -> StepNoise:

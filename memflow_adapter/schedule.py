@@ -8,6 +8,8 @@ it in float64, so another implementation can reproduce a run exactly.
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -34,13 +36,19 @@ class FlowMatchSchedule:
     stochastic: bool = True
 
     def __post_init__(self) -> None:
+        if not isinstance(self.steps, (tuple, list)):
+            raise TypeError(f"steps must be a tuple of ints in 1..{TABLE_SIZE}, got {self.steps!r}")
         if not self.steps:
             raise ValueError("steps must hold at least one timestep, got ()")
         for step in self.steps:
             if isinstance(step, bool) or not isinstance(step, int) or not 1 <= step <= TABLE_SIZE:
                 raise ValueError(f"steps must be ints in 1..{TABLE_SIZE}, got {step!r}")
-        if not self.shift > 0:
-            raise ValueError(f"shift must be > 0, got {self.shift}")
+        if isinstance(self.shift, bool) or not isinstance(self.shift, numbers.Real):
+            raise TypeError(f"shift must be a finite number > 0, got {self.shift!r}")
+        if not 0 < self.shift < math.inf:
+            raise ValueError(f"shift must be a finite number > 0, got {self.shift}")
+        if not isinstance(self.stochastic, bool):
+            raise TypeError(f"stochastic must be a bool, got {self.stochastic!r}")
 
     @property
     def sigma_table(self) -> torch.Tensor:

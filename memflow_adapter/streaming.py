@@ -16,6 +16,7 @@ need gradients through chosen chunks use those pieces and ``flow(..., grad=True)
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -48,6 +49,32 @@ class ChunkPlan:
     @property
     def num_frames(self) -> int:
         return self.stop - self.start
+
+    def to_state(self) -> dict[str, Any]:
+        """Its fields as a plain dict (``torch.load(weights_only=True)`` reads it back)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> ChunkPlan:
+        """The chunk a ``to_state()`` dict describes; ``ValueError`` naming a missing or
+        mistyped field."""
+        if not isinstance(state, Mapping):
+            raise ValueError(f"a chunk plan state must be a dict, got {type(state).__name__}")
+        for name in ("index", "start", "stop", "segment"):
+            value = state.get(name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"chunk plan field {name!r} must be an int >= 0, got {value!r}")
+        if not isinstance(state.get("recache"), bool):
+            raise ValueError(f"chunk plan field 'recache' must be a bool, got "
+                             f"{state.get('recache')!r}")
+        if not isinstance(state.get("prompt"), (str, type(None))):
+            raise ValueError(f"chunk plan field 'prompt' must be a str or None, got "
+                             f"{state.get('prompt')!r}")
+        if state["stop"] <= state["start"]:
+            raise ValueError(f"chunk plan stop must be after start, got {state['start']}.."
+                             f"{state['stop']}")
+        return cls(**{name: state[name] for name in
+                      ("index", "start", "stop", "segment", "recache", "prompt")})
 
 
 def segment_at(frame: int, segment_starts: Sequence[int]) -> int:
@@ -156,6 +183,12 @@ class PromptSchedule:
     entries: tuple[tuple[str, int], ...]
 
     def __post_init__(self) -> None:
+        if not isinstance(self.entries, tuple) or not all(
+            isinstance(entry, tuple) and len(entry) == 2 for entry in self.entries
+        ):
+            raise TypeError(
+                f"entries must be a tuple of (prompt, start_frame) tuples, got {self.entries!r}"
+            )
         if not self.entries:
             raise ValueError("a prompt schedule needs at least one (prompt, start_frame) entry")
         previous = -1
@@ -173,6 +206,8 @@ class PromptSchedule:
     @classmethod
     def from_prompts(cls, prompts: Sequence[str], frames_per_prompt: int) -> PromptSchedule:
         """One prompt every ``frames_per_prompt`` latent frames."""
+        if isinstance(prompts, str):
+            raise TypeError(f"prompts must be a list of str, got the str {prompts!r}")
         if isinstance(frames_per_prompt, bool) or not isinstance(frames_per_prompt, int) or (
             frames_per_prompt < 1
         ):

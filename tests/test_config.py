@@ -87,7 +87,7 @@ valid_configs = st.builds(
         frames_per_chunk=chunk,
         local_frames=None if unbounded else chunk + extra,
         record_interval=interval,
-        sma=sma,
+        sma=sma and top_k <= sink + bank,  # SMA selects among the sink and bank frames
         sma_top_k=top_k,
         attention_backend=backend,
     ),

@@ -174,6 +174,35 @@ def test_corrupt_or_missing_weights_are_clear_errors(adapter, tmp_path):
         MemFlowAdapter.from_pretrained(folder)
 
 
+def test_a_saved_lora_holding_nan_is_refused_by_file_and_key(adapter, tmp_path):
+    key = "blocks.1.attn2.to_v.lora_B.weight"
+    adapter.lora_state[key] = adapter.lora_state[key].clone()
+    adapter.lora_state[key][2, 0] = float("nan")
+    folder = adapter.save_pretrained(tmp_path / "adapter")
+    with pytest.raises(ValueError, match=rf"adapter_model.safetensors: tensor '{key}' .* 1 NaN"):
+        MemFlowAdapter.from_pretrained(folder)
+
+
+def test_full_weights_holding_inf_are_refused_and_the_model_is_untouched(adapter, source, tmp_path):
+    """In memory (``apply_to``) as in a published ``base.pt``: named, before any change."""
+    weights = {k: v.clone() for k, v in source.state_dict().items()}
+    weights["blocks.0.ffn.net.2.weight"][0, 0] = float("inf")
+    adapter.base_weights = weights
+    model = tiny_wan(seed=3)
+    before = model.state_dict()
+    with pytest.raises(ValueError, match=r"base_weights: tensor 'blocks.0.ffn.net.2.weight'"):
+        adapter.apply_to(model)
+    assert untouched(model, before)
+
+    folder = published_repo(tmp_path, source)
+    state = torch.load(folder / "base.pt", weights_only=True)
+    key = next(k for k in state["generator_ema"] if "ffn" in k)
+    state["generator_ema"][key][0] = float("-inf")
+    torch.save(state, folder / "base.pt")
+    with pytest.raises(ValueError, match=rf"base.pt', entry 'generator_ema': tensor '{key}'"):
+        MemFlowAdapter.from_pretrained(folder, cache_dir=tmp_path / "cache")
+
+
 def test_an_adapter_for_another_base_model_leaves_the_model_untouched(adapter):
     model = tiny_wan(seed=3, num_layers=3)
     before = model.state_dict()

@@ -111,6 +111,7 @@ def test_the_loop_is_exactly_the_documented_schedule(tiny_pipe):
         tiny_pipe,
         config,
         prompt=schedule,
+        frames_per_prompt=None,
         num_latent_frames=9,
         latents=latents,
         step_noise=lambda c, s, shape: step_noise[(c, s)],

@@ -53,7 +53,7 @@ def test_sampling_is_stochastic_by_default_as_in_self_forcing():
         ({"steps": ()}, "at least one timestep"),
         ({"steps": (1000, 0)}, r"steps must be ints in 1..1000, got 0"),
         ({"steps": (999.5,)}, "steps must be ints"),
-        ({"shift": 0.0}, "shift must be > 0"),
+        ({"shift": 0.0}, "shift must be a finite number > 0"),
     ],
 )
 def test_bad_schedules_are_rejected(kwargs, message):

@@ -247,6 +247,44 @@ def test_a_paused_stream_resumes_bit_for_bit_in_a_new_stream(tiny_pipe):
     assert not torch.equal(rest_resumed[0].latents, whole[2].latents)  # the switch took effect
 
 
+def test_a_saved_stream_resumes_bit_for_bit_from_a_weights_only_file(tiny_pipe, tmp_path):
+    """``save(path)`` writes tensors and built-in types only: ``torch.load(weights_only=True)``
+    reads it, ``resume(path)`` makes the stream again from it alone, and a stream made without
+    a generator takes the saved one's."""
+    pipe = streaming(tiny_pipe)
+    kwargs = dict(height=SIZE, width=SIZE, max_sequence_length=16, frames_per_prompt=4)
+    paused = pipe.stream(PROMPTS, 12, generator=torch.Generator().manual_seed(0), **kwargs)
+    next(paused)
+    paused.set_prompt("a dog")
+    next(paused)
+    path = paused.save(tmp_path / "paused" / "stream.pt")
+    rest_paused = list(paused)
+
+    resumed = pipe.resume(path)
+    made_without_generator = pipe.stream(PROMPTS, 12, **kwargs)
+    made_without_generator.load_state_dict(torch.load(path, weights_only=True))
+    assert resumed.schedule.entries == (("a cat", 0), ("a dog", 3))
+    for other in (resumed, made_without_generator):
+        for got, want in zip(other, rest_paused, strict=True):
+            assert got.plan == want.plan and torch.equal(got.latents, want.latents)
+            assert np.array_equal(got.frames, want.frames)
+
+
+def test_resuming_a_stream_made_with_its_own_step_noise_needs_it_again(tiny_pipe, tmp_path):
+    g = torch.Generator().manual_seed(0)
+    noise = {(c, s): torch.randn(1, 16, 3, 4, 4, generator=g) for c in range(2) for s in range(3)}
+    pipe = streaming(tiny_pipe)
+    given = pipe.stream("a cat", 6, SIZE, SIZE, max_sequence_length=16, output_type="latent",
+                        step_noise=lambda c, s, shape: noise[(c, s)])
+    next(given)
+    path = given.save(tmp_path / "stream.pt")
+    want = next(given)
+    with pytest.raises(ValueError, match="made with its own step_noise: pass the same"):
+        pipe.resume(path)
+    resumed = pipe.resume(path, step_noise=lambda c, s, shape: noise[(c, s)])
+    assert torch.equal(next(resumed).latents, want.latents)
+
+
 def test_a_bad_state_changes_nothing(tiny_pipe):
     pipe = streaming(tiny_pipe)
 
