@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import MemFlowConfig
+from ..integrations import reference_integration
 from .features import (
     DEFAULT_AESTHETIC_CLIP_MODEL,
     DEFAULT_CLIP_MODEL,
@@ -54,6 +55,8 @@ __all__ = [
     "video_paths",
 ]
 
+_REFERENCE = reference_integration()
+
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".mov", ".avi", ".gif")
 _PARTIAL = ".partial"
 
@@ -71,8 +74,8 @@ OK, MISSING, UNREADABLE, UNMATCHED, GENERATION_FAILED, ERROR = (
 @dataclass(frozen=True)
 class EvalProtocol:
     """The benchmark's video geometry. Defaults are the public protocol: a prompt every 40 latent
-    frames (10 s at 16 fps after Wan's 4x temporal decoding), 6 prompts -> 240 latent frames,
-    480x832.
+    frames (10 s at 16 fps after the reference VAE's 4x temporal decoding), 6 prompts -> 240
+    latent frames, at the reference family's video size (``Integration.default_video``).
 
     Attributes:
         frames_per_prompt: latent frames per prompt.
@@ -80,19 +83,20 @@ class EvalProtocol:
         frames_per_chunk: the generator's chunk size for videos of unknown origin (the reference
             and LongLive: 3); a switch takes effect at the first chunk boundary at or after it.
             Generated videos use their configuration's chunk size.
-        temporal_compression: decoded frames per latent frame (Wan: 4, first latent frame: 1).
+        temporal_compression: decoded frames per latent frame after the first (the reference
+            family's ``vae_temporal_factor``).
         boundary_frames: ``w`` of the cross-segment boundary similarity (16 = 1 s at 16 fps).
     """
 
     frames_per_prompt: int = 40
     num_latent_frames: int | None = None
     frames_per_chunk: int = 3
-    temporal_compression: int = 4
-    height: int = 480
-    width: int = 832
+    temporal_compression: int = _REFERENCE.vae_temporal_factor
+    height: int = _REFERENCE.default_video.height
+    width: int = _REFERENCE.default_video.width
     fps: int = 16
     seed: int = 0
-    max_sequence_length: int = 512
+    max_sequence_length: int = _REFERENCE.default_video.max_sequence_length
     boundary_frames: int = 16
 
     def latent_frames(self, num_prompts: int) -> int:
@@ -285,10 +289,11 @@ class VideoScorer:
         prompts: Sequence[str],
         latent_starts: Sequence[int],
         num_latent_frames: int,
-        temporal_compression: int = 4,
+        temporal_compression: int,
         boundary_frames: int = 16,
     ) -> VideoScores:
-        """Scores of one video given as frame batches (``[B, H, W, 3]``, uint8 or [0, 1])."""
+        """Scores of one video given as frame batches (``[B, H, W, 3]``, uint8 or [0, 1]) whose
+        decoder made ``temporal_compression`` frames per latent frame after the first."""
         dino, clip, aesthetic = self.frame_features(batches)
         ranges = segment_ranges(len(dino), latent_starts, num_latent_frames, temporal_compression)
         empty = [k for k, r in enumerate(ranges) if len(r) == 0]
