@@ -32,7 +32,7 @@ import torch
 from diffusers import DiffusionPipeline
 from tqdm.auto import tqdm
 
-from memflow_adapter.eval.runner import iter_video_batches
+from memflow_adapter.eval.videos import iter_video_batches
 from memflow_adapter.extras import import_optional
 from memflow_adapter.integrations import find_integration
 from memflow_adapter.tiny_wan import build_tiny_wan_pipeline

@@ -154,8 +154,11 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
 def run_eval(args: argparse.Namespace) -> int:
     """The ``memflow eval`` handler: 0 when at least one video was scored (or generation
     only), 1 when none could be, 2 on bad input."""
+    from .entries import collect_videos
+    from .generation import generate_videos
     from .prompts import PromptFileError, load_prompt_groups
-    from .runner import EvalProtocol, VideoScorer, collect_videos, evaluate, generate_videos
+    from .protocol import EvalProtocol
+    from .scoring import VideoScorer, evaluate
     from .tiny import SAMPLE_PROMPTS, save_tiny_clip, save_tiny_dino
 
     error = _check_arguments(args)
