@@ -3,21 +3,37 @@
 
 An integration never holds generation state; it only says where the attention modules are, how the
 model computes its self-attention queries/keys/values and its RoPE, how many tokens a latent frame
-has, and how the prompt's cross-attention keys are computed.
+has, and how the prompt's cross-attention keys are computed. It also declares, as data, what the
+applications would otherwise have to know about the family: its LoRA targets, its default video,
+its VAE's temporal factor and the conversion of its original-format checkpoints.
 """
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from .checkpoints import CheckpointConversion
+
 #: ``attend(layer, query, key, value) -> output``, all ``[B, n * T_f, H, D]``: the session's
 #: memory-aware attention for one layer.
 AttendFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class VideoDefaults:
+    """The video a family's own diffusers pipeline makes when told nothing else: ``height`` x
+    ``width`` pixels, prompts encoded to ``max_sequence_length`` text tokens."""
+
+    height: int
+    width: int
+    max_sequence_length: int
 
 
 class Integration(ABC):
@@ -37,6 +53,17 @@ class Integration(ABC):
     #: s.6): the model's ``_cp_plan`` splits the tokens and RoPE's output by sequence, and the
     #: processor hands ``attend`` the queries, keys and values of this rank's tokens.
     context_parallel: ClassVar[bool] = False
+    #: The module names (below the transformer, ``fullmatch``) that a fresh LoRA targets; only
+    #: those that are an ``nn.Linear`` receive one.
+    lora_targets: ClassVar[re.Pattern[str]]
+    #: Height, width and text tokens of a video when the caller gives none.
+    default_video: ClassVar[VideoDefaults]
+    #: Video frames per latent frame of the family's VAE after the first (a causal video VAE
+    #: decodes latent frame 0 to 1 frame and every later one to this many).
+    vae_temporal_factor: ClassVar[int]
+    #: How original-format checkpoints of the family become diffusers weights; ``None``: the
+    #: family has no such conversion (``checkpoint_conversion`` refuses by name).
+    checkpoints: ClassVar[CheckpointConversion | None] = None
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -45,6 +72,16 @@ class Integration(ABC):
     @abstractmethod
     def supports(cls, model: nn.Module) -> bool:
         """Whether ``model`` belongs to this family."""
+
+    @classmethod
+    def checkpoint_conversion(cls) -> CheckpointConversion:
+        """``checkpoints``, or a ``ValueError`` naming the family when it declares none."""
+        if cls.checkpoints is None:
+            raise ValueError(
+                f"the {cls.name!r} family ({', '.join(cls.model_classes)}) declares no conversion "
+                "of original-format checkpoints; load its diffusers weights instead"
+            )
+        return cls.checkpoints
 
     @abstractmethod
     def self_attention_modules(self) -> list[nn.Module]:

@@ -132,6 +132,9 @@ class HeliosIntegration(WanIntegration):
     context_parallel = False  # not validated under diffusers' context parallelism
     model_classes = ("HeliosTransformer3DModel",)
     pipeline_class = HeliosPipeline
+    # Wan's LoRA targets, VAE and default video (HeliosPipeline's own is 384x640) are inherited;
+    # its original-format checkpoints are not Wan's.
+    checkpoints = None
 
     @classmethod
     def supports(cls, model: nn.Module) -> bool:

@@ -35,6 +35,9 @@ class SkyReelsV2Integration(WanIntegration):
     context_parallel = False  # not validated under diffusers' context parallelism
     model_classes = ("SkyReelsV2Transformer3DModel",)
     pipeline_class = SkyReelsV2DiffusionForcingPipeline
+    # Wan's LoRA targets, VAE and default video (the DF pipeline's own is 544x960) are inherited;
+    # its original-format checkpoints load into another class than Wan's conversion builds.
+    checkpoints = None
 
     @classmethod
     def supports(cls, model: nn.Module) -> bool:

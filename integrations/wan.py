@@ -8,6 +8,7 @@ positions start at the chunk's absolute latent frame.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
@@ -16,7 +17,9 @@ from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, un
 from diffusers.models.transformers.transformer_wan import WanAttention, WanTransformer3DModel
 from torch import nn
 
-from .base import AttendFn, ChunkwiseDecoder, Integration, LatentDecoder
+from .base import AttendFn, ChunkwiseDecoder, Integration, LatentDecoder, VideoDefaults
+from .checkpoints import CheckpointConversion
+from .wan_checkpoints import original_lora_to_diffusers, original_to_diffusers
 
 #: diffusers config of the Wan2.1-T2V-1.3B transformer, the base of Self-Forcing, LongLive and
 #: MemFlow (and the default base of published checkpoints in the original layout).
@@ -117,6 +120,24 @@ class WanIntegration(Integration):
     model_classes = ("WanTransformer3DModel",)
     pipeline_class = WanPipeline
     context_parallel = True
+    #: Every ``nn.Linear`` of the blocks: self- and cross-attention ``to_q``, ``to_k``, ``to_v``,
+    #: ``to_out.0`` and the FFN's two (the layout of the published MemFlow LoRA).
+    lora_targets = re.compile(
+        r"blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ffn\.net\.(0\.proj|2))"
+    )
+    #: ``WanPipeline``'s defaults (tests/test_wan.py checks them against its signature).
+    default_video = VideoDefaults(height=480, width=832, max_sequence_length=512)
+    #: ``AutoencoderKLWan``'s ``scale_factor_temporal``.
+    vae_temporal_factor = 4
+    #: Self-Forcing, LongLive and MemFlow publish ``WanTransformer3DModel`` weights in the
+    #: original Wan2.1 layout (``wan_checkpoints.py``), fine-tuned from Wan2.1-T2V-1.3B.
+    checkpoints = CheckpointConversion(
+        model_class=WanTransformer3DModel,
+        to_diffusers=original_to_diffusers,
+        lora_to_diffusers=original_lora_to_diffusers,
+        base_model="Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
+        base_config=WAN21_T2V_1_3B_TRANSFORMER,
+    )
 
     @classmethod
     def supports(cls, model: nn.Module) -> bool:

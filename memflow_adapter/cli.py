@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from .cli_choices import (
     CACHE_DTYPES,
     PRESETS,
+    REFERENCE_BASE_MODEL,
     TINY_RANDOM,
     WORLD_DEMO_MODEL_NAME,
     WORLD_DEMO_SCRIPT,
@@ -103,9 +104,9 @@ def _random_tiny_demo(args: argparse.Namespace) -> int:
     )
 
 
-#: ``memflow generate``'s sizes (height, width, text tokens) when not given: Wan2.1's, and the
-#: tiny random-weight Wan's (which streams them in a fraction of a second per chunk on a CPU).
-_MODEL_SIZES = {"height": 480, "width": 832, "max_sequence_length": 512}
+#: ``memflow generate``'s sizes (height, width, text tokens) when not given for the tiny
+#: random-weight model (which streams them in a fraction of a second per chunk on a CPU); a real
+#: model gets its family's (``Integration.default_video``).
 _TINY_SIZES = {"height": 64, "width": 64, "max_sequence_length": 32}
 _DEFAULT_FRAMES_PER_PROMPT = 40
 
@@ -114,13 +115,11 @@ def _generate(args: argparse.Namespace) -> int:
     import torch
 
     from .config import MemFlowConfig
+    from .integrations import find_integration
     from .live import read_prompt_file
     from .pipeline import MemFlowStreamingPipeline, PromptSchedule
 
     tiny = args.model == TINY_RANDOM
-    for name, default in (_TINY_SIZES if tiny else _MODEL_SIZES).items():
-        if getattr(args, name) is None:
-            setattr(args, name, default)
     if args.prompt_file is not None:
         if args.frames_per_prompt is not None:
             raise ValueError("--frames-per-prompt spaces the --prompt prompts; --prompt-file "
@@ -147,6 +146,12 @@ def _generate(args: argparse.Namespace) -> int:
             args.model, config, device=args.device, dtype=dtype,
             ulysses_degree=args.ulysses_degree,
         )
+    video = find_integration(streaming.transformer).default_video
+    model_sizes = {"height": video.height, "width": video.width,
+                   "max_sequence_length": video.max_sequence_length}
+    for name, default in (_TINY_SIZES if tiny else model_sizes).items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
     try:
         return _generate_and_write(
             streaming,
@@ -193,12 +198,12 @@ def _convert(args: argparse.Namespace) -> int:
     import tempfile
 
     from .config import MemFlowConfig
-    from .hub import MemFlowAdapter, PublishedLayout, chmod_as_umask
-    from .integrations.wan_checkpoints import (
+    from .hub import MemFlowAdapter, chmod_as_umask
+    from .integrations import integration_for_config, reference_integration
+    from .integrations.checkpoints import (
         load_checkpoint_file,
-        load_original_transformer,
         lora_config_for,
-        original_lora_to_diffusers,
+        read_config,
         validate_lora,
     )
 
@@ -211,15 +216,19 @@ def _convert(args: argparse.Namespace) -> int:
             raise ValueError(f"--lora-alpha {args.lora_alpha} scales --lora, which is not given")
         if not (math.isfinite(args.lora_alpha) and args.lora_alpha > 0):
             raise ValueError(f"--lora-alpha must be a finite number > 0, got {args.lora_alpha}")
-    layout = PublishedLayout()
-    # the default config is Wan2.1-T2V-1.3B's, so its Hub id is known; another one's is not
-    base_model = args.base_model or (layout.base_model if args.base_config is None else None)
-    transformer = load_original_transformer(
-        args.base, args.base_config or layout.base_config, entry=args.entry
+    # the config's class names the family whose original layout the checkpoints are in
+    config = None if args.base_config is None else read_config(args.base_config)
+    family = reference_integration() if config is None else integration_for_config(config)
+    conversion = family.checkpoint_conversion()
+    # the default config is the one of the base the family's published checkpoints fine-tune, so
+    # its Hub id is known; another one's is not
+    base_model = args.base_model or (conversion.base_model if config is None else None)
+    transformer = conversion.load_transformer(
+        args.base, conversion.base_config if config is None else config, entry=args.entry
     )
     lora = None
     if args.lora is not None:
-        lora = original_lora_to_diffusers(load_checkpoint_file(args.lora))
+        lora = conversion.lora_to_diffusers(load_checkpoint_file(args.lora))
         try:
             lora_config_for(lora, args.lora_alpha)
             validate_lora(transformer, lora)
@@ -348,18 +357,18 @@ def _generate_and_write(
 def _add_common(
     parser: argparse.ArgumentParser,
     *,
-    model_sizes: dict[str, int] | None,
+    real_models: bool,
     seed: int | None = 0,
     seed_help: str = "generation seed (default: 0)",
 ) -> None:
-    """The options ``demo`` and ``generate`` share; ``model_sizes`` are a real model's default
-    height, width and text tokens (``None``: the command only sizes the tiny-random Wan)."""
+    """The options ``demo`` and ``generate`` share; ``real_models``: the command also streams
+    real models, sized by their family when not told (else only the tiny random-weight one)."""
 
     def sizes(name: str) -> str:
         tiny = _TINY_SIZES[name]
-        if model_sizes is None:
+        if not real_models:
             return f" ({TINY_RANDOM} only; default: {tiny})"
-        return f" (default: {model_sizes[name]}; {TINY_RANDOM}: {tiny})"
+        return f" (default: the model family's; {TINY_RANDOM}: {tiny})"
 
     parser.add_argument(
         "--config", choices=PRESETS, default="reference", help="memory preset (default: reference)"
@@ -400,7 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
         "trained world model (offline), or a 3-prompt video with a tiny random-weight Wan "
         "(--model tiny-random)",
     )
-    _add_common(demo, model_sizes=None, seed=None,
+    _add_common(demo, real_models=False, seed=None,
                 seed_help="world: the noise seed (default: the story's, as in "
                 "bench/narrative_eval.py); tiny-random: the weights' and noise's (default: 0)")
     demo.add_argument("--model", choices=("world", "tiny-random"), default="world",
@@ -424,13 +433,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(handler=_demo)
 
     generate = commands.add_parser(
-        "generate", help="stream a multi-prompt video with a diffusers Wan model (Hub id or folder)"
+        "generate",
+        help="stream a multi-prompt video with a diffusers model of a supported family (Hub id "
+        "or folder)",
     )
-    _add_common(generate, model_sizes=_MODEL_SIZES)
+    _add_common(generate, real_models=True)
     generate.add_argument(
         "--model", required=True,
-        help=f"diffusers pipeline: Hub id or folder; '{TINY_RANDOM}': the embedded tiny Wan with "
-        "random weights (offline, noise-like video: plumbing only)",
+        help=f"diffusers pipeline: Hub id or folder; '{TINY_RANDOM}': the embedded tiny model "
+        "with random weights (offline, noise-like video: plumbing only)",
     )
     prompts = generate.add_mutually_exclusive_group(required=True)
     prompts.add_argument(
@@ -473,22 +484,24 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument(
         "--negative-prompt", default=None,
         help="guidance's negative prompt (default: a zero embedding, what memory_finetune's "
-        "data.prompt_dropout trains; \"\" for diffusers' Wan base models)",
+        "data.prompt_dropout trains; \"\" for diffusers' text-to-video base models)",
     )
     generate.set_defaults(handler=_generate)
 
     convert = commands.add_parser(
-        "convert", help="original-layout Wan checkpoints -> diffusers transformer + adapter"
+        "convert", help="original-layout checkpoints (Self-Forcing, LongLive, MemFlow) -> "
+        "diffusers transformer + adapter"
     )
     convert.add_argument("--base", required=True, help="base checkpoint (.pt / .safetensors)")
     convert.add_argument("--lora", help="LoRA checkpoint in the original layout (e.g. lora.pt)")
     convert.add_argument("--entry", help="checkpoint entry (default: generator_ema, generator)")
-    convert.add_argument("--base-config", help="transformer config.json or folder "
-                         "(default: Wan2.1-T2V-1.3B)")
+    convert.add_argument("--base-config", help="transformer config.json or folder; its "
+                         "_class_name picks the model family (default: the config of "
+                         f"{REFERENCE_BASE_MODEL})")
     convert.add_argument(
         "--base-model",
-        help="Hub id the adapter names as its base (default: Wan-AI/Wan2.1-T2V-1.3B-Diffusers "
-        "with the default --base-config; with another, none: recorded as null)",
+        help=f"Hub id the adapter names as its base (default: {REFERENCE_BASE_MODEL} with the "
+        "default --base-config; with another, none: recorded as null)",
     )
     convert.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: the rank)")
     convert.add_argument(

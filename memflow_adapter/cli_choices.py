@@ -8,6 +8,9 @@ from __future__ import annotations
 #: feature models of ``memflow eval`` (``memflow_adapter.eval.tiny.TINY_SCORER``): offline,
 #: plumbing only.
 TINY_RANDOM = "tiny-random"
+#: ``memflow_adapter.integrations.reference_integration().checkpoints.base_model``: the base
+#: MemFlow's published checkpoints fine-tune, ``memflow convert``'s default.
+REFERENCE_BASE_MODEL = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
 #: ``memflow_adapter.config.PRESETS``.
 PRESETS = ("reference", "reference_sma", "longlive", "full_history")
 #: ``sorted(memflow_adapter.frame_buffer.CACHE_DTYPES)``.

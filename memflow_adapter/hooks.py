@@ -23,7 +23,7 @@ from .context_parallel import (
     enable_diffusers_context_parallel,
     head_shard_of,
 )
-from .integrations import Integration, find_integration
+from .integrations import INTEGRATIONS, Integration, find_integration
 from .positions import RopeTable
 from .session import SessionStateError, StreamingSession
 
@@ -130,7 +130,8 @@ class MemFlowAttachment:
         if not self.integration.context_parallel:
             raise ValueError(
                 f"ulysses_degree={ulysses_degree}: the {self.integration.name} family does not "
-                "stream under context parallelism (supported: wan)"
+                "stream under context parallelism (supported: "
+                f"{', '.join(i.name for i in INTEGRATIONS if i.context_parallel)})"
             )
         enable_diffusers_context_parallel(
             self.model, ulysses_degree, self.integration.attention_heads()

@@ -10,8 +10,9 @@ An adapter folder holds:
   checkpoints that fine-tune the whole model (Self-Forcing, LongLive, MemFlow ``base.pt``);
 * ``README.md``: a model card.
 
-A folder laid out like the published MemFlow repository (``base.pt`` and/or ``lora.pt`` in the
-original Wan layout) is converted on the fly, and the conversion is cached.
+A folder laid out like the published MemFlow repository (``base.pt`` and/or ``lora.pt`` in a
+family's original layout, ``Integration.checkpoints``) is converted on the fly, and the conversion
+is cached.
 """
 
 from __future__ import annotations
@@ -40,16 +41,12 @@ from torch import nn
 
 from .config import MemFlowConfig
 from .hooks import MemFlowAttachment, apply_memflow, get_memflow
-from .integrations import find_integration
-from .integrations.wan import WAN21_T2V_1_3B_TRANSFORMER
-from .integrations.wan_checkpoints import (
+from .integrations import INTEGRATIONS, REFERENCE_FAMILY, find_integration, integration_named
+from .integrations.checkpoints import (
     check_finite,
     check_state_dict_fits,
     load_checkpoint_file,
     load_lora_into,
-    original_lora_to_diffusers,
-    original_to_diffusers,
-    unwrap_training_checkpoint,
     validate_lora,
 )
 
@@ -64,23 +61,34 @@ FORMAT_VERSION = 1
 
 @dataclass(frozen=True)
 class PublishedLayout:
-    """How to read a repository in the published layout (``base.pt`` / ``lora.pt``, original
-    Wan keys).
+    """How to read a repository in the published layout (``base.pt`` / ``lora.pt``, in a
+    family's original layout).
 
     Attributes:
-        base_model: Hub id of the diffusers base those checkpoints fine-tune.
-        base_config: its transformer config (diffusers format).
+        base_model: Hub id of the diffusers base those checkpoints fine-tune (default: the one
+            the family's ``CheckpointConversion`` declares).
+        base_config: its transformer config, diffusers format (default: likewise).
         entry: the training-checkpoint entry of ``base.pt`` (default: ``generator_ema`` if
             present, else ``generator``).
         lora_alpha: alpha of ``lora.pt`` (default: its rank, as MemFlow publishes rank = alpha).
         config: the memory layout the checkpoints were trained for.
+        integration: the family whose original layout the checkpoints are in (default: the
+            reference family, MemFlow's); a family without a conversion is refused by name.
     """
 
-    base_model: str = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
-    base_config: dict[str, Any] = field(default_factory=lambda: dict(WAN21_T2V_1_3B_TRANSFORMER))
+    base_model: str | None = None
+    base_config: dict[str, Any] | None = None
     entry: str | None = None
     lora_alpha: float | None = None
     config: MemFlowConfig = field(default_factory=MemFlowConfig.reference)
+    integration: str = REFERENCE_FAMILY
+
+    def __post_init__(self) -> None:
+        conversion = integration_named(self.integration).checkpoint_conversion()
+        if self.base_model is None:
+            object.__setattr__(self, "base_model", conversion.base_model)
+        if self.base_config is None:
+            object.__setattr__(self, "base_config", dict(conversion.base_config))
 
 
 @dataclass
@@ -91,7 +99,7 @@ class MemFlowAdapter:
         config: the memory layout.
         base_model: Hub id (or name) of the base diffusers model; ``None`` when not known (e.g.
             ``memflow convert`` with another ``--base-config`` and no ``--base-model``).
-        integration: the model family (``memflow_adapter.integrations``), e.g. ``"wan"``.
+        integration: the model family (``Integration.name``; ``memflow_adapter.integrations``).
         base_model_config: transformer config fields the target model must match.
         lora_state: LoRA weights, peft layout on diffusers module names.
         lora_alpha: LoRA alpha (defaults to the rank when ``None``).
@@ -175,6 +183,11 @@ class MemFlowAdapter:
             tags=["memflow", "video-generation", "streaming", "long-video"]
             + (["lora"] if self.lora_state is not None else []),
         ).to_yaml()
+        family = {integration.name: integration for integration in INTEGRATIONS}.get(
+            self.integration
+        )
+        video = None if family is None else family.default_video
+        sizes = "" if video is None else f", height={video.height}, width={video.width}"
         base = self.base_model or "an unrecorded base model"
         repo = self.base_model or "<the base model's Hub id or folder>"
         rows = "\n".join(f"| `{k}` | `{v}` |" for k, v in self.config.to_dict().items())
@@ -195,7 +208,7 @@ class MemFlowAdapter:
             f"pipe = MemFlowStreamingPipeline.from_pretrained(\"{repo}\", "
             "adapter.config)\nadapter.apply_to(pipe.transformer)\n"
             "video = pipe([\"first prompt\", \"second prompt\"], frames_per_prompt=40,\n"
-            "             num_latent_frames=80, height=480, width=832)\n```\n"
+            f"             num_latent_frames=80{sizes})\n```\n"
         )
 
     # ----------------------------------------------------------------------------------- loading
@@ -249,23 +262,25 @@ class MemFlowAdapter:
 
     @classmethod
     def _convert_published(cls, folder: Path, layout: PublishedLayout) -> MemFlowAdapter:
-        """The published layout (original Wan keys) as an adapter on diffusers names."""
+        """The published layout (the family's original keys) as an adapter on diffusers names."""
+        family = integration_named(layout.integration)
+        conversion = family.checkpoint_conversion()
         base_weights = lora_state = None
         if (folder / PUBLISHED_BASE_NAME).is_file():
             checkpoint = load_checkpoint_file(folder / PUBLISHED_BASE_NAME)
-            base_weights = original_to_diffusers(
-                unwrap_training_checkpoint(checkpoint, layout.entry)
-            )
+            base_weights = conversion.transformer_weights(checkpoint, layout.entry)
         if (folder / PUBLISHED_LORA_NAME).is_file():
-            lora_state = original_lora_to_diffusers(
+            lora_state = conversion.lora_to_diffusers(
                 load_checkpoint_file(folder / PUBLISHED_LORA_NAME)
             )
         architecture = {k: v for k, v in layout.base_config.items() if not k.startswith("_")}
         return cls(
             config=layout.config,
             base_model=layout.base_model,
-            integration="wan",
-            base_model_config={"_class_name": "WanTransformer3DModel", **_json_ready(architecture)},
+            integration=family.name,
+            base_model_config={
+                "_class_name": conversion.model_class.__name__, **_json_ready(architecture)
+            },
             lora_state=lora_state,
             lora_alpha=layout.lora_alpha,
             base_weights=base_weights,

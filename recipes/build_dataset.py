@@ -8,10 +8,11 @@ A manifest (JSONL) lists the videos, one JSON object per line::
 ``video`` is relative to the manifest's folder; ``segment_starts`` (optional) are the seconds where
 each prompt's segment starts (default: equal parts); ``id`` (optional) names the output file
 (default: the video's stem). Each video is read with imageio/PyAV, resampled to ``--fps``, resized
-and centre-cropped to ``--height`` x ``--width`` (diffusers' video processor), cut to ``4k + 1``
-frames (Wan's VAE), encoded with the pipeline's VAE (the latent mean) and normalised as the Wan
-pipelines do; the prompts are encoded with its text encoder. Everything runs offline from a
-local pipeline folder::
+and centre-cropped to ``--height`` x ``--width`` (diffusers' video processor; default: the
+family's video, ``Integration.default_video``), cut to ``c k + 1`` frames (``c`` the VAE's
+temporal factor, ``Integration.vae_temporal_factor``), encoded with the pipeline's VAE (the
+latent mean) and normalised as the pipeline does; the prompts are encoded with its text
+encoder. Everything runs offline from a local pipeline folder::
 
     python -m memflow_adapter.recipes.build_dataset --pipeline ./Wan2.1-T2V-1.3B-Diffusers \\
         --manifest videos.jsonl --output data/latents --height 480 --width 832 --fps 16
@@ -31,15 +32,13 @@ import torch
 from diffusers import DiffusionPipeline
 from tqdm.auto import tqdm
 
-from memflow_adapter.eval.runner import iter_video_batches
+from memflow_adapter.eval.videos import iter_video_batches
 from memflow_adapter.extras import import_optional
+from memflow_adapter.integrations import find_integration
 from memflow_adapter.tiny_wan import build_tiny_wan_pipeline
 
 from .latents import DatasetError, VideoLatents
 from .training import exit_on_bad_input
-
-#: Wan's VAE: latent frame 0 is pixel frame 0, latent frame k >= 1 covers pixel frames 4k-3 .. 4k.
-TEMPORAL_FACTOR = 4
 
 
 @dataclass(frozen=True)
@@ -79,14 +78,17 @@ def read_manifest(path: Path) -> list[ManifestEntry]:
     return entries
 
 
-def read_frames(path: Path, fps: float, max_frames: int) -> list[PIL.Image.Image]:
-    """The video resampled to ``fps`` (nearest earlier frame), cut to ``4k + 1`` frames, at most
-    ``max_frames``; a missing or undecodable file raises ``VideoReadError``."""
+def read_frames(
+    path: Path, fps: float, max_frames: int, temporal_factor: int
+) -> list[PIL.Image.Image]:
+    """The video resampled to ``fps`` (nearest earlier frame), cut to ``c k + 1`` frames (``c``:
+    ``temporal_factor``), at most ``max_frames``; a missing or undecodable file raises
+    ``VideoReadError``."""
     frames = np.concatenate(list(iter_video_batches(path)))
     iio = import_optional("imageio.v3", "video", "reading training videos")
     source_fps = float(iio.immeta(path, plugin="pyav")["fps"])
     count = min(max_frames, int(len(frames) * fps / source_fps))
-    count = (count - 1) // TEMPORAL_FACTOR * TEMPORAL_FACTOR + 1
+    count = (count - 1) // temporal_factor * temporal_factor + 1
     if count < 1:
         raise DatasetError(f"{path}: no frame at {fps} fps")
     indices = [min(len(frames) - 1, int(i * source_fps / fps)) for i in range(count)]
@@ -94,13 +96,19 @@ def read_frames(path: Path, fps: float, max_frames: int) -> list[PIL.Image.Image
 
 
 def latent_segment_starts(
-    starts_seconds: Sequence[float] | None, num_prompts: int, fps: float, num_latent_frames: int
+    starts_seconds: Sequence[float] | None,
+    num_prompts: int,
+    fps: float,
+    num_latent_frames: int,
+    temporal_factor: int,
 ) -> list[int]:
-    """Segment starts in latent frames: a segment starting at pixel frame ``p`` starts at the
-    first latent frame covering it, ``ceil(p / 4)``; without times, equal parts."""
+    """Segment starts in latent frames: under a causal VAE of temporal factor ``c`` (latent frame 0
+    is pixel frame 0, latent frame ``k >= 1`` covers pixel frames ``c k - c + 1 .. c k``), a
+    segment starting at pixel frame ``p`` starts at the first latent frame covering it,
+    ``ceil(p / c)``; without times, equal parts."""
     if starts_seconds is None:
         return [s * num_latent_frames // num_prompts for s in range(num_prompts)]
-    return [-(-round(seconds * fps) // TEMPORAL_FACTOR) for seconds in starts_seconds]
+    return [-(-round(seconds * fps) // temporal_factor) for seconds in starts_seconds]
 
 
 @torch.no_grad()
@@ -121,8 +129,10 @@ def encode_video(
 def build_sample(
     pipe: DiffusionPipeline, entry: ManifestEntry, args: argparse.Namespace
 ) -> VideoLatents:
-    latents = encode_video(pipe, read_frames(entry.video, args.fps, args.max_frames), args.height,
-                           args.width)
+    factor = find_integration(pipe.transformer).vae_temporal_factor
+    latents = encode_video(
+        pipe, read_frames(entry.video, args.fps, args.max_frames, factor), args.height, args.width
+    )
     embeds, _ = pipe.encode_prompt(
         list(entry.prompts),
         do_classifier_free_guidance=False,
@@ -130,7 +140,7 @@ def build_sample(
         device=pipe.text_encoder.device,
     )
     starts = latent_segment_starts(
-        entry.segment_starts, len(entry.prompts), args.fps, latents.shape[1]
+        entry.segment_starts, len(entry.prompts), args.fps, latents.shape[1], factor
     )
     return VideoLatents(
         latents, embeds.float().cpu(), torch.tensor(starts, dtype=torch.int64), entry.prompts
@@ -143,15 +153,16 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
         description="Encode videos and their segment prompts into a memory_finetune dataset.",
     )
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--pipeline", help="a diffusers Wan pipeline folder (or Hub id)")
+    source.add_argument("--pipeline", help="a diffusers pipeline folder (or Hub id)")
     source.add_argument("--tiny", action="store_true", help="the tiny random pipeline (tests)")
     parser.add_argument("--manifest", type=Path, required=True, help="JSONL, one video per line")
     parser.add_argument("--output", type=Path, required=True, help="the dataset folder")
-    parser.add_argument("--height", type=int, default=480)
-    parser.add_argument("--width", type=int, default=832)
+    parser.add_argument("--height", type=int, help="pixels (default: the family's)")
+    parser.add_argument("--width", type=int, help="pixels (default: the family's)")
     parser.add_argument("--fps", type=float, default=16.0)
     parser.add_argument("--max-frames", type=int, default=481, help="pixel frames per video")
-    parser.add_argument("--max-sequence-length", type=int, default=512)
+    parser.add_argument("--max-sequence-length", type=int,
+                        help="text tokens per prompt (default: the family's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     args = parser.parse_args(argv)
@@ -162,6 +173,10 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
         if args.tiny
         else DiffusionPipeline.from_pretrained(args.pipeline, dtype=dtype)
     )
+    video = find_integration(pipe.transformer).default_video
+    for name in ("height", "width", "max_sequence_length"):
+        if getattr(args, name) is None:
+            setattr(args, name, getattr(video, name))
     pipe.vae.to(args.device)
     pipe.text_encoder.to(args.device)
     written = []

@@ -1,10 +1,10 @@
-"""The models a recipe trains: the base Wan pipeline, LoRA on its transformer (or all of its
+"""The models a recipe trains: the base pipeline, LoRA on its transformer (or all of its
 weights), full-weight starts.
 
-LoRA goes, through diffusers' peft integration, on every ``nn.Linear`` of the transformer blocks:
-``attn1`` / ``attn2`` ``to_q``, ``to_k``, ``to_v``, ``to_out.0``, and ``ffn.net.0.proj``,
-``ffn.net.2`` (the layout of the published MemFlow LoRA and of ``MemFlowAdapter``). Base weights
-are frozen; LoRA weights are kept in float32 whatever the base's dtype.
+LoRA goes, through diffusers' peft integration, on the modules the model's family names
+(``Integration.lora_targets``; for the reference family every ``nn.Linear`` of the transformer
+blocks, the layout of the published MemFlow LoRA). Base weights are frozen; LoRA weights are kept
+in float32 whatever the base's dtype.
 """
 
 from __future__ import annotations
@@ -14,13 +14,14 @@ import re
 from dataclasses import dataclass
 
 import torch
-from diffusers import DiffusionPipeline, WanTransformer3DModel
+from diffusers import AutoModel, DiffusionPipeline
 from diffusers.training_utils import cast_training_params
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 from torch import nn
 
 from memflow_adapter import MemFlowAdapter, MemFlowAttachment, MemFlowConfig, apply_memflow
-from memflow_adapter.integrations.wan_checkpoints import check_state_dict_fits
+from memflow_adapter.integrations import find_integration, reference_integration
+from memflow_adapter.integrations.checkpoints import check_state_dict_fits
 from memflow_adapter.tiny_wan import build_tiny_wan_pipeline
 
 from .config import ConfigError, check
@@ -28,10 +29,8 @@ from .sharding import full_tensor
 
 #: peft adapter name of every LoRA a recipe trains.
 ADAPTER_NAME = "memflow"
-#: Module names (below the transformer) that receive LoRA.
-LORA_TARGETS = re.compile(
-    r"blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ffn\.net\.(0\.proj|2))"
-)
+#: The base a recipe trains by default: the one MemFlow's published checkpoints fine-tune.
+REFERENCE_BASE_MODEL = reference_integration().checkpoint_conversion().base_model
 #: ``base_model`` recorded in adapters trained on the tiny random pipeline.
 TINY_BASE_MODEL = "memflow-adapter/tiny-wan-random"
 #: What of the student a recipe can train (``model.train``).
@@ -61,7 +60,7 @@ class ModelConfig:
             (SkyReels-V2-DF-1.3B's fps embedding; ``Integration.conditioning_inputs``).
     """
 
-    base_model: str = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
+    base_model: str = REFERENCE_BASE_MODEL
     tiny: bool = False
     tiny_seed: int = 0
     student_weights: str | None = None
@@ -99,9 +98,7 @@ class ModelConfig:
         if self.pipeline or self.tiny:
             model = cast_to(self.build_pipeline(dtype).transformer, dtype)
         else:
-            model = WanTransformer3DModel.from_pretrained(
-                self.base_model, subfolder="transformer", dtype=dtype
-            )
+            model = AutoModel.from_pretrained(self.base_model, subfolder="transformer", dtype=dtype)
         if self.student_weights:
             load_student_weights(model, self.student_weights)
         return model.requires_grad_(False).eval()
@@ -184,7 +181,7 @@ def build_student(
 
 
 def load_teacher(source: str, tiny_seed: int | None, dtype: torch.dtype) -> nn.Module:
-    """A frozen Wan transformer (eval mode): the one of the tiny pipeline of ``tiny_seed`` when
+    """A frozen transformer (eval mode): the one of the tiny pipeline of ``tiny_seed`` when
     given, else ``source``'s: a pipeline factory's (``module:function``, e.g.
     ``memflow_adapter.world.pipeline:load_world_pipeline``), or a diffusers pipeline folder or
     Hub id's ``transformer/``."""
@@ -193,7 +190,7 @@ def load_teacher(source: str, tiny_seed: int | None, dtype: torch.dtype) -> nn.M
     elif is_pipeline_factory(source):
         model = cast_to(build_factory_pipeline(source, "dmd.teacher").transformer, dtype)
     else:
-        model = WanTransformer3DModel.from_pretrained(source, subfolder="transformer", dtype=dtype)
+        model = AutoModel.from_pretrained(source, subfolder="transformer", dtype=dtype)
     return model.requires_grad_(False).eval()
 
 
@@ -216,11 +213,13 @@ def load_full_weights(transformer: nn.Module, weights: dict[str, torch.Tensor]) 
 
 
 def add_lora(transformer: nn.Module, settings: LoraSettings) -> None:
-    """Freeze ``transformer`` and give it a fresh LoRA (``lora_B`` zero: it starts as the base)."""
+    """Freeze ``transformer`` and give it a fresh LoRA (``lora_B`` zero: it starts as the base)
+    on its family's ``lora_targets``."""
+    lora_targets = find_integration(transformer).lora_targets
     targets = sorted(
         name
         for name, module in transformer.named_modules()
-        if LORA_TARGETS.fullmatch(name) and isinstance(module, nn.Linear)
+        if lora_targets.fullmatch(name) and isinstance(module, nn.Linear)
     )
     if not targets:
         raise ValueError(f"{type(transformer).__name__} has no LoRA target module")

@@ -35,7 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from memflow_adapter import MemFlowAdapter, MemFlowAttachment, MemFlowConfig, StreamingSession
-from memflow_adapter.eval.runner import VideoReadError
+from memflow_adapter.eval.videos import VideoReadError
 from memflow_adapter.integrations import find_integration
 from memflow_adapter.outputs import peak_process_memory_bytes
 from memflow_adapter.schedule import FlowMatchSchedule

@@ -17,10 +17,14 @@ from diffusers import DiffusionPipeline
 from safetensors.torch import save_file
 
 from memflow_adapter import MemFlowConfig, MemFlowStreamingPipeline
+from memflow_adapter.integrations import reference_integration
 from memflow_adapter.outputs import memory_report, write_outputs
 from memflow_adapter.schedule import FlowMatchSchedule
 
 from .config import check
+
+#: The video a validation rollout makes unless configured: the reference family's.
+_REFERENCE_VIDEO = reference_integration().default_video
 
 
 @dataclass(frozen=True)
@@ -29,7 +33,8 @@ class ValidationConfig:
 
     Args:
         prompts: the prompts, one every ``frames_per_prompt`` latent frames.
-        num_latent_frames, height, width: the video (height and width in pixels).
+        num_latent_frames, height, width: the video (height and width in pixels; default: the
+            reference family's, as ``max_sequence_length``).
         decode: decode with the VAE and write an mp4 (else latents and the report only).
     """
 
@@ -37,12 +42,12 @@ class ValidationConfig:
     prompts: tuple[str, ...] = ("a red fox walks through a snowy forest",)
     frames_per_prompt: int = 12
     num_latent_frames: int = 12
-    height: int = 480
-    width: int = 832
+    height: int = _REFERENCE_VIDEO.height
+    width: int = _REFERENCE_VIDEO.width
     decode: bool = True
     fps: int = 16
     seed: int = 0
-    max_sequence_length: int = 512
+    max_sequence_length: int = _REFERENCE_VIDEO.max_sequence_length
 
     def __post_init__(self) -> None:
         check(self.every_steps >= 0, "every_steps", "an int >= 0", self.every_steps)

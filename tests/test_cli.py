@@ -168,6 +168,7 @@ def test_the_parser_choices_are_the_library_values():
     from memflow_adapter.config import PRESETS
     from memflow_adapter.eval import features, tiny
     from memflow_adapter.frame_buffer import CACHE_DTYPES
+    from memflow_adapter.integrations import reference_integration
     from memflow_adapter.world import demo
 
     library = {
@@ -180,6 +181,7 @@ def test_the_parser_choices_are_the_library_values():
         "DEFAULT_DINO_MODEL": features.DEFAULT_DINO_MODEL,
         "DEFAULT_AESTHETIC_CLIP_MODEL": features.DEFAULT_AESTHETIC_CLIP_MODEL,
         "TINY_RANDOM": tiny.TINY_SCORER,
+        "REFERENCE_BASE_MODEL": reference_integration().checkpoints.base_model,
     }
     assert {name: getattr(cli_choices, name) for name in library} == library
 

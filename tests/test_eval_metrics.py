@@ -136,27 +136,27 @@ def test_prompt_switches_take_effect_at_chunk_boundaries():
 
 
 def test_a_causal_vae_decodes_latent_frame_j_from_pixel_frame_4j_minus_3():
-    assert [pixel_frame_of_latent(j) for j in (0, 1, 2, 40, 240)] == [0, 1, 5, 157, 957]
+    assert [pixel_frame_of_latent(j, 4) for j in (0, 1, 2, 40, 240)] == [0, 1, 5, 157, 957]
 
 
 def test_the_protocol_video_splits_into_six_10_second_segments():
-    ranges = segment_ranges(957, [0, 40, 80, 120, 160, 200], 240)
+    ranges = segment_ranges(957, [0, 40, 80, 120, 160, 200], 240, 4)
     assert ranges[0] == range(0, 157)  # latent frame 0 decodes to a single frame
     assert [len(r) for r in ranges[1:]] == [160] * 5  # 10 s at 16 fps
     assert ranges[-1].stop == 957
     # with the reference's 3-frame chunks the first switch is at latent 42 -> pixel 165
-    assert segment_ranges(957, [0, 42, 81, 120, 162, 201], 240)[1].start == 165
+    assert segment_ranges(957, [0, 42, 81, 120, 162, 201], 240, 4)[1].start == 165
 
 
 def test_videos_of_another_length_are_split_in_proportion():
-    assert segment_ranges(960, [0, 40, 80, 120, 160, 200], 240) == [
+    assert segment_ranges(960, [0, 40, 80, 120, 160, 200], 240, 4) == [
         range(160 * k, 160 * (k + 1)) for k in range(6)
     ]
-    assert [len(r) for r in segment_ranges(12, [0, 40, 80, 120, 160, 200], 240)] == [2] * 6
+    assert [len(r) for r in segment_ranges(12, [0, 40, 80, 120, 160, 200], 240, 4)] == [2] * 6
     with pytest.raises(ValueError, match="increase"):
-        segment_ranges(12, [0, 40, 40], 240)
+        segment_ranges(12, [0, 40, 40], 240, 4)
     with pytest.raises(ValueError):
-        segment_ranges(12, [1, 40], 240)
+        segment_ranges(12, [1, 40], 240, 4)
 
 
 # ---------------------------------------------------------------------------- aggregation

@@ -55,8 +55,9 @@ def test_build_dataset_from_a_local_pipeline_and_an_mp4(pipeline_dir, tmp_path):
 
 
 def test_segment_starts_default_to_equal_parts():
-    assert build_dataset.latent_segment_starts(None, 3, 16.0, 10) == [0, 3, 6]
-    assert build_dataset.latent_segment_starts([0.0, 0.25, 1.0], 3, 16.0, 10) == [0, 1, 4]
+    assert build_dataset.latent_segment_starts(None, 3, 16.0, 10, 4) == [0, 3, 6]
+    # 0.25 s and 1 s at 16 fps are pixel frames 4 and 16: latent frames ceil(4 / 4), ceil(16 / 4)
+    assert build_dataset.latent_segment_starts([0.0, 0.25, 1.0], 3, 16.0, 10, 4) == [0, 1, 4]
 
 
 def sample(**changes):

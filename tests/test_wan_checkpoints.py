@@ -9,15 +9,17 @@ import torch
 from diffusers import WanTransformer3DModel
 from safetensors.torch import save_file
 
-from memflow_adapter.integrations.wan_checkpoints import (
-    diffusers_to_original,
+from memflow_adapter.integrations.checkpoints import (
     load_checkpoint_file,
     load_lora_into,
-    load_original_transformer,
     lora_config_for,
+    unwrap_training_checkpoint,
+)
+from memflow_adapter.integrations.wan_checkpoints import (
+    diffusers_to_original,
+    load_original_transformer,
     original_lora_to_diffusers,
     original_to_diffusers,
-    unwrap_training_checkpoint,
 )
 
 from tiny_models import tiny_wan

@@ -7,7 +7,12 @@ frames, six 10 s segments at 16 fps). Modules:
 * :mod:`.prompts`: prompt-group files (JSONL / JSON / text) and matching video files to groups;
 * :mod:`.metrics`: the metrics as pure functions of per-frame features, and segment splitting;
 * :mod:`.features`: CLIP / DINO feature extractors and the LAION aesthetic head (transformers);
-* :mod:`.runner`: resumable generation, video reading, scoring;
+* :mod:`.protocol`: the videos' geometry and segment starts (``EvalProtocol``);
+* :mod:`.videos`: finding and decoding video files;
+* :mod:`.entries`: the videos of a run and their statuses, and folders of videos made elsewhere;
+* :mod:`.markers`: the resumable run's bookkeeping (settings and finished-video markers);
+* :mod:`.generation`: resumable generation;
+* :mod:`.scoring`: per-frame features, per-video and per-segment rows, a scored run;
 * :mod:`.report`: CSV / markdown / PNG reports;
 * :mod:`.cli`: the ``memflow eval`` sub-command (``add_eval_parser``).
 
@@ -19,7 +24,9 @@ from typing import TYPE_CHECKING
 from .._lazy import lazy_exports
 
 if TYPE_CHECKING:
+    from .entries import VideoEntry, collect_videos
     from .features import ClipFeatures, DinoFeatures, LinearAestheticPredictor
+    from .generation import generate_videos
     from .metrics import (
         SegmentScores,
         VideoScores,
@@ -32,18 +39,10 @@ if TYPE_CHECKING:
         temporal_consistency,
     )
     from .prompts import PromptFileError, PromptGroup, load_prompt_groups, match_videos
+    from .protocol import EvalProtocol
     from .report import plot_segment_scores, summarize, write_reports
-    from .runner import (
-        EvalProtocol,
-        EvalResult,
-        VideoEntry,
-        VideoReadError,
-        VideoScorer,
-        collect_videos,
-        evaluate,
-        generate_videos,
-        iter_video_batches,
-    )
+    from .scoring import EvalResult, VideoScorer, evaluate
+    from .videos import VideoReadError, iter_video_batches
 
 # Imported on first use: the CLI builds its parser without torch (memflow --help).
 _EXPORTS = {
@@ -66,15 +65,15 @@ _EXPORTS = {
     "plot_segment_scores": ".report",
     "summarize": ".report",
     "write_reports": ".report",
-    "EvalProtocol": ".runner",
-    "EvalResult": ".runner",
-    "VideoEntry": ".runner",
-    "VideoReadError": ".runner",
-    "VideoScorer": ".runner",
-    "collect_videos": ".runner",
-    "evaluate": ".runner",
-    "generate_videos": ".runner",
-    "iter_video_batches": ".runner",
+    "EvalProtocol": ".protocol",
+    "EvalResult": ".scoring",
+    "VideoEntry": ".entries",
+    "VideoReadError": ".videos",
+    "VideoScorer": ".scoring",
+    "collect_videos": ".entries",
+    "evaluate": ".scoring",
+    "generate_videos": ".generation",
+    "iter_video_batches": ".videos",
 }
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 

@@ -2,7 +2,7 @@
 
 Two modes::
 
-    memflow eval --prompts groups.jsonl --model <diffusers Wan> --config reference longlive
+    memflow eval --prompts groups.jsonl --model <diffusers pipeline> --config reference longlive
     memflow eval --prompts groups.jsonl --videos DIR
 
 The first generates one video per prompt group and configuration into
@@ -10,7 +10,7 @@ The first generates one video per prompt group and configuration into
 the second scores existing videos (e.g. the official code's), matched to groups by file name.
 Both write ``videos.csv``, ``segments.csv``, ``summary.csv``, ``summary.md`` and
 ``segment_scores.png`` into ``--output-dir`` and print the summary. Without ``--model`` (or
-with ``--model tiny-random``) the embedded tiny random-weight Wan generates: an offline smoke run
+with ``--model tiny-random``) the embedded tiny random-weight model generates: an offline smoke run
 whose scores mean nothing.
 """
 
@@ -33,8 +33,8 @@ from ..cli_choices import (
 
 __all__ = ["add_eval_parser", "run_eval"]
 
+#: The tiny random-weight model's sizes; a real model's are the protocol's (``EvalProtocol``).
 _TINY_DEFAULTS = {"height": 64, "width": 64, "max_sequence_length": 32}
-_PROTOCOL_DEFAULTS = {"height": 480, "width": 832, "max_sequence_length": 512}
 
 
 def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -69,7 +69,7 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     generation = parser.add_argument_group("generation")
     generation.add_argument(
         "--model", help=f"diffusers pipeline (Hub id or folder); '{TINY_RANDOM}' or absent: the "
-                        "embedded random-weight tiny Wan (offline smoke run)",
+                        "embedded random-weight tiny model (offline smoke run)",
     )
     generation.add_argument(
         "--config", nargs="+", action="extend", choices=PRESETS, metavar="PRESET",
@@ -83,15 +83,21 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--latent-frames", type=int,
         help="latent frames per video (default: prompts x frames-per-prompt, 240 for 6 prompts)",
     )
-    generation.add_argument("--height", type=int, help="pixels (default: 480; tiny-random: 64)")
-    generation.add_argument("--width", type=int, help="pixels (default: 832; tiny-random: 64)")
+    generation.add_argument(
+        "--height", type=int, help="pixels (default: the protocol's, the reference family's; "
+        "tiny-random: 64)"
+    )
+    generation.add_argument(
+        "--width", type=int, help="pixels (default: the protocol's, the reference family's; "
+        "tiny-random: 64)"
+    )
     generation.add_argument(
         "--fps", type=int, default=16, help="frames per second of the videos (default: 16)"
     )
     generation.add_argument("--seed", type=int, default=0, help="group i uses seed + i")
     generation.add_argument(
         "--max-sequence-length", type=int,
-        help="text tokens per prompt (default: 512; tiny-random: 32)",
+        help="text tokens per prompt (default: the reference family's; tiny-random: 32)",
     )
     generation.add_argument(
         "--device", help="torch device to generate and score on (default: cuda if available, "
@@ -148,8 +154,11 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
 def run_eval(args: argparse.Namespace) -> int:
     """The ``memflow eval`` handler: 0 when at least one video was scored (or generation
     only), 1 when none could be, 2 on bad input."""
+    from .entries import collect_videos
+    from .generation import generate_videos
     from .prompts import PromptFileError, load_prompt_groups
-    from .runner import EvalProtocol, VideoScorer, collect_videos, evaluate, generate_videos
+    from .protocol import EvalProtocol
+    from .scoring import VideoScorer, evaluate
     from .tiny import SAMPLE_PROMPTS, save_tiny_clip, save_tiny_dino
 
     error = _check_arguments(args)
@@ -168,17 +177,16 @@ def run_eval(args: argparse.Namespace) -> int:
             return 2
     groups = groups[: args.limit] if args.limit else groups
     tiny = args.videos is None and args.model in (None, TINY_RANDOM)
-    sizes = _TINY_DEFAULTS if tiny else _PROTOCOL_DEFAULTS
+    sizes = {name: getattr(args, name) or (_TINY_DEFAULTS[name] if tiny else None)
+             for name in _TINY_DEFAULTS}
     protocol = EvalProtocol(
         frames_per_prompt=args.frames_per_prompt,
         num_latent_frames=args.latent_frames,
         frames_per_chunk=args.frames_per_chunk,
-        height=args.height or sizes["height"],
-        width=args.width or sizes["width"],
         fps=args.fps,
         seed=args.seed,
-        max_sequence_length=args.max_sequence_length or sizes["max_sequence_length"],
         boundary_frames=args.boundary_frames,
+        **{name: value for name, value in sizes.items() if value is not None},
     )
     progress = not args.no_progress
     try:
@@ -187,7 +195,7 @@ def run_eval(args: argparse.Namespace) -> int:
         else:
             if tiny:
                 print(
-                    "memflow eval: generating with the embedded tiny Wan whose weights are RANDOM "
+                    "memflow eval: generating with the embedded tiny model, its weights RANDOM "
                     "(nothing is downloaded): an offline smoke run, the scores mean nothing.",
                     file=sys.stderr,
                 )

@@ -165,8 +165,8 @@ def chunk_aligned_starts(
         raise ValueError(f"a prompt would start past the video: {error}") from error
 
 
-def pixel_frame_of_latent(latent_frame: int, temporal_compression: int = 4) -> int:
-    """First decoded frame of a latent frame under a causal video VAE (Wan): latent 0 decodes to
+def pixel_frame_of_latent(latent_frame: int, temporal_compression: int) -> int:
+    """First decoded frame of a latent frame under a causal video VAE: latent 0 decodes to
     frame 0 alone, latent ``j >= 1`` to frames ``c*j - (c-1) .. c*j`` (``c`` the compression)."""
     if latent_frame <= 0:
         return 0
@@ -177,7 +177,7 @@ def segment_ranges(
     num_frames: int,
     latent_starts: Sequence[int],
     num_latent_frames: int,
-    temporal_compression: int = 4,
+    temporal_compression: int,
 ) -> list[range]:
     """Decoded-frame ranges of the segments that start at ``latent_starts`` (latent frames).
 

@@ -28,7 +28,7 @@ from ..extras import import_optional
 from .metrics import nanmean
 
 if TYPE_CHECKING:
-    from .runner import EvalResult
+    from .scoring import EvalResult
 
 __all__ = [
     "SEGMENT_COLUMNS",

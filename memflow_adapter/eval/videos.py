@@ -1,0 +1,63 @@
+"""Video files: finding them in a folder and decoding them into frame batches."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from .features import as_uint8_frames
+
+__all__ = ["PARTIAL", "VIDEO_EXTENSIONS", "VideoReadError", "iter_video_batches", "video_paths"]
+
+VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".mov", ".avi", ".gif")
+#: The stem suffix of a file still being written (``<stem>.partial.mp4``), then renamed.
+PARTIAL = ".partial"
+
+
+class VideoReadError(RuntimeError):
+    """A video file that is missing, cannot be decoded or holds no frames."""
+
+
+def iter_video_batches(path: str | os.PathLike[str], batch_size: int = 32) -> Iterator[np.ndarray]:
+    """Decode a video (PyAV through imageio) into ``[B, H, W, 3]`` uint8 batches.
+
+    Raises:
+        VideoReadError: the file is missing, undecodable, or holds no frames.
+    """
+    import imageio.v3 as iio
+
+    path = Path(path)
+    if not path.is_file():
+        raise VideoReadError(f"no such file: {path}")
+    batch: list[np.ndarray] = []
+    count = 0
+    try:
+        for frame in iio.imiter(path, plugin="pyav"):
+            batch.append(frame)
+            count += 1
+            if len(batch) == batch_size:
+                yield as_uint8_frames(np.stack(batch))
+                batch = []
+    except VideoReadError:
+        raise
+    except Exception as error:  # PyAV / imageio raise many types for broken files
+        message = f"cannot decode {path.name}: {type(error).__name__}: {error}"
+        raise VideoReadError(message) from error
+    if batch:
+        yield as_uint8_frames(np.stack(batch))
+    if count == 0:
+        raise VideoReadError(f"{path.name} holds no frames")
+
+
+def video_paths(folder: str | os.PathLike[str]) -> list[Path]:
+    """The video files directly inside ``folder`` (unfinished ``*.partial.*`` files excluded)."""
+    return sorted(
+        path
+        for path in Path(folder).iterdir()
+        if path.is_file()
+        and path.suffix.lower() in VIDEO_EXTENSIONS
+        and not path.stem.endswith(PARTIAL)
+    )
