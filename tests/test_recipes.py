@@ -189,9 +189,9 @@ def test_prompt_dropout_denoises_some_loss_chunks_without_their_prompt(
             gradient_prompts.append(bool(embeds.any()))
         return flow(self, noisy, timestep, embeds, grad)
 
-    def spied_open(self, chunk, cond, video):
+    def spied_open(self, chunk, cond, *args):
         memory_prompts.append(bool(cond.embeds.any()) and all(k.any() for k in cond.text_keys))
-        return open_chunk(self, chunk, cond, video)
+        return open_chunk(self, chunk, cond, *args)
 
     def spied_commit(self, clean, cond):
         memory_prompts.append(bool(cond.embeds.any()))
