@@ -7,8 +7,8 @@ replicated (DDP) or, with ``training.sharding: fsdp2``, every transformer sharde
 processes (``sharding.py``; what differs between the two is a strategy built at set-up,
 ``strategy.py``), bf16 autocast on CUDA, AdamW on the LoRA (or full) weights with a diffusers LR
 schedule, gradient clipping, a stop with a clear error on a non-finite loss, checkpoints with
-exact resume, validation rollouts, tqdm and logging (``metrics.jsonl``),
-and the final ``MemFlowAdapter`` folder.
+exact resume, a checkpoint and a stop on Ctrl-C (``interrupt.py``), validation rollouts, tqdm
+and logging (``metrics.jsonl``), and the final ``MemFlowAdapter`` folder.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ from memflow_adapter.streaming import ChunkEngine
 from .checkpoints import CheckpointFolders
 from .config import ConfigError, check, load_config, to_dict
 from .flow import StepRandomness
+from .interrupt import StopOnInterrupt, TrainingInterrupted
 from .models import (
     LoraSettings,
     ModelConfig,
@@ -324,29 +325,38 @@ def train(recipe_type: type[Recipe], config: RecipeConfig) -> Path:
         desc=recipe_type.__name__,
         disable=not accelerator.is_local_main_process,
     )
-    for step in range(start, training.max_steps):
-        began = time.perf_counter()
-        metrics = _train_step(recipe, trainables, optimizers, schedulers, checkpointer, step)
-        done = step + 1
-        metrics["seconds"] = time.perf_counter() - began
-        metrics["peak_memory_gib"] = _peak_memory(accelerator.device) / 2**30
-        progress.update(1)
-        progress.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k.endswith("_loss")})
-        if accelerator.is_main_process:
-            with (output_dir / "metrics.jsonl").open("a", encoding="utf-8") as handle:
-                handle.write(json.dumps(metrics) + "\n")
-            if done % training.log_every == 0 or done == training.max_steps:
-                logger.info(" | ".join(f"{k} {_format(v)}" for k, v in metrics.items()))
-        if done % training.checkpoint_every == 0 or done == training.max_steps:
-            checkpointer.save(done)
-        if config.validation.due(done, training.max_steps):
-            if strategy.runs_outside_steps(accelerator):
-                with torch.no_grad(), accelerator.autocast():
-                    folder = output_dir / "validation" / f"step-{done:06d}"
-                    recipe.validate(folder, write=accelerator.is_main_process)
-                logger.info("validation rollout written to %s", folder)
-            accelerator.wait_for_everyone()
-    progress.close()
+    with progress, StopOnInterrupt(announce=accelerator.is_main_process) as interrupt:
+        for step in range(start, training.max_steps):
+            began = time.perf_counter()
+            metrics = _train_step(recipe, trainables, optimizers, schedulers, checkpointer, step)
+            done = step + 1
+            metrics["seconds"] = time.perf_counter() - began
+            metrics["peak_memory_gib"] = _peak_memory(accelerator.device) / 2**30
+            progress.update(1)
+            progress.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k.endswith("_loss")})
+            if accelerator.is_main_process:
+                with (output_dir / "metrics.jsonl").open("a", encoding="utf-8") as handle:
+                    handle.write(json.dumps(metrics) + "\n")
+                if done % training.log_every == 0 or done == training.max_steps:
+                    logger.info(" | ".join(f"{k} {_format(v)}" for k, v in metrics.items()))
+            saved = None
+            if done % training.checkpoint_every == 0 or done == training.max_steps:
+                saved = checkpointer.save(done)
+            if config.validation.due(done, training.max_steps):
+                if strategy.runs_outside_steps(accelerator):
+                    with torch.no_grad(), accelerator.autocast():
+                        folder = output_dir / "validation" / f"step-{done:06d}"
+                        recipe.validate(folder, write=accelerator.is_main_process)
+                    logger.info("validation rollout written to %s", folder)
+                accelerator.wait_for_everyone()
+            if done < training.max_steps and interrupt.agreed(accelerator):
+                saved = saved or checkpointer.save(done)
+                raise TrainingInterrupted(
+                    f"interrupted after step {done} of {training.max_steps}: checkpoint saved "
+                    f"to {saved}; resume with training.resume_from={saved}",
+                    saved,
+                    report=accelerator.is_main_process,
+                )
 
     adapter_dir = output_dir / "adapter"
     adapter = recipe.adapter() if strategy.runs_outside_steps(accelerator) else None
@@ -443,14 +453,27 @@ def _format(value: Any) -> str:
 def exit_on_bad_input(name: str, run: Callable[[], object]) -> None:
     """Run a recipe's command line: bad input (a missing or broken dataset, prompt file,
     checkpoint or model folder) ends in one line on stderr and exit status 2 instead of a
-    traceback (``MEMFLOW_TRACEBACK=1`` shows it)."""
+    traceback (``MEMFLOW_TRACEBACK=1`` shows it); Ctrl-C ends in one line saying how to resume
+    and exit status 130 (``interrupt.py``)."""
+    prog = f"python -m memflow_adapter.recipes.{name}"
     try:
         run()
     except (ValueError, OSError, VideoReadError) as error:
         if os.environ.get("MEMFLOW_TRACEBACK"):
             raise
-        print(f"python -m memflow_adapter.recipes.{name}: error: {error}", file=sys.stderr)
+        print(f"{prog}: error: {error}", file=sys.stderr)
         sys.exit(2)
+    except TrainingInterrupted as stop:
+        if stop.report:
+            print(f"{prog}: {stop}", file=sys.stderr)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        print(
+            f"{prog}: stopped at once; the steps since the last checkpoint are lost; resume "
+            "from it with training.resume_from=latest (and the same training.output_dir)",
+            file=sys.stderr,
+        )
+        sys.exit(130)
 
 
 def main(
