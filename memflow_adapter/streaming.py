@@ -8,9 +8,11 @@ The pipeline, the recipes, the eval and the narrative world all run a video the 
         for chunk in plan:
             clean = engine.step(chunk, conditions[chunk.segment], noise, video, step_noise)
 
-``ChunkEngine.step`` is ``open_chunk`` (NAM's commit, then the recache pass when the plan says
-so), ``denoise`` (the few-step passes, read-only) and ``commit`` (the context pass); callers that
-need gradients through chosen chunks use those pieces and ``flow(..., grad=True)`` directly.
+``ChunkEngine.chunks`` is the loop itself: for each planned chunk it runs ``open_chunk`` (NAM's
+commit, then the recache pass when the plan says so), with initial noise ``denoise`` (the
+few-step passes, read-only, up to an exit step), yields the open chunk to the caller (the
+training recipes run their gradient passes there with ``flow(..., grad=True)``) and then
+``commit`` (the context pass). ``ChunkEngine.step`` is that loop over one chunk.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -369,6 +371,27 @@ class Denoised(NamedTuple):
     exit_input: torch.Tensor
 
 
+@dataclass(frozen=True)
+class OpenChunk:
+    """What ``ChunkEngine.chunks`` yields: a chunk the engine has opened (NAM's commit and its
+    recache done), before its context pass.
+
+    Attributes:
+        chunk: its plan.
+        cond: the prompt it is generated with.
+        frames: where its clean frames ``[B, C, f, h, w]`` float32 are in the caller's video
+            (a view): denoised, written there already; teacher-forced, the frames committed.
+        denoised: with initial noise, its denoised state (``Denoised``), else ``None``.
+        last: whether it is the last chunk of the iteration.
+    """
+
+    chunk: ChunkPlan
+    cond: PromptConditioning
+    frames: torch.Tensor
+    denoised: Denoised | None
+    last: bool
+
+
 class ChunkEngine:
     """Runs planned chunks through a session with one model (bind the session first).
 
@@ -399,6 +422,59 @@ class ChunkEngine:
         self.conditioning = dict(conditioning or {})
         self.trained = model if trained is None else trained
 
+    def chunks(
+        self,
+        chunks: Sequence[ChunkPlan],
+        conditions: Sequence[PromptConditioning] | Mapping[int, PromptConditioning],
+        video: torch.Tensor,
+        *,
+        video_start: int = 0,
+        noise: torch.Tensor | None = None,
+        step_noise: StepNoise | None = None,
+        guidance: Guidance | None = None,
+        exit_steps: Sequence[int] | Mapping[int, int] | None = None,
+        commit_last: bool = True,
+    ) -> Iterator[OpenChunk]:
+        """The chunk loop: each of ``chunks`` (in plan order, the first starting at the session's
+        next frame) is opened, denoised when ``noise`` is given, yielded while open, and
+        committed (context pass) when the caller asks for the next one.
+
+        Args:
+            conditions: the prompt of each chunk, looked up by its ``segment``.
+            video: ``[B, C, F', h, w]`` float32 clean latents of frames ``video_start ..``: the
+                recache reads its past frames; a denoised chunk's frames are written into it,
+                and each chunk's frames there are what its context pass commits (without
+                ``noise``: teacher forcing on ``video``).
+            video_start: the absolute latent frame of ``video``'s first frame.
+            noise: ``[B, C, F, h, w]`` the initial noise of the video (or of at least these
+                chunks' frames, indexed by absolute frame), on any device; ``None``: nothing
+                is denoised.
+            step_noise, guidance: as ``denoise``.
+            exit_steps: each chunk's exit step, looked up by its ``index`` (``None``: the last
+                step of every chunk).
+            commit_last: commit the last chunk too; ``False`` leaves it open after the loop
+                (its context pass would write a cache nobody reads).
+
+        Yields:
+            ``OpenChunk`` per chunk; the caller may run read-only and gradient passes on it.
+        """
+        for position, chunk in enumerate(chunks):
+            cond = conditions[chunk.segment]
+            self.open_chunk(chunk, cond, video, video_start)
+            frames = video[:, :, chunk.start - video_start : chunk.stop - video_start]
+            denoised = None
+            if noise is not None:
+                exit_step = None if exit_steps is None else exit_steps[chunk.index]
+                chunk_noise = noise[:, :, chunk.start : chunk.stop].to(video.device)
+                denoised = self.denoise(
+                    chunk_noise, cond, chunk.index, step_noise, guidance, exit_step
+                )
+                frames[:] = denoised.clean.float()
+            last = position == len(chunks) - 1
+            yield OpenChunk(chunk, cond, frames, denoised, last)
+            if commit_last or not last:
+                self.commit(frames, cond)
+
     def step(
         self,
         chunk: ChunkPlan,
@@ -409,9 +485,11 @@ class ChunkEngine:
         guidance: Guidance | None = None,
         *,
         video_start: int = 0,
+        exit_step: int | None = None,
     ) -> torch.Tensor:
-        """The whole chunk: open it (NAM, recache), denoise ``noise[:, :, start:stop]``, write the
-        clean chunk into ``video`` and commit it (context pass).
+        """The whole chunk (``chunks`` over ``chunk`` alone): open it (NAM, recache), denoise
+        ``noise[:, :, start:stop]`` up to ``exit_step`` (default the last step), write the clean
+        chunk into ``video`` and commit it (context pass).
 
         Args:
             noise: ``[B, C, F, h, w]`` the initial noise of the video (or of at least this chunk's
@@ -426,14 +504,13 @@ class ChunkEngine:
         Returns:
             ``[B, C, f, h, w]`` float32, the clean chunk (a view of ``video``).
         """
-        self.open_chunk(chunk, cond, video, video_start)
-        chunk_noise = noise[:, :, chunk.start : chunk.stop].to(video.device)
-        denoised = self.denoise(chunk_noise, cond, chunk.index, step_noise, guidance)
-        written = slice(chunk.start - video_start, chunk.stop - video_start)
-        video[:, :, written] = denoised.clean.float()
-        clean = video[:, :, written]
-        self.commit(clean, cond)
-        return clean
+        exit_steps = None if exit_step is None else {chunk.index: exit_step}
+        # unpacking runs the loop to its end, the context pass included
+        (opened,) = self.chunks(
+            [chunk], {chunk.segment: cond}, video, video_start=video_start, noise=noise,
+            step_noise=step_noise, guidance=guidance, exit_steps=exit_steps,
+        )
+        return opened.frames
 
     def open_chunk(
         self, chunk: ChunkPlan, cond: PromptConditioning, video: torch.Tensor,
@@ -441,7 +518,18 @@ class ChunkEngine:
     ) -> None:
         """NAM's commit for ``chunk`` (scored with ``cond``'s text keys), then, when the plan
         says so, the recache pass over the clean frames that the session asks for, read from
-        ``video`` ``[B, C, F', h, w]`` (frames ``video_start ..``)."""
+        ``video`` ``[B, C, F', h, w]`` (frames ``video_start ..``).
+
+        Raises:
+            ValueError: ``chunk.start`` is not the session's next frame (chunks run in plan
+                order, each after the previous one's context pass).
+        """
+        if chunk.start != self.session.next_frame:
+            raise ValueError(
+                f"chunk.start must be the session's next frame ({self.session.next_frame}), got "
+                f"{chunk.start} (chunk {chunk.index}): run the plan's chunks in order, each "
+                "after the previous one's commit"
+            )
         self.session.begin_chunk(cond.text_keys)
         if chunk.recache:
             with torch.no_grad(), self.session.switch_prompt() as window:

@@ -10,6 +10,7 @@ across processes (2 processes of 1 video draw what 1 process of 2 videos draws).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -31,6 +32,17 @@ class NoiseRange:
     def __post_init__(self) -> None:
         check(0.0 <= self.low < 1.0, "low", "in [0, 1)", self.low)
         check(self.low < self.high <= 1.0, "high", f"in (low={self.low}, 1]", self.high)
+
+
+class Noised(NamedTuple):
+    """Clean latents noised for training: ``noisy`` (the model's input) and ``noise``
+    ``[B, C, F, h, w]``, the levels ``sigma`` ``[B, 1, 1, 1, 1]`` float64 and the model
+    ``timestep`` ``[B]``."""
+
+    noisy: torch.Tensor
+    noise: torch.Tensor
+    sigma: torch.Tensor
+    timestep: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -72,6 +84,18 @@ class StepRandomness:
     def sigmas(self, schedule: FlowMatchSchedule, noise: NoiseRange) -> torch.Tensor:
         """``[B]`` float64 noise levels (``sample_sigmas``), one per sample."""
         return torch.cat([sample_sigmas(schedule, noise, 1, g) for g in self.samples])
+
+    def noised(
+        self, clean: torch.Tensor, schedule: FlowMatchSchedule, levels: NoiseRange
+    ) -> Noised:
+        """The training-time noising of both recipes: ``clean`` ``[B, C, F, h, w]`` at a noise
+        level per sample drawn within ``levels`` (``sigmas``), with fresh noise (``randn``),
+        drawn in that order."""
+        sigma = per_sample(self.sigmas(schedule, levels).to(clean.device))
+        noise = self.randn(tuple(clean.shape), clean.device)
+        return Noised(
+            schedule.renoise(clean, noise, sigma), noise, sigma, TABLE_SIZE * sigma.flatten()
+        )
 
     def _check_rows(self, rows: int) -> None:
         if rows != len(self.samples):

@@ -25,7 +25,6 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from memflow_adapter.schedule import TABLE_SIZE
 from memflow_adapter.streaming import (
     ChunkEngine,
     ChunkPlan,
@@ -35,13 +34,7 @@ from memflow_adapter.streaming import (
 )
 
 from .config import check
-from .flow import (
-    NoiseRange,
-    StepRandomness,
-    flow_matching_loss,
-    per_sample,
-    seeded_generator,
-)
+from .flow import NoiseRange, StepRandomness, flow_matching_loss, seeded_generator
 from .latents import DatasetError, LatentVideoDataset, VideoLatents
 from .rollout import backward_chunk_by_chunk, commit_clean_chunks
 from .sharding import gather_objects
@@ -216,13 +209,10 @@ class MemoryFinetune(Recipe):
     ) -> torch.Tensor:
         """Flow matching on ``chunk`` of ``video`` noised at a random level (the chunk is open)."""
         clean = video[:, :, chunk.start : chunk.stop]
-        sigmas = randomness.sigmas(self.config.schedule, self.config.data.noise)
-        sigma = per_sample(sigmas.to(self.device))
-        noise = randomness.randn(tuple(clean.shape), self.device)
-        noisy = self.config.schedule.renoise(clean, noise, sigma)
+        noised = randomness.noised(clean, self.config.schedule, self.config.data.noise)
         embeds = self._dropped(cond, randomness).embeds
-        flow = engine.flow(noisy, TABLE_SIZE * sigma.flatten(), embeds, grad=True)
-        return flow_matching_loss(flow, noise, clean)
+        flow = engine.flow(noised.noisy, noised.timestep, embeds, grad=True)
+        return flow_matching_loss(flow, noised.noise, clean)
 
     def _dropped(
         self, cond: PromptConditioning, randomness: StepRandomness

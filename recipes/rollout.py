@@ -1,6 +1,6 @@
-"""The student's passes in a MemFlow session, on the core's chunk engine
-(``memflow_adapter.streaming.ChunkEngine``): teacher-forced commits, Self-Forcing rollouts, and
-the replay that gives a rollout its gradient.
+"""The student's passes in a MemFlow session, on the core's chunk loop
+(``memflow_adapter.streaming.ChunkEngine.chunks``): teacher-forced commits, Self-Forcing
+rollouts, and the replay that gives a rollout its gradient.
 
 The session caches detached keys and values, so a chunk's output depends on the trained weights
 only through that chunk's own passes. A rollout is therefore run entirely without gradient, and
@@ -16,14 +16,14 @@ the cache the forward saw.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
 
-from memflow_adapter.streaming import ChunkEngine, ChunkPlan, PromptConditioning
+from memflow_adapter.streaming import ChunkEngine, ChunkPlan, OpenChunk, PromptConditioning
 
 from .flow import StepRandomness
 
@@ -39,12 +39,11 @@ def commit_clean_chunks(
     conditions: Sequence[PromptConditioning],
     video: torch.Tensor,
 ) -> None:
-    """Teacher forcing: write the clean frames of ``chunks`` of ``video`` into the cache, each in
-    its own chunk lifecycle (NAM commits, recaches at prompt switches, context passes)."""
-    for chunk in chunks:
-        cond = conditions[chunk.segment]
-        engine.open_chunk(chunk, cond, video)
-        engine.commit(video[:, :, chunk.start : chunk.stop], cond)
+    """Teacher forcing: write the clean frames of ``chunks`` of ``video`` ``[B, C, F, h, w]``
+    into the cache, each in its own chunk lifecycle (NAM commits, recaches at prompt switches,
+    context passes)."""
+    for _ in engine.chunks(chunks, conditions, video):
+        pass  # the loop opens and commits each chunk
 
 
 @dataclass
@@ -53,7 +52,8 @@ class Rollout:
 
     Attributes:
         video: ``[B, C, F, h, w]`` float32 clean latents of every chunk.
-        exit_inputs: per gradient chunk (by index), the float64 noisy input of its exit step.
+        exit_inputs: per gradient chunk (by index), the float64 noisy input ``[B, C, f, h, w]``
+            of its exit step.
         replay_state: the session state before the first gradient chunk (``None`` without one).
     """
 
@@ -81,22 +81,18 @@ def self_forcing_rollout(
         gradient_from: index of the first gradient chunk (``len(chunks)`` for none).
     """
     video = torch.zeros_like(noise, dtype=torch.float32)
-    exit_inputs: dict[int, torch.Tensor] = {}
-    replay_state = None
     step_noise = randomness_noise(randomness, noise.device)
-    for chunk in chunks:
-        if chunk.index == gradient_from:
-            replay_state = engine.session.state_dict()
-        cond = conditions[chunk.segment]
-        engine.open_chunk(chunk, cond, video)
-        denoised = engine.denoise(
-            noise[:, :, chunk.start : chunk.stop], cond, chunk.index, step_noise,
-            exit_step=exit_steps[chunk.index],
+
+    def generate(part: list[ChunkPlan]) -> Iterator[OpenChunk]:
+        return engine.chunks(
+            part, conditions, video, noise=noise, step_noise=step_noise, exit_steps=exit_steps
         )
-        if chunk.index >= gradient_from:
-            exit_inputs[chunk.index] = denoised.exit_input
-        video[:, :, chunk.start : chunk.stop] = denoised.clean.float()
-        engine.commit(video[:, :, chunk.start : chunk.stop], cond)
+
+    for _ in generate([chunk for chunk in chunks if chunk.index < gradient_from]):
+        pass  # the loop denoises and commits each chunk
+    clip = [chunk for chunk in chunks if chunk.index >= gradient_from]
+    replay_state = engine.session.state_dict() if clip else None
+    exit_inputs = {opened.chunk.index: opened.denoised.exit_input for opened in generate(clip)}
     return Rollout(video, exit_inputs, replay_state)
 
 
@@ -146,21 +142,16 @@ def backward_chunk_by_chunk(
 ) -> torch.Tensor:
     """Open each of ``chunks`` (in order) in turn, backpropagate ``loss_of(chunk, conditioning)``
     (a loss of the open chunk's gradient pass), then commit the chunk's clean frames of ``video``
-    ``[B, C, F, h, w]`` before the next.
+    ``[B, C, F, h, w]`` before the next (the last stays open).
 
     Returns:
         The detached sum of the losses.
     """
     losses = []
-    for position, chunk in enumerate(chunks):
-        last = position == len(chunks) - 1
-        cond = conditions[chunk.segment]
-        engine.open_chunk(chunk, cond, video)
+    for opened in engine.chunks(chunks, conditions, video, commit_last=False):
         # Gradients are all-reduced once, after the last chunk's backward.
-        with nullcontext() if last else accelerator.no_sync(engine.trained):
-            loss = loss_of(chunk, cond)
+        with nullcontext() if opened.last else accelerator.no_sync(engine.trained):
+            loss = loss_of(opened.chunk, opened.cond)
             engine.backward(loss, accelerator.backward)
         losses.append(loss.detach())
-        if not last:
-            engine.commit(video[:, :, chunk.start : chunk.stop], cond)
     return sum(losses[1:], start=losses[0])

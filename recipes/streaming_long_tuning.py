@@ -41,7 +41,6 @@ from accelerate import Accelerator
 
 from memflow_adapter import MemFlowAttachment, MemFlowConfig, apply_memflow
 from memflow_adapter.eval.prompts import load_prompt_groups
-from memflow_adapter.schedule import TABLE_SIZE
 from memflow_adapter.streaming import (
     ChunkEngine,
     ChunkPlan,
@@ -53,7 +52,7 @@ from memflow_adapter.streaming import (
 
 from .config import ConfigError, check
 from .dmd import distribution_matching_gradient, dmd_loss
-from .flow import NoiseRange, StepRandomness, flow_matching_loss, per_sample
+from .flow import NoiseRange, StepRandomness, flow_matching_loss
 from .latents import DatasetError, LatentVideoDataset
 from .models import LoraSettings, add_lora, load_teacher
 from .rollout import (
@@ -412,7 +411,7 @@ class StreamingLongTuning(Recipe):
         ``video`` ``[B, C, F', h, w]``."""
         schedule, scale = self.config.schedule, self.config.dmd.guidance_scale
         clip = videos.clip_of(video)
-        noisy, _, sigma, timestep = self._renoise(clip, randomness)
+        noisy, _, sigma, timestep = randomness.noised(clip, schedule, self.config.dmd.noise)
         if self.config.dmd.scoring == "clip":
             embeds = videos.conditions[-1].embeds
             real = self._flow(self.teacher, noisy, timestep, embeds)
@@ -440,7 +439,9 @@ class StreamingLongTuning(Recipe):
     ) -> torch.Tensor:
         """The critic's flow-matching loss on the re-noised clip of ``video``, backpropagated."""
         clip = videos.clip_of(video)
-        noisy, noise, _, timestep = self._renoise(clip, randomness)
+        noisy, noise, _, timestep = randomness.noised(
+            clip, self.config.schedule, self.config.dmd.noise
+        )
         if self.config.dmd.scoring == "clip":
             embeds = videos.conditions[-1].embeds
             flow = self._flow(self.prepared["critic"], noisy, timestep, embeds)
@@ -468,15 +469,11 @@ class StreamingLongTuning(Recipe):
         ``guided``) with the negative prompt reading the same memory, else ``None``."""
         conds, unconds = [], []
         with self._scoring_engine(name, video, videos) as (engine, conditions):
-            for position, chunk in enumerate(videos.clip_chunks):
-                cond = conditions[chunk.segment]
-                engine.open_chunk(chunk, cond, video)
-                part = noisy[:, :, videos.clip_part(chunk)]
-                conds.append(engine.flow(part, timestep, cond.embeds))
+            for opened in engine.chunks(videos.clip_chunks, conditions, video, commit_last=False):
+                part = noisy[:, :, videos.clip_part(opened.chunk)]
+                conds.append(engine.flow(part, timestep, opened.cond.embeds))
                 if guided:
                     unconds.append(engine.flow(part, timestep, videos.negative))
-                if position < len(videos.clip_chunks) - 1:
-                    engine.commit(video[:, :, chunk.start : chunk.stop], cond)
         return torch.cat(conds, dim=2), torch.cat(unconds, dim=2) if guided else None
 
     @contextmanager
@@ -513,17 +510,6 @@ class StreamingLongTuning(Recipe):
         conditioning = self.conditioning_inputs(self.accelerator.unwrap_model(model),
                                                 noisy.shape[0])
         return call_transformer(model, noisy, timestep, embeds, self.dtype, conditioning)
-
-    def _renoise(
-        self, clip: torch.Tensor, randomness: StepRandomness
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The clip at a random noise level per sample: noisy latents, the noise, sigma
-        ``[B, 1, 1, 1, 1]`` and the model timesteps ``[B]``."""
-        schedule = self.config.schedule
-        sigmas = randomness.sigmas(schedule, self.config.dmd.noise)
-        sigma = per_sample(sigmas.to(self.device))
-        noise = randomness.randn(tuple(clip.shape), self.device)
-        return schedule.renoise(clip, noise, sigma), noise, sigma, TABLE_SIZE * sigma.flatten()
 
     # --------------------------------------------------------------------------------- sampling
     def _sample(self, randomness: StepRandomness) -> StepVideos:

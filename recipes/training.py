@@ -4,10 +4,11 @@ A recipe (a ``Recipe`` subclass) builds its models and says, per step, which of 
 to update and how to compute and backpropagate their losses. The loop does the rest with
 accelerate: one process per device (``accelerate launch`` / ``torchrun``), the trained models
 replicated (DDP) or, with ``training.sharding: fsdp2``, every transformer sharded across the
-processes (``sharding.py``), bf16 autocast on CUDA, AdamW on the LoRA (or full) weights with a
-diffusers LR schedule, gradient clipping, a stop with a clear error on a non-finite loss,
-checkpoints with exact resume, validation rollouts, tqdm and logging (``metrics.jsonl``), and the
-final ``MemFlowAdapter`` folder.
+processes (``sharding.py``; what differs between the two is a strategy built at set-up,
+``strategy.py``), bf16 autocast on CUDA, AdamW on the LoRA (or full) weights with a diffusers LR
+schedule, gradient clipping, a stop with a clear error on a non-finite loss, checkpoints with
+exact resume, a checkpoint and a stop on Ctrl-C (``interrupt.py``), validation rollouts, tqdm
+and logging (``metrics.jsonl``), and the final ``MemFlowAdapter`` folder.
 """
 
 from __future__ import annotations
@@ -41,9 +42,10 @@ from memflow_adapter.outputs import peak_process_memory_bytes
 from memflow_adapter.schedule import FlowMatchSchedule
 from memflow_adapter.streaming import ChunkEngine
 
-from .checkpoints import Checkpointer, CheckpointFolders, ShardedCheckpointer
+from .checkpoints import CheckpointFolders
 from .config import ConfigError, check, load_config, to_dict
 from .flow import StepRandomness
+from .interrupt import StopOnInterrupt, TrainingInterrupted
 from .models import (
     LoraSettings,
     ModelConfig,
@@ -52,13 +54,8 @@ from .models import (
     trainable_parameters,
     trained_state_dict,
 )
-from .sharding import (
-    SHARDING,
-    mixed_precision_policy,
-    process_mesh,
-    shard_transformer,
-    unsharded,
-)
+from .sharding import SHARDING
+from .strategy import STRATEGIES
 from .validation import ValidationConfig, run_validation
 
 logger = get_logger(__name__)
@@ -293,17 +290,14 @@ def train(recipe_type: type[Recipe], config: RecipeConfig) -> Path:
             "each would train alone; check the launcher's device settings"
         )
     _refuse_accelerate_fsdp(accelerator)
-    sharded = training.sharding == "fsdp2"
-    if sharded:
-        _check_sharding(config, accelerator)
+    strategy = STRATEGIES[training.sharding]()
+    strategy.check(config, accelerator)
     set_seed(training.seed)
     recipe = recipe_type(config, accelerator)
     trainables = recipe.trainables()
-    if sharded:
-        _shard(recipe)
+    strategy.distribute(recipe)
     optimizers = {name: _adamw(trainable, training) for name, trainable in trainables.items()}
-    # accelerate steps a prepared scheduler once per process at each optimizer step.
-    ticks = 1 if sharded else accelerator.num_processes
+    ticks = strategy.scheduler_ticks(accelerator)
     schedulers = {
         name: get_scheduler(
             training.lr_scheduler,
@@ -314,19 +308,10 @@ def train(recipe_type: type[Recipe], config: RecipeConfig) -> Path:
         for name, trainable in trainables.items()
     }
     models = {name: trainable.model for name, trainable in trainables.items()}
-    checkpoints = training.output_dir / "checkpoints"
-    checkpointer: CheckpointFolders
-    if sharded:
-        recipe.prepared = dict(models)  # fully_shard shards in place
-        checkpointer = ShardedCheckpointer(
-            accelerator, models, optimizers, schedulers, checkpoints,
-            training.checkpoints_total_limit,
-        )
-    else:
-        optimizers, schedulers = _prepare(accelerator, recipe, models, optimizers, schedulers)
-        checkpointer = Checkpointer(
-            accelerator, models, checkpoints, training.checkpoints_total_limit
-        )
+    optimizers, schedulers, checkpointer = strategy.prepare(
+        accelerator, recipe, models, optimizers, schedulers, training.output_dir / "checkpoints",
+        training.checkpoints_total_limit,
+    )
     start = checkpointer.resume(training.resume_from)
     output_dir = training.output_dir
     if accelerator.is_main_process:
@@ -340,56 +325,79 @@ def train(recipe_type: type[Recipe], config: RecipeConfig) -> Path:
         desc=recipe_type.__name__,
         disable=not accelerator.is_local_main_process,
     )
-    for step in range(start, training.max_steps):
-        began = time.perf_counter()
-        randomness = StepRandomness.for_step(
-            training.seed, step, accelerator.process_index * recipe.batch_size, recipe.batch_size
-        )
-        metrics: dict[str, Any] = {"step": step + 1}
-        for name in recipe.phases(step):
-            with accelerator.autocast():
-                loss = recipe.train_phase(name, step, randomness)
-            metrics[f"{name}_loss"] = _finite_mean(accelerator, name, loss, step + 1, checkpointer)
-            if training.max_grad_norm > 0:
-                # DTensor-aware: the norm of the whole gradient, over every process's shards.
-                norm = accelerator.clip_grad_norm_(
-                    trainable_parameters(trainables[name].model), training.max_grad_norm
+    with progress, StopOnInterrupt(announce=accelerator.is_main_process) as interrupt:
+        for step in range(start, training.max_steps):
+            began = time.perf_counter()
+            metrics = _train_step(recipe, trainables, optimizers, schedulers, checkpointer, step)
+            done = step + 1
+            metrics["seconds"] = time.perf_counter() - began
+            metrics["peak_memory_gib"] = _peak_memory(accelerator.device) / 2**30
+            progress.update(1)
+            progress.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k.endswith("_loss")})
+            if accelerator.is_main_process:
+                with (output_dir / "metrics.jsonl").open("a", encoding="utf-8") as handle:
+                    handle.write(json.dumps(metrics) + "\n")
+                if done % training.log_every == 0 or done == training.max_steps:
+                    logger.info(" | ".join(f"{k} {_format(v)}" for k, v in metrics.items()))
+            saved = None
+            if done % training.checkpoint_every == 0 or done == training.max_steps:
+                saved = checkpointer.save(done)
+            if config.validation.due(done, training.max_steps):
+                if strategy.runs_outside_steps(accelerator):
+                    with torch.no_grad(), accelerator.autocast():
+                        folder = output_dir / "validation" / f"step-{done:06d}"
+                        recipe.validate(folder, write=accelerator.is_main_process)
+                    logger.info("validation rollout written to %s", folder)
+                accelerator.wait_for_everyone()
+            if done < training.max_steps and interrupt.agreed(accelerator):
+                saved = saved or checkpointer.save(done)
+                raise TrainingInterrupted(
+                    f"interrupted after step {done} of {training.max_steps}: checkpoint saved "
+                    f"to {saved}; resume with training.resume_from={saved}",
+                    saved,
+                    report=accelerator.is_main_process,
                 )
-                metrics[f"{name}_grad_norm"] = norm.item()
-            optimizers[name].step()
-            schedulers[name].step()
-            optimizers[name].zero_grad(set_to_none=True)
-            metrics[f"{name}_lr"] = schedulers[name].get_last_lr()[0]
-        done = step + 1
-        metrics["seconds"] = time.perf_counter() - began
-        metrics["peak_memory_gib"] = _peak_memory(accelerator.device) / 2**30
-        progress.update(1)
-        progress.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k.endswith("_loss")})
-        if accelerator.is_main_process:
-            with (output_dir / "metrics.jsonl").open("a", encoding="utf-8") as handle:
-                handle.write(json.dumps(metrics) + "\n")
-            if done % training.log_every == 0 or done == training.max_steps:
-                logger.info(" | ".join(f"{k} {_format(v)}" for k, v in metrics.items()))
-        if done % training.checkpoint_every == 0 or done == training.max_steps:
-            checkpointer.save(done)
-        if config.validation.due(done, training.max_steps):
-            # Sharded, every process runs the rollout's (collective) passes.
-            if sharded or accelerator.is_main_process:
-                with torch.no_grad(), accelerator.autocast():
-                    folder = output_dir / "validation" / f"step-{done:06d}"
-                    recipe.validate(folder, write=accelerator.is_main_process)
-                logger.info("validation rollout written to %s", folder)
-            accelerator.wait_for_everyone()
-    progress.close()
 
     adapter_dir = output_dir / "adapter"
-    adapter = recipe.adapter() if sharded or accelerator.is_main_process else None
+    adapter = recipe.adapter() if strategy.runs_outside_steps(accelerator) else None
     if accelerator.is_main_process:
         adapter.save_pretrained(adapter_dir)
         logger.info("adapter written to %s", adapter_dir)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return adapter_dir
+
+
+def _train_step(
+    recipe: Recipe,
+    trainables: dict[str, Trainable],
+    optimizers: dict[str, Any],
+    schedulers: dict[str, Any],
+    checkpointer: CheckpointFolders,
+    step: int,
+) -> dict[str, Any]:
+    """Step ``step`` (0-based) of every phase: loss and backward, gradient clipping, optimizer and
+    scheduler step; returns the step's metrics (losses, gradient norms, learning rates)."""
+    accelerator, training = recipe.accelerator, recipe.config.training
+    randomness = StepRandomness.for_step(
+        training.seed, step, accelerator.process_index * recipe.batch_size, recipe.batch_size
+    )
+    metrics: dict[str, Any] = {"step": step + 1}
+    for name in recipe.phases(step):
+        with accelerator.autocast():
+            loss = recipe.train_phase(name, step, randomness)
+        metrics[f"{name}_loss"] = _finite_mean(accelerator, name, loss, step + 1, checkpointer)
+        if training.max_grad_norm > 0:
+            # DTensor-aware: the norm of the whole gradient, over every process's shards.
+            norm = accelerator.clip_grad_norm_(
+                trainable_parameters(trainables[name].model), training.max_grad_norm
+            )
+            metrics[f"{name}_grad_norm"] = norm.item()
+        optimizers[name].step()
+        schedulers[name].step()
+        optimizers[name].zero_grad(set_to_none=True)
+        metrics[f"{name}_lr"] = schedulers[name].get_last_lr()[0]
+    return metrics
 
 
 def _adamw(trainable: Trainable, training: TrainingConfig) -> torch.optim.AdamW:
@@ -401,55 +409,6 @@ def _adamw(trainable: Trainable, training: TrainingConfig) -> torch.optim.AdamW:
         weight_decay=training.adam_weight_decay,
         eps=training.adam_epsilon,
     )
-
-
-def _prepare(
-    accelerator: Accelerator,
-    recipe: Recipe,
-    models: dict[str, nn.Module],
-    optimizers: dict[str, torch.optim.Optimizer],
-    schedulers: dict[str, Any],
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``accelerator.prepare`` the trained models (DDP), their optimizers and schedulers; sets
-    ``recipe.prepared``; returns the prepared optimizers and schedulers by name."""
-    names = list(models)
-    prepared = accelerator.prepare(
-        *(models[n] for n in names), *(optimizers[n] for n in names),
-        *(schedulers[n] for n in names),
-    )
-    count = len(names)
-    recipe.prepared = dict(zip(names, prepared[:count], strict=True))
-    return (
-        dict(zip(names, prepared[count : 2 * count], strict=True)),
-        dict(zip(names, prepared[2 * count :], strict=True)),
-    )
-
-
-def _check_sharding(config: RecipeConfig, accelerator: Accelerator) -> None:
-    """``training.sharding: fsdp2`` trains LoRA weights on 2 or more processes."""
-    if config.model.train != "lora":
-        raise ConfigError(
-            f"model.train={config.model.train!r} is not supported with training.sharding=fsdp2 "
-            "(it trains LoRA weights on sharded frozen bases): use model.train=lora, or "
-            "training.sharding=none"
-        )
-    if accelerator.num_processes < 2:
-        raise ConfigError(
-            f"training.sharding=fsdp2 shards across processes but {accelerator.num_processes} "
-            "was launched: launch 2 or more (torchrun --nproc_per_node N), or use "
-            "training.sharding=none"
-        )
-
-
-def _shard(recipe: Recipe) -> None:
-    """Shard every transformer of ``recipe`` per block over all processes, and make NAM's text
-    keys (computed outside a forward) see each attached model's whole weights."""
-    device = recipe.device
-    mesh, policy = process_mesh(device), mixed_precision_policy(device)
-    for model in recipe.transformers().values():
-        shard_transformer(model, mesh, policy)
-    for attachment in recipe.attachments():
-        attachment.outside_forward = lambda model=attachment.model: unsharded(model)
 
 
 def _refuse_accelerate_fsdp(accelerator: Accelerator) -> None:
@@ -466,7 +425,8 @@ def _refuse_accelerate_fsdp(accelerator: Accelerator) -> None:
 
 
 def _finite_mean(
-    accelerator: Accelerator, name: str, loss: torch.Tensor, step: int, checkpointer: Checkpointer
+    accelerator: Accelerator, name: str, loss: torch.Tensor, step: int,
+    checkpointer: CheckpointFolders,
 ) -> float:
     """The loss averaged over processes; raises on every process if any holds a non-finite one."""
     losses = accelerator.gather(loss.detach().float().reshape(1))
@@ -493,14 +453,27 @@ def _format(value: Any) -> str:
 def exit_on_bad_input(name: str, run: Callable[[], object]) -> None:
     """Run a recipe's command line: bad input (a missing or broken dataset, prompt file,
     checkpoint or model folder) ends in one line on stderr and exit status 2 instead of a
-    traceback (``MEMFLOW_TRACEBACK=1`` shows it)."""
+    traceback (``MEMFLOW_TRACEBACK=1`` shows it); Ctrl-C ends in one line saying how to resume
+    and exit status 130 (``interrupt.py``)."""
+    prog = f"python -m memflow_adapter.recipes.{name}"
     try:
         run()
     except (ValueError, OSError, VideoReadError) as error:
         if os.environ.get("MEMFLOW_TRACEBACK"):
             raise
-        print(f"python -m memflow_adapter.recipes.{name}: error: {error}", file=sys.stderr)
+        print(f"{prog}: error: {error}", file=sys.stderr)
         sys.exit(2)
+    except TrainingInterrupted as stop:
+        if stop.report:
+            print(f"{prog}: {stop}", file=sys.stderr)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        print(
+            f"{prog}: stopped at once; the steps since the last checkpoint are lost; resume "
+            "from it with training.resume_from=latest (and the same training.output_dir)",
+            file=sys.stderr,
+        )
+        sys.exit(130)
 
 
 def main(

@@ -1,11 +1,15 @@
 """The fine-tune recipes end to end on tiny random models (CPU): what trains, what stays frozen,
-NaN stops, exact resume, gradient checkpointing, the output adapter, and a 2-process run."""
+NaN stops, exact resume, Ctrl-C, gradient checkpointing, the output adapter, and a 2-process run."""
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 import textwrap
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,9 +18,10 @@ from safetensors.torch import load_file
 
 from memflow_adapter import MemFlowAdapter, MemFlowConfig, get_memflow
 from memflow_adapter.recipes import memory_finetune, streaming_long_tuning
+from memflow_adapter.recipes.interrupt import StopOnInterrupt
 from memflow_adapter.recipes.latents import DatasetError, VideoLatents
 from memflow_adapter.recipes.models import has_lora, lora_state_dict, trained_state_dict
-from memflow_adapter.recipes.training import NonFiniteLossError, main
+from memflow_adapter.recipes.training import NonFiniteLossError, exit_on_bad_input, main
 from memflow_adapter.streaming import ChunkEngine
 from memflow_adapter.tiny_wan import build_tiny_wan_pipeline
 
@@ -189,9 +194,9 @@ def test_prompt_dropout_denoises_some_loss_chunks_without_their_prompt(
             gradient_prompts.append(bool(embeds.any()))
         return flow(self, noisy, timestep, embeds, grad)
 
-    def spied_open(self, chunk, cond, video):
+    def spied_open(self, chunk, cond, *args):
         memory_prompts.append(bool(cond.embeds.any()) and all(k.any() for k in cond.text_keys))
-        return open_chunk(self, chunk, cond, video)
+        return open_chunk(self, chunk, cond, *args)
 
     def spied_commit(self, clean, cond):
         memory_prompts.append(bool(cond.embeds.any()))
@@ -343,6 +348,95 @@ def test_resuming_from_a_checkpoint_continues_bit_identically(name, dataset, tmp
         expected = lora_state_dict(trainable.model)
         assert_same_weights(lora_state_dict(resumed.trainables()[model_name].model), expected)
     assert len((tmp_path / "b" / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def metrics_rows(output_dir):
+    """``metrics.jsonl`` without the timings, which differ from run to run."""
+    rows = [json.loads(row) for row in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if k not in ("seconds", "peak_memory_gib")}
+            for row in rows]
+
+
+def wait_for_line(process, text, timeout=300):
+    """Read ``process``'s stderr until a line holding ``text``; fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = process.stderr.readline()
+        if text in line:
+            return
+        if not line and process.poll() is not None:
+            break
+    process.kill()
+    pytest.fail(f"no line with {text!r} from the child process")
+
+
+@pytest.mark.slow
+def test_ctrl_c_finishes_the_step_saves_a_checkpoint_and_resuming_it_equals_an_uninterrupted_run(
+    dataset, tmp_path
+):
+    """A real SIGINT to a child process training ``memory_finetune --tiny`` (no checkpoint due
+    before its 5th step): it finishes the step it is in, saves that step's checkpoint, writes no
+    adapter and ends in one line naming the checkpoint and how to resume, exit status 130.
+    Resumed from there in the same folder, the run ends with the weights and the metrics of an
+    uninterrupted run, bit for bit."""
+    name, folder = "memory_finetune", tmp_path / "interrupted"
+    args = overrides(name, folder, dataset, "training.max_steps=5",
+                     "training.checkpoint_every=100", "training.log_every=1")
+    child = subprocess.Popen(
+        [sys.executable, "-m", f"memflow_adapter.recipes.{name}", *args],
+        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+        env={**os.environ, "MEMFLOW_TRACEBACK": ""},
+    )
+    wait_for_line(child, "step 1 | ")
+    child.send_signal(signal.SIGINT)
+    _, stderr = child.communicate(timeout=300)
+
+    assert child.returncode == 130 and "Traceback" not in stderr
+    last = stderr.strip().splitlines()[-1]
+    stop = re.fullmatch(
+        rf"python -m memflow_adapter.recipes.{name}: interrupted after step (\d+) of 5: checkpoint "
+        r"saved to (.+); resume with training.resume_from=\2", last,
+    )
+    assert stop, last
+    step, checkpoint = int(stop[1]), Path(stop[2])
+    assert 1 <= step < 5
+    assert checkpoint == folder / "checkpoints" / f"checkpoint-{step}"
+    assert sorted((folder / "checkpoints").iterdir()) == [checkpoint]
+    assert not (folder / "adapter").exists()
+    assert [row["step"] for row in metrics_rows(folder)] == list(range(1, step + 1))
+
+    resumed = run(name, [*args, f"training.resume_from={checkpoint}"])
+    straight = run(name, overrides(name, tmp_path / "straight", dataset, "training.max_steps=5"))
+    assert_same_weights(
+        lora_state_dict(resumed.student.model), lora_state_dict(straight.student.model)
+    )
+    assert metrics_rows(folder) == metrics_rows(tmp_path / "straight")
+
+
+def test_a_second_interrupt_stops_at_once():
+    """Inside the loop's guard the first SIGINT only asks to stop after the step; the second
+    raises ``KeyboardInterrupt`` where the run is; the previous handler is back after."""
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt), StopOnInterrupt(announce=False) as interrupt:
+        signal.raise_signal(signal.SIGINT)
+        assert interrupt.requested
+        signal.raise_signal(signal.SIGINT)
+        pytest.fail("the second SIGINT did not stop the run")
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_a_recipe_stopped_at_once_ends_in_one_line_saying_how_to_resume(capsys):
+    def stopped():
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as exit_status:
+        exit_on_bad_input("memory_finetune", stopped)
+    assert exit_status.value.code == 130
+    assert capsys.readouterr().err.splitlines() == [
+        "python -m memflow_adapter.recipes.memory_finetune: stopped at once; the steps since the "
+        "last checkpoint are lost; resume from it with training.resume_from=latest (and the same "
+        "training.output_dir)"
+    ]
 
 
 def test_resuming_in_the_same_folder_logs_each_step_once(dataset, tmp_path):

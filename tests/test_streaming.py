@@ -350,6 +350,45 @@ def test_the_engine_passes_the_familys_conditioning_inputs_on_every_pass():
     assert seen == [[1]] * (3 * (2 + 1) + 1)
 
 
+def test_the_chunk_loop_yields_each_chunk_open_and_refuses_one_out_of_order(tiny_pipe):
+    """``ChunkEngine.chunks`` opens each planned chunk, denoises it up to its exit step (looked
+    up by chunk index) into the video, yields it open and commits it before the next; with
+    ``commit_last=False`` the last stays open. A chunk that does not start at the session's next
+    frame is refused, naming both."""
+    attachment = streaming(tiny_pipe).attachment
+    g = torch.Generator().manual_seed(0)
+    conditions = [PromptConditioning.of(attachment, torch.randn(1, 8, 32, generator=g))
+                  for _ in range(2)]
+    noise = torch.randn(1, 16, 9, 4, 4, generator=g)
+    chunks = plan_chunks([0, 6], 9, 3)  # the third chunk recaches
+    schedule = FlowMatchSchedule((1000, 500), stochastic=False)
+    session = attachment.create_session(4, 4)
+    engine = ChunkEngine(tiny_pipe.transformer, session, schedule)
+    video = torch.zeros_like(noise)
+    seen = []
+    with torch.no_grad(), attachment.bind(session):
+        for opened in engine.chunks(chunks, conditions, video, noise=noise,
+                                    exit_steps=[1, 0, 1], commit_last=False):
+            chunk = opened.chunk
+            seen.append((chunk.index, session.next_frame, opened.last))
+            assert opened.cond is conditions[chunk.segment]
+            assert torch.equal(opened.frames, video[:, :, chunk.start : chunk.stop])
+            assert torch.equal(opened.frames, opened.denoised.clean.float())
+        assert seen == [(0, 0, False), (1, 3, False), (2, 6, True)]
+        assert session.next_frame == 6  # the last chunk is open
+        # exit step 1: the last step's input is the re-noised estimate, not the initial noise
+        assert not torch.equal(opened.denoised.exit_input, noise[:, :, 6:9].double())
+
+    fresh = ChunkEngine(tiny_pipe.transformer, attachment.create_session(4, 4), schedule)
+    with torch.no_grad(), attachment.bind(fresh.session):
+        (first,) = fresh.chunks(chunks[:1], conditions, torch.zeros_like(noise), noise=noise,
+                                exit_steps={0: 0})
+        assert torch.equal(first.denoised.exit_input, noise[:, :, :3].double())  # no step ran
+        with pytest.raises(ValueError, match=r"chunk.start must be the session's next frame "
+                                             r"\(3\), got 6 \(chunk 2\)"):
+            fresh.open_chunk(chunks[2], conditions[1], video)
+
+
 # --------------------------------------------------------------------- one loop, in the core
 LIFECYCLE = {"begin_chunk", "switch_prompt", "denoise_pass", "context_pass"}
 ENGINE = REPOSITORY / "memflow_adapter" / "streaming.py"
