@@ -14,11 +14,24 @@ if TYPE_CHECKING:
     from .config import MemFlowConfig
     from .hooks import MemFlowAttachment, apply_memflow, get_memflow, remove_memflow
     from .hub import MemFlowAdapter, PublishedLayout
-    from .introspection import ChunkMemory, PassActivation
-    from .pipeline import MemFlowStreamingPipeline, PromptSchedule, StreamingVideoOutput
-    from .session import PassKind, RecacheWindow, SessionStateError, StreamingSession
+    from .introspection import ChunkMemory
+    from .pipeline import MemFlowStreamingPipeline
+    from .schedule import FlowMatchSchedule
+    from .session import SessionStateError, StreamingSession
+    from .stream import ChunkReport, StreamedChunk, StreamingVideoOutput, VideoStream
+    from .streaming import (
+        ChunkEngine,
+        ChunkPlan,
+        Denoised,
+        Guidance,
+        OpenChunk,
+        PromptConditioning,
+        PromptSchedule,
+    )
 
-# Imported on first use: the CLI builds its parser without torch (memflow --help).
+# What users construct (configs, the pipeline, schedules, the engine's inputs) and what they get
+# back (attachments, streams, chunks, reports, traces); the engine's internals stay in their
+# modules. Imported on first use: the CLI builds its parser without torch (memflow --help).
 _EXPORTS = {
     "MemFlowConfig": ".config",
     "MemFlowAttachment": ".hooks",
@@ -28,31 +41,45 @@ _EXPORTS = {
     "MemFlowAdapter": ".hub",
     "PublishedLayout": ".hub",
     "ChunkMemory": ".introspection",
-    "PassActivation": ".introspection",
     "MemFlowStreamingPipeline": ".pipeline",
-    "PromptSchedule": ".pipeline",
-    "StreamingVideoOutput": ".pipeline",
-    "PassKind": ".session",
-    "RecacheWindow": ".session",
+    "FlowMatchSchedule": ".schedule",
     "SessionStateError": ".session",
     "StreamingSession": ".session",
+    "ChunkReport": ".stream",
+    "StreamedChunk": ".stream",
+    "StreamingVideoOutput": ".stream",
+    "VideoStream": ".stream",
+    "ChunkEngine": ".streaming",
+    "ChunkPlan": ".streaming",
+    "Denoised": ".streaming",
+    "Guidance": ".streaming",
+    "OpenChunk": ".streaming",
+    "PromptConditioning": ".streaming",
+    "PromptSchedule": ".streaming",
 }
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 __all__ = [
+    "ChunkEngine",
     "ChunkMemory",
+    "ChunkPlan",
+    "ChunkReport",
+    "Denoised",
+    "FlowMatchSchedule",
+    "Guidance",
     "MemFlowAdapter",
     "MemFlowAttachment",
     "MemFlowConfig",
     "MemFlowStreamingPipeline",
-    "PassActivation",
-    "PassKind",
+    "OpenChunk",
+    "PromptConditioning",
     "PromptSchedule",
     "PublishedLayout",
-    "RecacheWindow",
     "SessionStateError",
+    "StreamedChunk",
     "StreamingSession",
     "StreamingVideoOutput",
+    "VideoStream",
     "__version__",
     "apply_memflow",
     "get_memflow",

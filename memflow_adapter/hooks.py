@@ -32,7 +32,13 @@ ROPE_HOOK = "memflow_rope_offset"
 
 
 class MemFlowAttachment:
-    """MemFlow attached to one transformer: its integration, its config, the bound session."""
+    """MemFlow attached to one transformer: its integration, its config, the bound session.
+
+    It creates sessions (``create_session``), binds them (``bind``), computes NAM's per-layer
+    text keys ``[B, L, H, D]`` from prompt embeddings ``[B, L, D]`` (``text_keys``), and runs each
+    self-attention layer's ``[B, n * T_f, H, D]`` queries, keys and values through the bound
+    session (``attend``).
+    """
 
     def __init__(self, model: nn.Module, integration: Integration, config: MemFlowConfig) -> None:
         self.model = model
@@ -224,7 +230,8 @@ def apply_memflow(
         session: optionally bound right away (else use ``attachment.bind(session)``).
 
     Returns:
-        The attachment: creates sessions, binds them, computes NAM's text keys.
+        The attachment: creates sessions, binds them, computes NAM's text keys ``[B, L, H, D]``
+        (one per self-attention layer) from prompt embeddings ``[B, L, D]``.
 
     Raises:
         TypeError: the model's family is not supported (nothing is changed).

@@ -16,7 +16,8 @@ from typing import TextIO
 import numpy as np
 
 from .extras import import_optional
-from .pipeline import PromptSchedule, StreamingVideoOutput, VideoStream
+from .stream import StreamingVideoOutput, VideoStream
+from .streaming import PromptSchedule
 
 
 class LivePrompts:

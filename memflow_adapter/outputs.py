@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import MemFlowConfig
-from .pipeline import StreamingVideoOutput
+from .stream import StreamingVideoOutput
 from .timeline import draw_memory_timeline
 
 

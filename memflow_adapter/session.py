@@ -91,7 +91,9 @@ class SessionStateError(RuntimeError):
 
 
 class StreamingSession:
-    """Owns every layer's frame cache for one video.
+    """Owns every layer's frame cache for one video: per layer, sink, bank and window frames of
+    post-RoPE keys and values ``[B, T_f, H, D]`` each; ``attend`` takes a pass's queries, keys
+    and values ``[B, n * T_f, H, D]`` and returns the attention output of that shape.
 
     Args:
         config: memory layout and switches.

@@ -393,7 +393,10 @@ class OpenChunk:
 
 
 class ChunkEngine:
-    """Runs planned chunks through a session with one model (bind the session first).
+    """Runs planned chunks through a session with one model (bind the session first): each chunk's
+    latents ``[B, C, f, h, w]`` (``f``: its latent frames) are denoised from noise of that shape,
+    conditioned on a ``PromptConditioning`` (embeddings ``[B, L, D]``), and committed to the
+    session's cache by a context pass.
 
     Args:
         model: the transformer with MemFlow attached; passes without gradient go through it.

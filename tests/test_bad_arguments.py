@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from memflow_adapter import MemFlowConfig, MemFlowStreamingPipeline
-from memflow_adapter.pipeline import StreamingVideoOutput
 from memflow_adapter.schedule import FlowMatchSchedule
+from memflow_adapter.stream import StreamingVideoOutput
 from memflow_adapter.streaming import PromptSchedule
 from memflow_adapter.tiny_wan import build_tiny_wan_pipeline
 
