@@ -23,7 +23,7 @@ demo: $(STAMP)
 	$(VENV)/bin/memflow demo
 
 lint: $(STAMP)
-	$(PY) -m ruff check memflow_adapter integrations recipes tests bench
+	$(PY) -m ruff check memflow_adapter memflow_apps integrations recipes tests bench
 
 # --heads 2 keeps the reference token geometry but fits a 2-core machine.
 bench: $(STAMP)

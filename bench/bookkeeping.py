@@ -35,13 +35,13 @@ import torch
 import torch.nn.functional as F
 from diffusers import WanTransformer3DModel
 
-from memflow_adapter import MemFlowConfig, apply_memflow
-from memflow_adapter.config import PRESETS
-from memflow_adapter.integrations.wan import (
+from integrations.wan import (
     WAN21_T2V_1_3B_TRANSFORMER,
     WanIntegration,
     WanStreamingSelfAttnProcessor,
 )
+from memflow_adapter import MemFlowConfig, apply_memflow
+from memflow_adapter.config import PRESETS
 from memflow_adapter.schedule import FlowMatchSchedule
 from memflow_adapter.streaming import ChunkEngine, ChunkPlan, PromptConditioning, call_transformer
 

@@ -57,10 +57,10 @@ import torch
 from attention_overhead import positive_int  # bench/ is on sys.path when run as a script
 from diffusers import WanTransformer3DModel
 
+from integrations.wan import WAN21_T2V_1_3B_TRANSFORMER
 from memflow_adapter import MemFlowConfig, StreamingSession
 from memflow_adapter.config import PRESETS
 from memflow_adapter.hooks import MemFlowAttachment, apply_memflow, remove_memflow
-from memflow_adapter.integrations.wan import WAN21_T2V_1_3B_TRANSFORMER
 from memflow_adapter.streaming import call_transformer
 
 #: The contenders' ``cache_dtype``, in table order; the first (the model dtype) is the baseline.

@@ -1,6 +1,6 @@
 """``torch.compile`` on a MemFlow stream: what it compiles, whether it stops, and the speed-up.
 
-The tiny Wan transformer (``memflow_adapter.tiny_wan``, random weights) with MemFlow attached
+The tiny Wan transformer (``memflow_apps.shared.tiny_wan``, random weights) with MemFlow attached
 streams ``--chunks`` chunks, switching between two prompts every ``--switch-every`` chunks (each
 switch recaches), once eagerly and once through ``torch.compile(transformer, backend=...)``,
 side by side in one process. A counting backend wraps the compiler, so the script sees every
@@ -32,7 +32,7 @@ from memflow_adapter import MemFlowConfig, apply_memflow
 from memflow_adapter.config import PRESETS
 from memflow_adapter.schedule import FlowMatchSchedule
 from memflow_adapter.streaming import ChunkEngine, ChunkPlan, PromptConditioning
-from memflow_adapter.tiny_wan import build_tiny_wan_pipeline
+from memflow_apps.shared.tiny_wan import build_tiny_wan_pipeline
 
 FRAMES_PER_CHUNK = 3
 STEPS = FlowMatchSchedule(stochastic=False)

@@ -51,13 +51,13 @@ from dataclasses import dataclass
 import torch
 from streaming_scaling import latent_video  # bench/ is on sys.path when run as a script
 
+from integrations.wan import shorten_rope_table
 from memflow_adapter import MemFlowConfig
 from memflow_adapter.config import PRESETS
-from memflow_adapter.integrations.wan import shorten_rope_table
 from memflow_adapter.pipeline import MemFlowStreamingPipeline
 from memflow_adapter.schedule import FlowMatchSchedule
 from memflow_adapter.stream import VideoStream
-from memflow_adapter.tiny_wan import build_tiny_wan_pipeline
+from memflow_apps.shared.tiny_wan import build_tiny_wan_pipeline
 
 #: Chunks (1-based) the table reports; the first is the baseline of the ratios.
 CHECKPOINTS = (10, 100, 1000, 5000)

@@ -4,7 +4,7 @@ For N held-out scripts (seeds 0 .. N-1; training used seeds >= 1000), a trained 
 generates each six-prompt story under four memory layouts, side by side in one run: MemFlow
 (`reference`: sink + NAM bank + window), MemFlow with SMA, LongLive (sink + window) and the local
 window alone. The exact detectors score prompt adherence, the consistency of the returning entity
-and place with their first appearance, and the time per chunk (see memflow_adapter/world/
+and place with their first appearance, and the time per chunk (see memflow_apps/world/
 scoring.py), then, story by story against the window alone, how often the returning entity
 matches its first look (and its colour) only with memory or only without it, with an exact sign
 test. The "first drawn as prompted" columns say how often the entity's first appearance looks as
@@ -12,8 +12,8 @@ its prompt describes it (whole look, then each attribute): what the model can dr
 without memory.
 
     .venv/bin/python bench/narrative_eval.py --scripts 20          # the packaged model
-    .venv/bin/python bench/narrative_eval.py --models memflow_adapter/world/model \\
-        memflow_adapter/world/student --scripts 50                   # many-step vs student
+    .venv/bin/python bench/narrative_eval.py --models memflow_apps/world/model \\
+        memflow_apps/world/student --scripts 50                   # many-step vs student
     .venv/bin/python bench/narrative_eval.py --rope-frames 10 --position-overflow clamp
     .venv/bin/python bench/narrative_eval.py --cache-dtype int8
 
@@ -31,12 +31,12 @@ from pathlib import Path
 
 import torch
 
+from integrations.wan import shorten_rope_table
 from memflow_adapter.frame_buffer import CACHE_DTYPES
-from memflow_adapter.integrations.wan import shorten_rope_table
 from memflow_adapter.positions import POSITION_OVERFLOWS
-from memflow_adapter.world import load_world_pipeline, make_script
-from memflow_adapter.world.pipeline import WORLD_MODEL_DIR, WORLD_STUDENT_DIR
-from memflow_adapter.world.scoring import (
+from memflow_apps.world import load_world_pipeline, make_script
+from memflow_apps.world.pipeline import WORLD_MODEL_DIR, WORLD_STUDENT_DIR
+from memflow_apps.world.scoring import (
     WORLD_LAYOUTS,
     compare_paired,
     generate_script,
@@ -70,7 +70,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scripts", type=int, default=50, help="held-out scripts (seeds 0..N-1)")
     parser.add_argument("--models", type=Path, nargs="+", default=[WORLD_MODEL_DIR],
-                        help="trained world transformer folders (memflow_adapter.world.export), "
+                        help="trained world transformer folders (memflow_apps.world.export), "
                         "each sampled as its sampling.json says, side by side (default: the "
                         "packaged many-step model; the packaged student is "
                         f"{WORLD_STUDENT_DIR})")

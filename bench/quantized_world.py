@@ -21,9 +21,9 @@ import statistics
 
 import torch
 
-from memflow_adapter.world import load_world_pipeline, make_script
-from memflow_adapter.world.pipeline import WORLD_GUIDANCE_SCALE, WORLD_MODEL_DIR
-from memflow_adapter.world.scoring import (
+from memflow_apps.world import load_world_pipeline, make_script
+from memflow_apps.world.pipeline import WORLD_GUIDANCE_SCALE, WORLD_MODEL_DIR
+from memflow_apps.world.scoring import (
     generate_script,
     mean_scores,
     score_script,

@@ -50,9 +50,9 @@ def work(record: Path, overrides: list[str]) -> None:
     """One run of the recipe (this script under torchrun or alone): at its first step (the
     models sharded, if they are), each process writes the bytes it holds of each transformer to
     ``record/bytes-rank<r>.json``."""
-    from memflow_adapter.recipes import streaming_long_tuning as module
-    from memflow_adapter.recipes.sharding import local_parameter_bytes
-    from memflow_adapter.recipes.training import main
+    from recipes import streaming_long_tuning as module
+    from recipes.sharding import local_parameter_bytes
+    from recipes.training import main
 
     class Recorded(module.StreamingLongTuning):
         def train_phase(self, name, step, randomness):

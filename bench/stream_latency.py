@@ -19,19 +19,19 @@ import time
 import torch
 
 from memflow_adapter import MemFlowConfig
-from memflow_adapter.cli import DEMO_PROMPTS
 from memflow_adapter.hooks import remove_memflow
 from memflow_adapter.pipeline import MemFlowStreamingPipeline, PromptSchedule
-from memflow_adapter.tiny_wan import build_tiny_wan_pipeline
-from memflow_adapter.world.grammar import make_script
-from memflow_adapter.world.pipeline import (
+from memflow_apps.cli import DEMO_PROMPTS
+from memflow_apps.shared.tiny_wan import build_tiny_wan_pipeline
+from memflow_apps.world.grammar import make_script
+from memflow_apps.world.pipeline import (
     WORLD_GUIDANCE_SCALE,
     WORLD_SCHEDULE,
     WORLD_SEQUENCE_LENGTH,
     load_world_pipeline,
 )
-from memflow_adapter.world.render import HEIGHT, WIDTH
-from memflow_adapter.world.scoring import WORLD_LAYOUTS, script_schedule
+from memflow_apps.world.render import HEIGHT, WIDTH
+from memflow_apps.world.scoring import WORLD_LAYOUTS, script_schedule
 
 
 def parse_args() -> argparse.Namespace:

@@ -26,7 +26,7 @@ import torch
 from memflow_adapter import MemFlowConfig
 from memflow_adapter.hooks import remove_memflow
 from memflow_adapter.pipeline import MemFlowStreamingPipeline, PromptSchedule
-from memflow_adapter.tiny_wan import build_tiny_wan_pipeline
+from memflow_apps.shared.tiny_wan import build_tiny_wan_pipeline
 
 CONFIGS = ("reference", "reference_sma", "longlive", "full_history")
 CHECKPOINTS = (2, 10, 50, 100)

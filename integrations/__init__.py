@@ -1,4 +1,4 @@
-"""Model-family integrations, installed as ``memflow_adapter.integrations``.
+"""Model-family integrations, installed as ``integrations``.
 
 Adding a family is adding one module here with an ``Integration`` subclass: every module of this
 package is imported and every concrete subclass found is registered.

@@ -17,13 +17,14 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from torch import nn
 
+from integrations import INTEGRATIONS, Integration, find_integration
+
 from .config import MemFlowConfig
 from .context_parallel import (
     context_parallel_config,
     enable_diffusers_context_parallel,
     head_shard_of,
 )
-from .integrations import INTEGRATIONS, Integration, find_integration
 from .positions import RopeTable
 from .session import SessionStateError, StreamingSession
 
@@ -225,7 +226,7 @@ def apply_memflow(
 
     Args:
         model: a transformer of a supported family (see
-            ``memflow_adapter.integrations.supported_model_classes()``).
+            ``integrations.supported_model_classes()``).
         config: the memory layout every session of this model uses.
         session: optionally bound right away (else use ``attachment.bind(session)``).
 

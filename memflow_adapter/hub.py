@@ -39,16 +39,17 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .config import MemFlowConfig
-from .hooks import MemFlowAttachment, apply_memflow, get_memflow
-from .integrations import INTEGRATIONS, REFERENCE_FAMILY, find_integration, integration_named
-from .integrations.checkpoints import (
+from integrations import INTEGRATIONS, REFERENCE_FAMILY, find_integration, integration_named
+from integrations.checkpoints import (
     check_finite,
     check_state_dict_fits,
     load_checkpoint_file,
     load_lora_into,
     validate_lora,
 )
+
+from .config import MemFlowConfig
+from .hooks import MemFlowAttachment, apply_memflow, get_memflow
 
 CONFIG_NAME = "memflow_config.json"
 LORA_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -99,7 +100,7 @@ class MemFlowAdapter:
         config: the memory layout.
         base_model: Hub id (or name) of the base diffusers model; ``None`` when not known (e.g.
             ``memflow convert`` with another ``--base-config`` and no ``--base-model``).
-        integration: the model family (``Integration.name``; ``memflow_adapter.integrations``).
+        integration: the model family (``Integration.name``; ``integrations``).
         base_model_config: transformer config fields the target model must match.
         lora_state: LoRA weights, peft layout on diffusers module names.
         lora_alpha: LoRA alpha (defaults to the rank when ``None``).

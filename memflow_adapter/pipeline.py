@@ -19,10 +19,11 @@ import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
+from integrations import find_integration
+
 from .config import MemFlowConfig
 from .context_parallel import check_same_on_every_rank, shared_generator
 from .hooks import MemFlowAttachment, apply_memflow, get_memflow
-from .integrations import find_integration
 from .schedule import FlowMatchSchedule
 from .stream import (
     StreamingVideoOutput,

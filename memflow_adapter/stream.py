@@ -19,7 +19,8 @@ from diffusers.utils import export_to_video
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
-from .integrations.base import LatentDecoder
+from integrations.base import LatentDecoder
+
 from .introspection import ChunkMemory
 from .session import StreamingSession
 from .streaming import (

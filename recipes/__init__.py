@@ -5,6 +5,6 @@
 * ``memory_finetune``: teacher-forced flow matching on real long videos with clean past chunks in
   the memory (data from ``build_dataset``).
 
-Run one with ``python -m memflow_adapter.recipes.<name> --config FILE [section.key=value ...]``,
-``accelerate launch -m memflow_adapter.recipes.<name> ...`` or ``torchrun -m ...``.
+Run one with ``python -m recipes.<name> --config FILE [section.key=value ...]``,
+``accelerate launch -m recipes.<name> ...`` or ``torchrun -m ...``.
 """

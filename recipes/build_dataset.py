@@ -14,7 +14,7 @@ temporal factor, ``Integration.vae_temporal_factor``), encoded with the pipeline
 latent mean) and normalised as the pipeline does; the prompts are encoded with its text
 encoder. Everything runs offline from a local pipeline folder::
 
-    python -m memflow_adapter.recipes.build_dataset --pipeline ./Wan2.1-T2V-1.3B-Diffusers \\
+    python -m recipes.build_dataset --pipeline ./Wan2.1-T2V-1.3B-Diffusers \\
         --manifest videos.jsonl --output data/latents --height 480 --width 832 --fps 16
 """
 
@@ -32,12 +32,12 @@ import torch
 from diffusers import DiffusionPipeline
 from tqdm.auto import tqdm
 
-from memflow_adapter.eval.videos import iter_video_batches
+from integrations import find_integration
 from memflow_adapter.extras import import_optional
-from memflow_adapter.integrations import find_integration
-from memflow_adapter.tiny_wan import build_tiny_wan_pipeline
+from memflow_apps.shared.latents import DatasetError, VideoLatents
+from memflow_apps.shared.tiny_wan import build_tiny_wan_pipeline
+from memflow_apps.shared.videos import iter_video_batches
 
-from .latents import DatasetError, VideoLatents
 from .training import exit_on_bad_input
 
 
@@ -149,7 +149,7 @@ def build_sample(
 
 def main(argv: Sequence[str] | None = None) -> list[Path]:
     parser = argparse.ArgumentParser(
-        prog="python -m memflow_adapter.recipes.build_dataset",
+        prog="python -m recipes.build_dataset",
         description="Encode videos and their segment prompts into a memory_finetune dataset.",
     )
     source = parser.add_mutually_exclusive_group(required=True)

@@ -12,7 +12,7 @@ chunks of it, and:
    without its prompt, for classifier-free guidance); only its LoRA weights learn (every
    weight with ``model.train: full``).
 
-Run with ``python -m memflow_adapter.recipes.memory_finetune --config FILE`` (or ``--tiny
+Run with ``python -m recipes.memory_finetune --config FILE`` (or ``--tiny
 data.dataset=FOLDER``), ``accelerate launch`` or ``torchrun``.
 """
 
@@ -32,10 +32,10 @@ from memflow_adapter.streaming import (
     plan_chunks,
     segment_at,
 )
+from memflow_apps.shared.latents import DatasetError, LatentVideoDataset, VideoLatents
 
 from .config import check
 from .flow import NoiseRange, StepRandomness, flow_matching_loss, seeded_generator
-from .latents import DatasetError, LatentVideoDataset, VideoLatents
 from .rollout import backward_chunk_by_chunk, commit_clean_chunks
 from .sharding import gather_objects
 from .training import Recipe, RecipeConfig, Trainable, exit_on_bad_input, main

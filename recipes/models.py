@@ -19,10 +19,10 @@ from diffusers.training_utils import cast_training_params
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 from torch import nn
 
+from integrations import find_integration, reference_integration
+from integrations.checkpoints import check_state_dict_fits
 from memflow_adapter import MemFlowAdapter, MemFlowAttachment, MemFlowConfig, apply_memflow
-from memflow_adapter.integrations import find_integration, reference_integration
-from memflow_adapter.integrations.checkpoints import check_state_dict_fits
-from memflow_adapter.tiny_wan import build_tiny_wan_pipeline
+from memflow_apps.shared.tiny_wan import build_tiny_wan_pipeline
 
 from .config import ConfigError, check
 from .sharding import full_tensor
@@ -44,9 +44,9 @@ class ModelConfig:
     Args:
         base_model: a diffusers Wan pipeline (Hub id or local folder): its transformer is the
             student, its text encoder, tokenizer and VAE serve prompts and validation videos.
-        tiny: use ``memflow_adapter.tiny_wan`` instead (random weights, offline, CPU-sized).
+        tiny: use ``memflow_apps.shared.tiny_wan`` instead (random weights, offline, CPU-sized).
         pipeline: a ``module:function`` returning the base pipeline instead (called without
-            arguments; e.g. ``memflow_adapter.world.pipeline:build_world_pipeline``); it must
+            arguments; e.g. ``memflow_apps.world.pipeline:build_world_pipeline``); it must
             hold a Wan transformer and offer ``encode_prompt`` like ``WanPipeline``.
         tiny_seed: weights seed of the tiny pipeline.
         student_weights: optional MemFlowAdapter folder or Hub id whose full transformer weights
@@ -183,7 +183,7 @@ def build_student(
 def load_teacher(source: str, tiny_seed: int | None, dtype: torch.dtype) -> nn.Module:
     """A frozen transformer (eval mode): the one of the tiny pipeline of ``tiny_seed`` when
     given, else ``source``'s: a pipeline factory's (``module:function``, e.g.
-    ``memflow_adapter.world.pipeline:load_world_pipeline``), or a diffusers pipeline folder or
+    ``memflow_apps.world.pipeline:load_world_pipeline``), or a diffusers pipeline folder or
     Hub id's ``transformer/``."""
     if tiny_seed is not None:
         model = build_tiny_wan_pipeline(tiny_seed).transformer

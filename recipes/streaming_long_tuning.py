@@ -23,7 +23,7 @@ their own MemFlow sessions teacher-forced on the rollout's earlier chunks (a str
 such as the narrative world's model, which sees the memory the student's video left); with
 ``rollout.sma_share`` a share of the steps roll the student out with SMA on.
 
-Run with ``python -m memflow_adapter.recipes.streaming_long_tuning --config FILE`` (or
+Run with ``python -m recipes.streaming_long_tuning --config FILE`` (or
 ``--tiny``), ``accelerate launch`` or ``torchrun``.
 """
 
@@ -40,7 +40,6 @@ import torch
 from accelerate import Accelerator
 
 from memflow_adapter import MemFlowAttachment, MemFlowConfig, apply_memflow
-from memflow_adapter.eval.prompts import load_prompt_groups
 from memflow_adapter.streaming import (
     ChunkEngine,
     ChunkPlan,
@@ -49,11 +48,12 @@ from memflow_adapter.streaming import (
     guided_flow,
     plan_chunks,
 )
+from memflow_apps.shared.latents import DatasetError, LatentVideoDataset
+from memflow_apps.shared.prompts import load_prompt_groups
 
 from .config import ConfigError, check
 from .dmd import distribution_matching_gradient, dmd_loss
 from .flow import NoiseRange, StepRandomness, flow_matching_loss
-from .latents import DatasetError, LatentVideoDataset
 from .models import LoraSettings, add_lora, load_teacher
 from .rollout import (
     Rollout,
@@ -206,7 +206,7 @@ class DMDConfig:
 
 @dataclass(frozen=True)
 class PromptDataConfig:
-    """The prompts: a prompt-group file (``memflow_adapter.eval.prompts`` formats: JSONL with a
+    """The prompts: a prompt-group file (``memflow_apps.shared.prompts`` formats: JSONL with a
     ``prompts`` list per line, ...); each video takes consecutive prompts of a random group.
     ``prompts: null`` uses the packaged ``example_prompts.jsonl`` (a few short narratives).
     ``dataset``, instead: a latent video folder (``memory_finetune``'s format, with prompts),

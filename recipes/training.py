@@ -35,12 +35,12 @@ from diffusers.optimization import SchedulerType, get_scheduler
 from torch import nn
 from tqdm.auto import tqdm
 
+from integrations import find_integration
 from memflow_adapter import MemFlowAdapter, MemFlowAttachment, MemFlowConfig, StreamingSession
-from memflow_adapter.eval.videos import VideoReadError
-from memflow_adapter.integrations import find_integration
 from memflow_adapter.outputs import peak_process_memory_bytes
 from memflow_adapter.schedule import FlowMatchSchedule
 from memflow_adapter.streaming import ChunkEngine
+from memflow_apps.shared.videos import VideoReadError
 
 from .checkpoints import CheckpointFolders
 from .config import ConfigError, check, load_config, to_dict
@@ -455,7 +455,7 @@ def exit_on_bad_input(name: str, run: Callable[[], object]) -> None:
     checkpoint or model folder) ends in one line on stderr and exit status 2 instead of a
     traceback (``MEMFLOW_TRACEBACK=1`` shows it); Ctrl-C ends in one line saying how to resume
     and exit status 130 (``interrupt.py``)."""
-    prog = f"python -m memflow_adapter.recipes.{name}"
+    prog = f"python -m recipes.{name}"
     try:
         run()
     except (ValueError, OSError, VideoReadError) as error:
@@ -482,9 +482,9 @@ def main(
     recipe_type: type[Recipe],
     argv: Sequence[str] | None = None,
 ) -> Path:
-    """``python -m memflow_adapter.recipes.<name> [--config FILE | --tiny] [section.key=value]``."""
+    """``python -m recipes.<name> [--config FILE | --tiny] [section.key=value]``."""
     parser = argparse.ArgumentParser(
-        prog=f"python -m memflow_adapter.recipes.{name}",
+        prog=f"python -m recipes.{name}",
         description=inspect.getdoc(recipe_type),
     )
     source = parser.add_mutually_exclusive_group()

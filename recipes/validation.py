@@ -16,8 +16,8 @@ import torch
 from diffusers import DiffusionPipeline
 from safetensors.torch import save_file
 
+from integrations import reference_integration
 from memflow_adapter import MemFlowConfig, MemFlowStreamingPipeline
-from memflow_adapter.integrations import reference_integration
 from memflow_adapter.outputs import memory_report, write_outputs
 from memflow_adapter.schedule import FlowMatchSchedule
 

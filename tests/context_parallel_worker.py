@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from memflow_adapter import MemFlowConfig, MemFlowStreamingPipeline, remove_memflow
-from memflow_adapter.tiny_wan import build_tiny_wan_pipeline
+from memflow_apps.shared.tiny_wan import build_tiny_wan_pipeline
 
 PROMPTS = [
     "a red fox runs through the snow",

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from memflow_adapter.recipes.latents import VideoLatents
+from memflow_apps.shared.latents import VideoLatents
 
 
 def write_latent_datasets(folder: Path, layouts: Sequence[tuple[int, Sequence[int]]]) -> Path:

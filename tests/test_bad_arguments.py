@@ -13,7 +13,7 @@ from memflow_adapter import MemFlowConfig, MemFlowStreamingPipeline
 from memflow_adapter.schedule import FlowMatchSchedule
 from memflow_adapter.stream import StreamingVideoOutput
 from memflow_adapter.streaming import PromptSchedule
-from memflow_adapter.tiny_wan import build_tiny_wan_pipeline
+from memflow_apps.shared.tiny_wan import build_tiny_wan_pipeline
 
 SIZE = 32  # pixels: 4x4 latents
 #: A valid stream (2 chunks of 3 latent frames); each row changes one argument.

@@ -12,9 +12,9 @@ import sys
 import pytest
 import torch
 
-from memflow_adapter import cli_choices
-from memflow_adapter.cli import build_parser, main, one_line
-from memflow_adapter.tiny_wan import build_tiny_wan_pipeline
+from memflow_apps.cli import build_parser, main, one_line
+from memflow_apps.shared import cli_choices
+from memflow_apps.shared.tiny_wan import build_tiny_wan_pipeline
 
 from tiny_models import tiny_wan
 from wan_fixtures import original_lora, training_state
@@ -139,11 +139,11 @@ def test_bad_input_is_one_line_and_a_non_zero_exit(argv, message, tmp_path, caps
 def test_building_the_parser_imports_neither_torch_nor_diffusers_nor_the_world():
     """``memflow --help`` answers at once: the handlers import what they run."""
     code = (
-        "import sys, memflow_adapter.cli as cli\n"
+        "import sys, memflow_apps.cli as cli\n"
         "parser = cli.build_parser()\n"
         "for sub in parser._subparsers._group_actions[0].choices.values(): sub.format_help()\n"
-        "heavy = ('torch', 'diffusers', 'transformers', 'memflow_adapter.world', "
-        "'memflow_adapter.eval.features')\n"
+        "heavy = ('torch', 'diffusers', 'transformers', 'memflow_apps.world', "
+        "'memflow_apps.eval.features')\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy or m in heavy))\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -165,11 +165,12 @@ def test_every_option_of_every_subcommand_has_help(command):
 
 
 def test_the_parser_choices_are_the_library_values():
+    from integrations import reference_integration
     from memflow_adapter.config import PRESETS
-    from memflow_adapter.eval import features, tiny
     from memflow_adapter.frame_buffer import CACHE_DTYPES
-    from memflow_adapter.integrations import reference_integration
-    from memflow_adapter.world import demo
+    from memflow_apps.eval import features
+    from memflow_apps.shared import tiny_scorers as tiny
+    from memflow_apps.world import demo
 
     library = {
         "PRESETS": PRESETS,
@@ -295,7 +296,7 @@ def test_ctrl_c_stops_generate_between_chunks_and_keeps_what_was_made(tmp_path):
     chunk being made is finished, the mp4 holds every frame made, report.json and the timeline
     describe them, exit status 130."""
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "memflow_adapter.cli", "generate", "--model", "tiny-random",
+    command = [sys.executable, "-m", "memflow_apps.cli", "generate", "--model", "tiny-random",
                "--prompt", "a red fox in the snow", "--num-latent-frames", "30",
                "--output-dir", str(out), *TINY_STREAM]
     child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -137,7 +137,7 @@ def test_the_attention_backend_is_not_part_of_a_configs_identity():
     """The same memory run with another kernel is the same config: sessions, adapters and
     pipelines accept it, and a pipeline on an attached model runs the backend it was given."""
     from memflow_adapter.pipeline import MemFlowStreamingPipeline
-    from memflow_adapter.tiny_wan import build_tiny_wan_pipeline
+    from memflow_apps.shared.tiny_wan import build_tiny_wan_pipeline
 
     assert MemFlowConfig(attention_backend="math") == MemFlowConfig()
     assert hash(MemFlowConfig(attention_backend="math")) == hash(MemFlowConfig())

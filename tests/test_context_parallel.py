@@ -16,8 +16,8 @@ from diffusers import ContextParallelConfig
 from diffusers.models._modeling_parallel import ParallelConfig
 
 from memflow_adapter import MemFlowConfig, MemFlowStreamingPipeline, apply_memflow
-from memflow_adapter.cli import main
-from memflow_adapter.tiny_wan import build_tiny_wan_pipeline
+from memflow_apps.cli import main
+from memflow_apps.shared.tiny_wan import build_tiny_wan_pipeline
 
 from family_helios import tiny_helios
 from tiny_models import tiny_wan
@@ -177,9 +177,9 @@ def test_memflow_generate_under_torchrun_streams_the_single_process_video(tmp_pa
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     runs = {
-        1: [sys.executable, "-m", "memflow_adapter.cli"],
+        1: [sys.executable, "-m", "memflow_apps.cli"],
         2: [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-            "-m", "memflow_adapter.cli"],
+            "-m", "memflow_apps.cli"],
     }
     reports = {}
     for degree, launch in runs.items():
@@ -204,5 +204,5 @@ def test_memflow_generate_with_a_degree_but_no_launch_ends_in_one_line(tmp_path,
     assert main(argv) == 2
     assert capsys.readouterr().err.splitlines()[-1] == (
         "memflow generate: error: --ulysses-degree 2 needs a launch of 2 processes, got 1: "
-        "torchrun --nproc_per_node 2 -m memflow_adapter.cli generate ..."
+        "torchrun --nproc_per_node 2 -m memflow_apps.cli generate ..."
     )

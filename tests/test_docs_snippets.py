@@ -2,7 +2,7 @@
 
 A file's snippets run in order in one namespace (a later snippet may use an earlier one's
 names), in a scratch folder, offline. Where a snippet names a Hub id, ``from_pretrained``
-builds the tiny random Wan (``memflow_adapter.tiny_wan``) instead, the sizes in ``SIZES`` are
+builds the tiny random Wan (``memflow_apps.shared.tiny_wan``) instead, the sizes in ``SIZES`` are
 scaled down to what 2 CPU cores run in seconds, a device ``"cuda"`` is the CPU and
 ``torch.compile`` returns the model as it is; nothing else of a snippet is changed.
 A snippet that names a Hub id must say so to the reader (``<!-- snippet: hub -->`` and a
@@ -17,9 +17,9 @@ import pytest
 import torch
 from diffusers import WanTransformer3DModel
 
+from integrations.wan_checkpoints import original_lora_to_diffusers
 from memflow_adapter import MemFlowAdapter, MemFlowConfig, MemFlowStreamingPipeline
-from memflow_adapter.integrations.wan_checkpoints import original_lora_to_diffusers
-from memflow_adapter.tiny_wan import build_tiny_wan_pipeline
+from memflow_apps.shared.tiny_wan import build_tiny_wan_pipeline
 
 from wan_fixtures import ALPHA, original_lora
 

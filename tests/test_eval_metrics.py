@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from memflow_adapter.eval.metrics import (
+from memflow_apps.eval.metrics import (
     SegmentScores,
     VideoScores,
     anchor_similarity,

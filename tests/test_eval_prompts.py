@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from memflow_adapter.eval.prompts import (
+from memflow_apps.shared.prompts import (
     PromptFileError,
     PromptGroup,
     load_prompt_groups,
@@ -13,7 +13,7 @@ from memflow_adapter.eval.prompts import (
     sanitize_id,
     save_prompt_groups,
 )
-from memflow_adapter.eval.tiny import SAMPLE_PROMPTS
+from memflow_apps.shared.tiny_scorers import SAMPLE_PROMPTS
 
 FIXTURE = SAMPLE_PROMPTS
 

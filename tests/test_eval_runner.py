@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from memflow_adapter.eval import (
+from memflow_apps.eval import (
     ClipFeatures,
     DinoFeatures,
     EvalProtocol,
@@ -26,16 +26,16 @@ from memflow_adapter.eval import (
     iter_video_batches,
     load_prompt_groups,
 )
-from memflow_adapter.eval.cli import main as eval_main
-from memflow_adapter.eval.features import load_linear_head
-from memflow_adapter.eval.prompts import save_prompt_groups
-from memflow_adapter.eval.tiny import (
+from memflow_apps.eval.cli import main as eval_main
+from memflow_apps.eval.features import load_linear_head
+from memflow_apps.shared.prompts import save_prompt_groups
+from memflow_apps.shared.tiny_scorers import (
     SAMPLE_PROMPTS,
     TINY_SCORER_SIZE,
     save_tiny_clip,
     save_tiny_dino,
 )
-from memflow_adapter.tiny_wan import build_tiny_wan_pipeline
+from memflow_apps.shared.tiny_wan import build_tiny_wan_pipeline
 
 FIXTURE = SAMPLE_PROMPTS
 SIZE = TINY_SCORER_SIZE  # tiny CLIP / DINO input size, and the generated videos' size

@@ -5,8 +5,8 @@ deterministically with a bounded cache, and MemFlow comes off without a trace.""
 import pytest
 import torch
 
+from integrations import find_integration, supported_model_classes
 from memflow_adapter import MemFlowConfig, apply_memflow, get_memflow, remove_memflow
-from memflow_adapter.integrations import find_integration, supported_model_classes
 
 from families import FAMILIES, Family
 from tiny_models import tiny_wan

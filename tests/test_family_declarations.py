@@ -8,9 +8,7 @@ import json
 import pytest
 from diffusers import AutoencoderKLWan, WanPipeline
 
-from memflow_adapter.cli import main
-from memflow_adapter.hub import PublishedLayout
-from memflow_adapter.integrations import (
+from integrations import (
     INTEGRATIONS,
     REFERENCE_FAMILY,
     find_integration,
@@ -18,8 +16,10 @@ from memflow_adapter.integrations import (
     integration_named,
     reference_integration,
 )
-from memflow_adapter.integrations.wan import WAN21_T2V_1_3B_TRANSFORMER
-from memflow_adapter.tiny_wan import build_tiny_wan_pipeline
+from integrations.wan import WAN21_T2V_1_3B_TRANSFORMER
+from memflow_adapter.hub import PublishedLayout
+from memflow_apps.cli import main
+from memflow_apps.shared.tiny_wan import build_tiny_wan_pipeline
 
 WITHOUT_CONVERSION = [family.name for family in INTEGRATIONS if family.checkpoints is None]
 

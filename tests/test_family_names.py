@@ -31,18 +31,18 @@ WORLD = "the narrative world's model is diffusers' WanTransformer3DModel by desi
 #: ``(file, text, reason)``: a code token of ``file`` holding ``text`` may name a family
 #: (``text`` ``"*"``: every token of the file).
 ALLOWED = (
-    ("memflow_adapter/tiny_wan.py", "*", TINY),
-    ("memflow_adapter/cli.py", "tiny_wan", TINY),
-    ("memflow_adapter/cli.py", "tiny Wan2.1-architecture", TINY),
-    ("memflow_adapter/cli.py", "tiny random-weight Wan", TINY),
-    ("memflow_adapter/eval/cli.py", "tiny_wan", TINY),
-    ("memflow_adapter/eval/tiny.py", "tiny_wan", TINY + " (its tokenizer)"),
+    ("memflow_apps/shared/tiny_wan.py", "*", TINY),
+    ("memflow_apps/cli/__init__.py", "tiny_wan", TINY),
+    ("memflow_apps/cli/__init__.py", "tiny Wan2.1-architecture", TINY),
+    ("memflow_apps/cli/__init__.py", "tiny random-weight Wan", TINY),
+    ("memflow_apps/eval/cli.py", "tiny_wan", TINY),
+    ("memflow_apps/shared/tiny_scorers.py", "tiny_wan", TINY + " (its tokenizer)"),
     ("recipes/build_dataset.py", "tiny_wan", TINY),
     ("recipes/models.py", "tiny_wan", TINY),
     ("recipes/models.py", "tiny-wan-random", TINY + " (the base its adapters record)"),
-    ("memflow_adapter/world/pipeline.py", "*", WORLD),
-    ("memflow_adapter/world/demo.py", "Wan transformer", WORLD),
-    ("memflow_adapter/cli_choices.py", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
+    ("memflow_apps/world/pipeline.py", "*", WORLD),
+    ("memflow_apps/world/demo.py", "Wan transformer", WORLD),
+    ("memflow_apps/shared/cli_choices.py", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
      "a light mirror of the reference family's published base for --help (no torch); "
      "tests/test_cli.py checks it against the integration"),
     ("recipes/streaming_long_tuning.py", "Wan-AI/Wan2.1-T2V-14B-Diffusers",

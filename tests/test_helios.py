@@ -7,10 +7,10 @@ import pytest
 import torch
 from diffusers import AutoencoderKLWan, HeliosPipeline
 
+from integrations import find_integration
+from integrations.helios import HELIOS_LATENT_FRAMES_PER_CHUNK
 from memflow_adapter import MemFlowConfig, apply_memflow
-from memflow_adapter.integrations import find_integration
-from memflow_adapter.integrations.helios import HELIOS_LATENT_FRAMES_PER_CHUNK
-from memflow_adapter.tiny_wan import TINY_VAE
+from memflow_apps.shared.tiny_wan import TINY_VAE
 
 from families import FAMILIES
 

@@ -10,10 +10,10 @@ from diffusers import WanTransformer3DModel
 from safetensors.torch import load_file
 
 import memflow_adapter.hub as hub
+from integrations.wan_checkpoints import original_lora_to_diffusers
 from memflow_adapter import MemFlowConfig, get_memflow, remove_memflow
-from memflow_adapter.cli import main
 from memflow_adapter.hub import MemFlowAdapter, PublishedLayout
-from memflow_adapter.integrations.wan_checkpoints import original_lora_to_diffusers
+from memflow_apps.cli import main
 
 from tiny_models import tiny_wan
 from wan_fixtures import (

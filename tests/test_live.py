@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from memflow_adapter.live import LivePrompts, read_prompt_file
+from memflow_apps.cli.live import LivePrompts, read_prompt_file
 
 
 def read_all(live: LivePrompts, lines: int) -> LivePrompts:

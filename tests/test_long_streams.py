@@ -11,10 +11,10 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from integrations import find_integration
+from integrations.wan import shorten_rope_table
 from memflow_adapter import MemFlowConfig, SessionStateError, StreamingSession, apply_memflow
 from memflow_adapter.hooks import remove_memflow
-from memflow_adapter.integrations import find_integration
-from memflow_adapter.integrations.wan import shorten_rope_table
 from memflow_adapter.positions import RopeTable, overflowed_positions
 
 from families import FAMILIES, Family

@@ -6,7 +6,7 @@ import torch
 from memflow_adapter import MemFlowConfig
 from memflow_adapter.pipeline import MemFlowStreamingPipeline, PromptSchedule
 from memflow_adapter.schedule import FlowMatchSchedule
-from memflow_adapter.tiny_wan import build_tiny_wan_pipeline
+from memflow_apps.shared.tiny_wan import build_tiny_wan_pipeline
 
 PROMPTS = ["a red fox walks in the snow", "a boat on a blue lake", "a red fox in the snow"]
 SIZE = 32  # pixels: 4x4 latents, 2x2 patches -> 4 tokens per latent frame

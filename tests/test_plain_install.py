@@ -17,14 +17,14 @@ PROGRAM = textwrap.dedent(
         sys.modules[name] = None
     import importlib, pkgutil, memflow_adapter
     imported = []
-    for package in ("memflow_adapter", "memflow_adapter.integrations", "memflow_adapter.recipes"):
+    for package in ("memflow_adapter", "integrations", "recipes"):
         path = importlib.import_module(package).__path__
         for info in pkgutil.walk_packages(path, package + "."):
             importlib.import_module(info.name)
             imported.append(info.name)
-    assert "memflow_adapter.recipes.memory_finetune" in imported, imported
-    assert "memflow_adapter.eval.report" in imported and "memflow_adapter.timeline" in imported
-    from memflow_adapter.cli import main
+    assert "recipes.memory_finetune" in imported, imported
+    assert "memflow_apps.eval.report" in imported and "memflow_adapter.timeline" in imported
+    from memflow_apps.cli import main
     for argv in (["--help"], ["--version"], ["generate", "--help"], ["eval", "--help"]):
         try:
             main(argv)
@@ -33,7 +33,7 @@ PROGRAM = textwrap.dedent(
     from memflow_adapter import MemFlowConfig
     from memflow_adapter.timeline import draw_memory_timeline
     from memflow_adapter.introspection import ChunkMemory
-    from memflow_adapter.live import VideoFileWriter
+    from memflow_apps.cli.live import VideoFileWriter
     trace = [ChunkMemory(chunk_index=0, start_frame=0, bank={{}}, activated={{}})]
     for call in (
         lambda: draw_memory_timeline(trace, MemFlowConfig.longlive(), "x.png"),

@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from memflow_adapter import MemFlowConfig
-from memflow_adapter.recipes import memory_finetune, streaming_long_tuning
-from memflow_adapter.recipes.config import ConfigError, load_config
-from memflow_adapter.recipes.dmd import distribution_matching_gradient, dmd_loss
-from memflow_adapter.recipes.flow import NoiseRange, StepRandomness, sample_sigmas
 from memflow_adapter.schedule import FlowMatchSchedule
 from memflow_adapter.streaming import guided_flow, plan_chunks
+from recipes import memory_finetune, streaming_long_tuning
+from recipes.config import ConfigError, load_config
+from recipes.dmd import distribution_matching_gradient, dmd_loss
+from recipes.flow import NoiseRange, StepRandomness, sample_sigmas
 
 PACKAGE = Path(streaming_long_tuning.__file__).parent
 SLT = streaming_long_tuning.StreamingLongTuningConfig

@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from memflow_adapter.recipes import build_dataset, memory_finetune
-from memflow_adapter.recipes.latents import DatasetError, LatentVideoDataset, VideoLatents
-from memflow_adapter.tiny_wan import build_tiny_wan_pipeline
+from memflow_apps.shared.latents import DatasetError, LatentVideoDataset, VideoLatents
+from memflow_apps.shared.tiny_wan import build_tiny_wan_pipeline
+from recipes import build_dataset, memory_finetune
 
 PROMPTS = ["a red fox walks in the snow", "the fox jumps across the river"]
 

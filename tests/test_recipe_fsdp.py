@@ -19,10 +19,10 @@ from latent_datasets import write_latent_datasets
 from safetensors.torch import load_file
 
 from memflow_adapter import MemFlowAdapter
-from memflow_adapter.recipes import streaming_long_tuning
-from memflow_adapter.recipes.config import ConfigError, load_config
-from memflow_adapter.recipes.training import main
-from memflow_adapter.tiny_wan import build_tiny_wan_pipeline
+from memflow_apps.shared.tiny_wan import build_tiny_wan_pipeline
+from recipes import streaming_long_tuning
+from recipes.config import ConfigError, load_config
+from recipes.training import main
 
 NAME = "streaming_long_tuning"
 TRANSFORMERS = ("student", "critic", "teacher")
@@ -41,9 +41,9 @@ import sys
 from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor, Shard
 
-from memflow_adapter.recipes import {module} as module
-from memflow_adapter.recipes.sharding import full_tensor, local_parameter_bytes
-from memflow_adapter.recipes.training import main
+from recipes import {module} as module
+from recipes.sharding import full_tensor, local_parameter_bytes
+from recipes.training import main
 
 out = sys.argv[1]
 
@@ -251,7 +251,7 @@ def test_memory_finetune_stops_every_rank_when_their_windows_plan_different_pass
         "step 1 the processes' windows plan different passes"
     )
     for rank in (0, 1):
-        assert f"[rank{rank}]: memflow_adapter.recipes.latents.{error}" in result.stderr
+        assert f"[rank{rank}]: memflow_apps.shared.latents.{error}" in result.stderr
     assert not (tmp_path / "run" / "out" / "metrics.jsonl").exists()
 
 

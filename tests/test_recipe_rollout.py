@@ -6,13 +6,13 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
 from memflow_adapter import MemFlowConfig, apply_memflow
-from memflow_adapter.recipes.dmd import dmd_loss
-from memflow_adapter.recipes.flow import StepRandomness
-from memflow_adapter.recipes.models import LoraSettings, add_lora, trainable_parameters
-from memflow_adapter.recipes.rollout import replay_with_gradient, self_forcing_rollout
 from memflow_adapter.schedule import FlowMatchSchedule
 from memflow_adapter.streaming import ChunkEngine, PromptConditioning, plan_chunks
-from memflow_adapter.tiny_wan import build_tiny_wan_pipeline
+from memflow_apps.shared.tiny_wan import build_tiny_wan_pipeline
+from recipes.dmd import dmd_loss
+from recipes.flow import StepRandomness
+from recipes.models import LoraSettings, add_lora, trainable_parameters
+from recipes.rollout import replay_with_gradient, self_forcing_rollout
 
 CONFIG = MemFlowConfig.reference_sma(
     sink_frames=1, bank_frames=2, local_frames=4, frames_per_chunk=2, record_interval=1,

@@ -17,13 +17,13 @@ from latent_datasets import write_latent_datasets
 from safetensors.torch import load_file
 
 from memflow_adapter import MemFlowAdapter, MemFlowConfig, get_memflow
-from memflow_adapter.recipes import memory_finetune, streaming_long_tuning
-from memflow_adapter.recipes.interrupt import StopOnInterrupt
-from memflow_adapter.recipes.latents import DatasetError, VideoLatents
-from memflow_adapter.recipes.models import has_lora, lora_state_dict, trained_state_dict
-from memflow_adapter.recipes.training import NonFiniteLossError, exit_on_bad_input, main
 from memflow_adapter.streaming import ChunkEngine
-from memflow_adapter.tiny_wan import build_tiny_wan_pipeline
+from memflow_apps.shared.latents import DatasetError, VideoLatents
+from memflow_apps.shared.tiny_wan import build_tiny_wan_pipeline
+from recipes import memory_finetune, streaming_long_tuning
+from recipes.interrupt import StopOnInterrupt
+from recipes.models import has_lora, lora_state_dict, trained_state_dict
+from recipes.training import NonFiniteLossError, exit_on_bad_input, main
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
@@ -383,7 +383,7 @@ def test_ctrl_c_finishes_the_step_saves_a_checkpoint_and_resuming_it_equals_an_u
     args = overrides(name, folder, dataset, "training.max_steps=5",
                      "training.checkpoint_every=100", "training.log_every=1")
     child = subprocess.Popen(
-        [sys.executable, "-m", f"memflow_adapter.recipes.{name}", *args],
+        [sys.executable, "-m", f"recipes.{name}", *args],
         stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
         env={**os.environ, "MEMFLOW_TRACEBACK": ""},
     )
@@ -394,7 +394,7 @@ def test_ctrl_c_finishes_the_step_saves_a_checkpoint_and_resuming_it_equals_an_u
     assert child.returncode == 130 and "Traceback" not in stderr
     last = stderr.strip().splitlines()[-1]
     stop = re.fullmatch(
-        rf"python -m memflow_adapter.recipes.{name}: interrupted after step (\d+) of 5: checkpoint "
+        rf"python -m recipes.{name}: interrupted after step (\d+) of 5: checkpoint "
         r"saved to (.+); resume with training.resume_from=\2", last,
     )
     assert stop, last
@@ -433,7 +433,7 @@ def test_a_recipe_stopped_at_once_ends_in_one_line_saying_how_to_resume(capsys):
         exit_on_bad_input("memory_finetune", stopped)
     assert exit_status.value.code == 130
     assert capsys.readouterr().err.splitlines() == [
-        "python -m memflow_adapter.recipes.memory_finetune: stopped at once; the steps since the "
+        "python -m recipes.memory_finetune: stopped at once; the steps since the "
         "last checkpoint are lost; resume from it with training.resume_from=latest (and the same "
         "training.output_dir)"
     ]
@@ -490,9 +490,9 @@ def test_two_processes_train_identical_weights(name, dataset, tmp_path):
     worker.write_text(textwrap.dedent(f"""
         import sys
         from safetensors.torch import save_file
-        from memflow_adapter.recipes import {name} as module
-        from memflow_adapter.recipes.models import lora_state_dict
-        from memflow_adapter.recipes.training import main
+        from recipes import {name} as module
+        from recipes.models import lora_state_dict
+        from recipes.training import main
 
         runs = []
 
@@ -531,13 +531,13 @@ def test_two_processes_train_identical_weights(name, dataset, tmp_path):
 def test_a_recipe_on_a_missing_dataset_ends_in_one_line_and_exit_status_2(tmp_path):
     missing = tmp_path / "no-latents"
     done = subprocess.run(
-        [sys.executable, "-m", "memflow_adapter.recipes.memory_finetune", "--tiny",
+        [sys.executable, "-m", "recipes.memory_finetune", "--tiny",
          f"data.dataset={missing}", f"training.output_dir={tmp_path / 'out'}"],
         capture_output=True, text=True, timeout=300, env={**os.environ, "MEMFLOW_TRACEBACK": ""},
     )
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1] == (
-        f"python -m memflow_adapter.recipes.memory_finetune: error: dataset folder "
+        f"python -m recipes.memory_finetune: error: dataset folder "
         f"'{missing}' does not exist"
     )
     assert "Traceback" not in done.stderr
@@ -547,11 +547,11 @@ def test_build_dataset_on_a_missing_video_ends_in_one_line_and_exit_status_2(tmp
     manifest = tmp_path / "videos.jsonl"
     manifest.write_text(json.dumps({"video": str(tmp_path / "nope.mp4"), "prompts": ["a"]}))
     done = subprocess.run(
-        [sys.executable, "-m", "memflow_adapter.recipes.build_dataset", "--tiny",
+        [sys.executable, "-m", "recipes.build_dataset", "--tiny",
          "--manifest", str(manifest), "--output", str(tmp_path / "ds")],
         capture_output=True, text=True, timeout=300, env={**os.environ, "MEMFLOW_TRACEBACK": ""},
     )
     assert done.returncode == 2
     last = done.stderr.strip().splitlines()[-1]
-    assert last.startswith("python -m memflow_adapter.recipes.build_dataset: error: ")
+    assert last.startswith("python -m recipes.build_dataset: error: ")
     assert "nope.mp4" in last and "Traceback" not in done.stderr

@@ -11,10 +11,10 @@ from diffusers.pipelines.skyreels_v2 import (
     pipeline_skyreels_v2_diffusion_forcing as df_pipeline_module,
 )
 
+from integrations import find_integration
 from memflow_adapter import MemFlowConfig, apply_memflow, get_memflow, remove_memflow
-from memflow_adapter.integrations import find_integration
 from memflow_adapter.pipeline import MemFlowStreamingPipeline
-from memflow_adapter.tiny_wan import build_tiny_wan_pipeline
+from memflow_apps.shared.tiny_wan import build_tiny_wan_pipeline
 
 from families import FAMILIES
 

@@ -10,10 +10,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from integrations.helios import HELIOS_LATENT_FRAMES_PER_CHUNK, HeliosIntegration
+from integrations.wan import WanIntegration
 from memflow_adapter import MemFlowConfig, apply_memflow
 from memflow_adapter.hooks import get_memflow, remove_memflow
-from memflow_adapter.integrations.helios import HELIOS_LATENT_FRAMES_PER_CHUNK, HeliosIntegration
-from memflow_adapter.integrations.wan import WanIntegration
 from memflow_adapter.pipeline import MemFlowStreamingPipeline, PromptSchedule
 from memflow_adapter.schedule import FlowMatchSchedule
 from memflow_adapter.streaming import (
@@ -22,8 +22,8 @@ from memflow_adapter.streaming import (
     applied_segment_starts,
     plan_chunks,
 )
-from memflow_adapter.tiny_wan import build_tiny_wan_pipeline
-from memflow_adapter.world.pipeline import build_world_pipeline
+from memflow_apps.shared.tiny_wan import build_tiny_wan_pipeline
+from memflow_apps.world.pipeline import build_world_pipeline
 
 from family_helios import tiny_helios
 from family_skyreels_v2 import tiny_skyreels_v2

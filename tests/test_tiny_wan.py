@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import WanPipeline
 
-from memflow_adapter.tiny_wan import build_tiny_wan_pipeline
+from memflow_apps.shared.tiny_wan import build_tiny_wan_pipeline
 
 CPU = torch.device("cpu")
 PROMPT = "a red fox runs in the snow"

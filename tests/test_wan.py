@@ -7,10 +7,10 @@ import pytest
 import torch
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
+from integrations import WanIntegration
+from integrations.wan import apply_wan_rotary
 from memflow_adapter import MemFlowConfig, SessionStateError, StreamingSession
 from memflow_adapter.hooks import apply_memflow, get_memflow, remove_memflow
-from memflow_adapter.integrations import WanIntegration
-from memflow_adapter.integrations.wan import apply_wan_rotary
 from memflow_adapter.positions import RopeTable
 from memflow_adapter.schedule import FlowMatchSchedule
 from memflow_adapter.streaming import ChunkEngine, PromptConditioning, PromptSchedule

@@ -9,13 +9,13 @@ import torch
 from diffusers import WanTransformer3DModel
 from safetensors.torch import save_file
 
-from memflow_adapter.integrations.checkpoints import (
+from integrations.checkpoints import (
     load_checkpoint_file,
     load_lora_into,
     lora_config_for,
     unwrap_training_checkpoint,
 )
-from memflow_adapter.integrations.wan_checkpoints import (
+from integrations.wan_checkpoints import (
     diffusers_to_original,
     load_original_transformer,
     original_lora_to_diffusers,

@@ -6,10 +6,10 @@ import dataclasses
 import pytest
 import torch
 
+from integrations.wan import WanIntegration
 from memflow_adapter import MemFlowStreamingPipeline
-from memflow_adapter.integrations.wan import WanIntegration
-from memflow_adapter.recipes.latents import LatentVideoDataset
-from memflow_adapter.world import (
+from memflow_apps.shared.latents import LatentVideoDataset
+from memflow_apps.world import (
     WORLD_MEMORY,
     WORLD_SEQUENCE_LENGTH,
     build_world_pipeline,
@@ -17,9 +17,9 @@ from memflow_adapter.world import (
     make_script,
     render_script,
 )
-from memflow_adapter.world.components import PixelAutoencoder, WorldTokenizer
-from memflow_adapter.world.dataset import script_sample, write_dataset
-from memflow_adapter.world.grammar import (
+from memflow_apps.world.components import PixelAutoencoder, WorldTokenizer
+from memflow_apps.world.dataset import script_sample, write_dataset
+from memflow_apps.world.grammar import (
     COLOURS,
     PLACES,
     SEGMENT_FRAMES,
@@ -27,8 +27,8 @@ from memflow_adapter.world.grammar import (
     Entity,
     Segment,
 )
-from memflow_adapter.world.render import entity_mask, place_background
-from memflow_adapter.world.scoring import (
+from memflow_apps.world.render import entity_mask, place_background
+from memflow_apps.world.scoring import (
     compare_paired,
     generate_script,
     score_script,

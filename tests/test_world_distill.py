@@ -1,4 +1,4 @@
-"""streaming_long_tuning on the narrative world (``memflow_adapter/world/distill.yaml``): the
+"""streaming_long_tuning on the narrative world (``memflow_apps/world/distill.yaml``): the
 packaged many-step model as teacher, student start and critic start through the recipe's
 ``model.pipeline`` / ``dmd.teacher`` factories; scores streamed with the memory of the student's
 video; the student exported with its sampling and streamed like any world model."""
@@ -12,25 +12,25 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
-import memflow_adapter.world as world
-from memflow_adapter.eval.prompts import load_prompt_groups
-from memflow_adapter.recipes import streaming_long_tuning
-from memflow_adapter.recipes.config import ConfigError, load_config
-from memflow_adapter.recipes.flow import StepRandomness
-from memflow_adapter.recipes.latents import DatasetError, LatentVideoDataset, VideoLatents
-from memflow_adapter.recipes.models import trained_state_dict
-from memflow_adapter.recipes.streaming_long_tuning import (
+import memflow_apps.world as world
+from memflow_adapter.schedule import FlowMatchSchedule
+from memflow_apps.shared.latents import DatasetError, LatentVideoDataset, VideoLatents
+from memflow_apps.shared.prompts import load_prompt_groups
+from memflow_apps.world import load_world_pipeline, make_script
+from memflow_apps.world.dataset import write_dataset, write_prompt_groups
+from memflow_apps.world.export import export
+from memflow_apps.world.pipeline import WORLD_MODEL_DIR, WorldSampling
+from memflow_apps.world.scoring import generate_script, streaming_world
+from recipes import streaming_long_tuning
+from recipes.config import ConfigError, load_config
+from recipes.flow import StepRandomness
+from recipes.models import trained_state_dict
+from recipes.streaming_long_tuning import (
     RolloutConfig,
     StreamingLongTuning,
     StreamingLongTuningConfig,
 )
-from memflow_adapter.recipes.training import main
-from memflow_adapter.schedule import FlowMatchSchedule
-from memflow_adapter.world import load_world_pipeline, make_script
-from memflow_adapter.world.dataset import write_dataset, write_prompt_groups
-from memflow_adapter.world.export import export
-from memflow_adapter.world.pipeline import WORLD_MODEL_DIR, WorldSampling
-from memflow_adapter.world.scoring import generate_script, streaming_world
+from recipes.training import main
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 

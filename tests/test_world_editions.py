@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from memflow_adapter.world import build_world_pipeline, detect, make_script, render_script
-from memflow_adapter.world.components import WorldTextEncoder, WorldTokenizer
-from memflow_adapter.world.dataset import script_sample
-from memflow_adapter.world.grammar import (
+from memflow_apps.world import build_world_pipeline, detect, make_script, render_script
+from memflow_apps.world.components import WorldTextEncoder, WorldTokenizer
+from memflow_apps.world.dataset import script_sample
+from memflow_apps.world.grammar import (
     COLOURS,
     EDITIONS,
     PLACES,
@@ -22,9 +22,9 @@ from memflow_adapter.world.grammar import (
     vocabulary,
     world_edition,
 )
-from memflow_adapter.world.pipeline import WorldSampling
-from memflow_adapter.world.render import TOKEN_PIXELS, entity_mask, place_background
-from memflow_adapter.world.scoring import generate_script, score_script, streaming_world
+from memflow_apps.world.pipeline import WorldSampling
+from memflow_apps.world.render import TOKEN_PIXELS, entity_mask, place_background
+from memflow_apps.world.scoring import generate_script, score_script, streaming_world
 
 #: sha256 of the v1 renders of stories 0, 18 and 999, taken before the second edition existed.
 V1_RENDERS_SHA256 = "c6610c0bf74e65476d6b86316db66cfdac521156363436bd4b32c30a7618db64"

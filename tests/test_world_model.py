@@ -12,15 +12,15 @@ from pathlib import Path
 import pytest
 from accelerate.state import AcceleratorState
 
-import memflow_adapter.world as world
-from memflow_adapter.cli import main
-from memflow_adapter.recipes.memory_finetune import cli as memory_finetune
-from memflow_adapter.world import WORLD_MEMORY, load_world_pipeline, make_script
-from memflow_adapter.world.dataset import write_dataset
-from memflow_adapter.world.demo import WORLD_DEMO_SCRIPT
-from memflow_adapter.world.export import export
-from memflow_adapter.world.pipeline import WORLD_GUIDANCE_SCALE, WORLD_MODEL_DIR, WORLD_SCHEDULE
-from memflow_adapter.world.scoring import WORLD_LAYOUTS, generate_script, streaming_world
+import memflow_apps.world as world
+from memflow_apps.cli import main
+from memflow_apps.world import WORLD_MEMORY, load_world_pipeline, make_script
+from memflow_apps.world.dataset import write_dataset
+from memflow_apps.world.demo import WORLD_DEMO_SCRIPT
+from memflow_apps.world.export import export
+from memflow_apps.world.pipeline import WORLD_GUIDANCE_SCALE, WORLD_MODEL_DIR, WORLD_SCHEDULE
+from memflow_apps.world.scoring import WORLD_LAYOUTS, generate_script, streaming_world
+from recipes.memory_finetune import cli as memory_finetune
 
 TRAIN_YAML = Path(world.__file__).with_name("train.yaml")
 BENCH = Path(__file__).parents[1] / "bench" / "narrative_eval.py"

@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from memflow_adapter.recipes.memory_finetune import MemoryFinetune, MemoryFinetuneConfig
-from memflow_adapter.recipes.training import main
-from memflow_adapter.world.dataset import write_dataset
-from memflow_adapter.world.export import CHECKPOINT_WEIGHTS
+from memflow_apps.world.dataset import write_dataset
+from memflow_apps.world.export import CHECKPOINT_WEIGHTS
+from recipes.memory_finetune import MemoryFinetune, MemoryFinetuneConfig
+from recipes.training import main
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 

@@ -8,19 +8,19 @@ from pathlib import Path
 import pytest
 import torch
 
-import memflow_adapter.world as world
+import memflow_apps.world as world
 from memflow_adapter import MemFlowAdapter, remove_memflow
-from memflow_adapter.recipes.config import ConfigError, load_config
-from memflow_adapter.recipes.memory_finetune import MemoryFinetune, MemoryFinetuneConfig
-from memflow_adapter.recipes.training import main
-from memflow_adapter.world.dataset import write_dataset
-from memflow_adapter.world.export import export, plot_training_curve
+from memflow_apps.world.dataset import write_dataset
+from memflow_apps.world.export import export, plot_training_curve
+from recipes.config import ConfigError, load_config
+from recipes.memory_finetune import MemoryFinetune, MemoryFinetuneConfig
+from recipes.training import main
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 TRAIN_YAML = Path(world.__file__).with_name("train.yaml")
 GUIDED_YAML = Path(world.__file__).with_name("train_guided.yaml")
-FACTORY = "memflow_adapter.world.pipeline:build_world_pipeline"
+FACTORY = "memflow_apps.world.pipeline:build_world_pipeline"
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +49,9 @@ def test_the_guided_stages_continue_the_packaged_training_with_prompt_dropout():
 
 
 def test_an_unknown_pipeline_factory_is_a_config_error(world_dataset, tmp_path):
-    with pytest.raises(ConfigError, match="model.pipeline='memflow_adapter.world:nope'"):
+    with pytest.raises(ConfigError, match="model.pipeline='memflow_apps.world:nope'"):
         main("memory_finetune", MemoryFinetuneConfig, MemoryFinetune, [
-            "--config", str(TRAIN_YAML), "model.pipeline=memflow_adapter.world:nope",
+            "--config", str(TRAIN_YAML), "model.pipeline=memflow_apps.world:nope",
             f"data.dataset={world_dataset}", f"training.output_dir={tmp_path}",
         ])
 

@@ -6,7 +6,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from memflow_adapter.integrations.wan_checkpoints import diffusers_to_original
+from integrations.wan_checkpoints import diffusers_to_original
 
 #: The Linear layers of an original Wan block and their diffusers names.
 ORIGINAL_TO_DIFFUSERS_LINEARS = {

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .features import as_uint8_frames
+from memflow_apps.eval.features import as_uint8_frames
 
 __all__ = ["PARTIAL", "VIDEO_EXTENSIONS", "VideoReadError", "iter_video_batches", "video_paths"]
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..integrations import reference_integration
+from integrations import reference_integration
+from memflow_apps.shared.prompts import PromptGroup
+
 from .metrics import chunk_aligned_starts
-from .prompts import PromptGroup
 
 __all__ = ["EvalProtocol"]
 

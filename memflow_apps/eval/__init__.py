@@ -21,9 +21,17 @@ The metric definitions are in :mod:`.metrics`' docstring.
 
 from typing import TYPE_CHECKING
 
-from .._lazy import lazy_exports
+from memflow_adapter._lazy import lazy_exports
 
 if TYPE_CHECKING:
+    from memflow_apps.shared.prompts import (
+        PromptFileError,
+        PromptGroup,
+        load_prompt_groups,
+        match_videos,
+    )
+    from memflow_apps.shared.videos import VideoReadError, iter_video_batches
+
     from .entries import VideoEntry, collect_videos
     from .features import ClipFeatures, DinoFeatures, LinearAestheticPredictor
     from .generation import generate_videos
@@ -38,11 +46,9 @@ if TYPE_CHECKING:
         segment_ranges,
         temporal_consistency,
     )
-    from .prompts import PromptFileError, PromptGroup, load_prompt_groups, match_videos
     from .protocol import EvalProtocol
     from .report import plot_segment_scores, summarize, write_reports
     from .scoring import EvalResult, VideoScorer, evaluate
-    from .videos import VideoReadError, iter_video_batches
 
 # Imported on first use: the CLI builds its parser without torch (memflow --help).
 _EXPORTS = {
@@ -58,22 +64,22 @@ _EXPORTS = {
     "score_video_features": ".metrics",
     "segment_ranges": ".metrics",
     "temporal_consistency": ".metrics",
-    "PromptFileError": ".prompts",
-    "PromptGroup": ".prompts",
-    "load_prompt_groups": ".prompts",
-    "match_videos": ".prompts",
+    "PromptFileError": "memflow_apps.shared.prompts",
+    "PromptGroup": "memflow_apps.shared.prompts",
+    "load_prompt_groups": "memflow_apps.shared.prompts",
+    "match_videos": "memflow_apps.shared.prompts",
     "plot_segment_scores": ".report",
     "summarize": ".report",
     "write_reports": ".report",
     "EvalProtocol": ".protocol",
     "EvalResult": ".scoring",
     "VideoEntry": ".entries",
-    "VideoReadError": ".videos",
+    "VideoReadError": "memflow_apps.shared.videos",
     "VideoScorer": ".scoring",
     "collect_videos": ".entries",
     "evaluate": ".scoring",
     "generate_videos": ".generation",
-    "iter_video_batches": ".videos",
+    "iter_video_batches": "memflow_apps.shared.videos",
 }
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 

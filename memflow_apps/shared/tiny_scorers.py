@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ..tiny_wan import build_tiny_wan_tokenizer
+from .tiny_wan import build_tiny_wan_tokenizer
 
 #: The option value that selects these models.
 TINY_SCORER = "tiny-random"

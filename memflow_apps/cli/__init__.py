@@ -17,7 +17,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .cli_choices import (
+from memflow_adapter.version import __version__
+from memflow_apps.eval.cli import add_eval_parser
+from memflow_apps.shared.cli_choices import (
     CACHE_DTYPES,
     PRESETS,
     REFERENCE_BASE_MODEL,
@@ -26,11 +28,9 @@ from .cli_choices import (
     WORLD_DEMO_SCRIPT,
     WORLD_OTHER_MODEL_NAME,
 )
-from .eval.cli import add_eval_parser
-from .version import __version__
 
 if TYPE_CHECKING:
-    from .pipeline import MemFlowStreamingPipeline, PromptSchedule
+    from memflow_adapter.pipeline import MemFlowStreamingPipeline, PromptSchedule
 
 DEMO_PROMPTS = (
     "a red fox walks through a snowy forest",
@@ -53,7 +53,7 @@ def _demo(args: argparse.Namespace) -> int:
         if args.interactive:
             raise SystemExit(f"memflow demo: --interactive applies to --model {TINY_RANDOM}; a "
                              "world story's prompts are its script's")
-        from .world.demo import WORLD_DEMO_MODEL, run_world_demo
+        from memflow_apps.world.demo import WORLD_DEMO_MODEL, run_world_demo
 
         script = WORLD_DEMO_SCRIPT if args.script is None else args.script
         seed = script if args.seed is None else args.seed
@@ -72,9 +72,9 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _random_tiny_demo(args: argparse.Namespace) -> int:
-    from .config import MemFlowConfig
-    from .pipeline import MemFlowStreamingPipeline, PromptSchedule
-    from .tiny_wan import build_tiny_wan_pipeline
+    from memflow_adapter.config import MemFlowConfig
+    from memflow_adapter.pipeline import MemFlowStreamingPipeline, PromptSchedule
+    from memflow_apps.shared.tiny_wan import build_tiny_wan_pipeline
 
     for name, default in _TINY_SIZES.items():
         if getattr(args, name) is None:
@@ -114,10 +114,11 @@ _DEFAULT_FRAMES_PER_PROMPT = 40
 def _generate(args: argparse.Namespace) -> int:
     import torch
 
-    from .config import MemFlowConfig
-    from .integrations import find_integration
+    from integrations import find_integration
+    from memflow_adapter.config import MemFlowConfig
+    from memflow_adapter.pipeline import MemFlowStreamingPipeline, PromptSchedule
+
     from .live import read_prompt_file
-    from .pipeline import MemFlowStreamingPipeline, PromptSchedule
 
     tiny = args.model == TINY_RANDOM
     if args.prompt_file is not None:
@@ -134,7 +135,7 @@ def _generate(args: argparse.Namespace) -> int:
     if args.ulysses_degree != 1:
         _join_context_parallel_launch(args)
     if tiny:
-        from .tiny_wan import build_tiny_wan_pipeline
+        from memflow_apps.shared.tiny_wan import build_tiny_wan_pipeline
 
         pipe = build_tiny_wan_pipeline(seed=0)  # the weights memflow eval's tiny-random has
         streaming = MemFlowStreamingPipeline(
@@ -181,7 +182,7 @@ def _join_context_parallel_launch(args: argparse.Namespace) -> None:
     if launched != degree:
         raise ValueError(
             f"--ulysses-degree {degree} needs a launch of {degree} processes, got {launched}: "
-            f"torchrun --nproc_per_node {degree} -m memflow_adapter.cli generate ..."
+            f"torchrun --nproc_per_node {degree} -m memflow_apps.cli generate ..."
         )
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -197,15 +198,15 @@ def _convert(args: argparse.Namespace) -> int:
     import shutil
     import tempfile
 
-    from .config import MemFlowConfig
-    from .hub import MemFlowAdapter, chmod_as_umask
-    from .integrations import integration_for_config, reference_integration
-    from .integrations.checkpoints import (
+    from integrations import integration_for_config, reference_integration
+    from integrations.checkpoints import (
         load_checkpoint_file,
         lora_config_for,
         read_config,
         validate_lora,
     )
+    from memflow_adapter.config import MemFlowConfig
+    from memflow_adapter.hub import MemFlowAdapter, chmod_as_umask
 
     output = Path(args.output)
     if output.exists() and not (output.is_dir() and not any(output.iterdir())):
@@ -299,8 +300,9 @@ def _generate_and_write(
     the chunk being made: the outputs hold the chunks made, and the exit status is 130."""
     import torch
 
+    from memflow_adapter.outputs import write_outputs
+
     from .live import LivePrompts, play
-    from .outputs import write_outputs
 
     guidance = guidance or {}
     options = {
@@ -471,7 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--ulysses-degree", type=int, default=1,
         help="split every pass over N processes with diffusers' Ulysses context parallelism, "
         "each caching 1/N of the heads; launch with torchrun --nproc_per_node N -m "
-        "memflow_adapter.cli generate ... (default: 1)",
+        "memflow_apps.cli generate ... (default: 1)",
     )
     generate.add_argument(
         "--dtype", choices=("auto", "float32", "bfloat16"), default="auto",

@@ -4,23 +4,23 @@ library value it mirrors."""
 
 from __future__ import annotations
 
-#: The embedded tiny random-weight Wan (``memflow_adapter.tiny_wan``), and the tiny random
-#: feature models of ``memflow eval`` (``memflow_adapter.eval.tiny.TINY_SCORER``): offline,
+#: The embedded tiny random-weight Wan (``memflow_apps.shared.tiny_wan``), and the tiny random
+#: feature models of ``memflow eval`` (``memflow_apps.shared.tiny_scorers.TINY_SCORER``): offline,
 #: plumbing only.
 TINY_RANDOM = "tiny-random"
-#: ``memflow_adapter.integrations.reference_integration().checkpoints.base_model``: the base
+#: ``integrations.reference_integration().checkpoints.base_model``: the base
 #: MemFlow's published checkpoints fine-tune, ``memflow convert``'s default.
 REFERENCE_BASE_MODEL = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
 #: ``memflow_adapter.config.PRESETS``.
 PRESETS = ("reference", "reference_sma", "longlive", "full_history")
 #: ``sorted(memflow_adapter.frame_buffer.CACHE_DTYPES)``.
 CACHE_DTYPES = ("float8_e4m3fn", "int8")
-#: ``memflow_adapter.world.demo``: ``WORLD_DEMO_SCRIPT``, ``WORLD_DEMO_MODEL.name`` and
+#: ``memflow_apps.world.demo``: ``WORLD_DEMO_SCRIPT``, ``WORLD_DEMO_MODEL.name`` and
 #: ``WORLD_OTHER_MODEL.name``.
 WORLD_DEMO_SCRIPT = 18
 WORLD_DEMO_MODEL_NAME = "model"
 WORLD_OTHER_MODEL_NAME = "student"
-#: ``memflow_adapter.eval.features``' ``DEFAULT_CLIP_MODEL``, ``DEFAULT_DINO_MODEL`` and
+#: ``memflow_apps.eval.features``' ``DEFAULT_CLIP_MODEL``, ``DEFAULT_DINO_MODEL`` and
 #: ``DEFAULT_AESTHETIC_CLIP_MODEL``.
 DEFAULT_CLIP_MODEL = "openai/clip-vit-base-patch32"
 DEFAULT_DINO_MODEL = "facebook/dinov2-base"

@@ -35,7 +35,7 @@ from diffusers import (
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 
-from .integrations.wan import WAN21_T2V_1_3B_TRANSFORMER
+from integrations.wan import WAN21_T2V_1_3B_TRANSFORMER
 
 __all__ = ["build_tiny_wan_pipeline", "build_tiny_wan_tokenizer"]
 

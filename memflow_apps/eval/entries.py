@@ -9,9 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from memflow_apps.shared.prompts import PromptGroup, match_videos
+from memflow_apps.shared.videos import VIDEO_EXTENSIONS, video_paths
+
 from .markers import read_marker
-from .prompts import PromptGroup, match_videos
-from .videos import VIDEO_EXTENSIONS, video_paths
 
 __all__ = [
     "ERROR",

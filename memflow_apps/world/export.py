@@ -2,15 +2,15 @@
 world's base transformer) as the diffusers transformer folder ``load_world_pipeline`` loads, with
 how it samples (``sampling.json``; the packaged models are written this way)::
 
-    python -m memflow_adapter.world.export --adapter outputs/world/adapter \\
-        --output memflow_adapter/world/model --metrics outputs/world/metrics.jsonl
-    python -m memflow_adapter.world.export --adapter outputs/world-student/adapter \\
-        --output memflow_adapter/world/student --steps 1000 750 500 250 --stochastic \\
+    python -m memflow_apps.world.export --adapter outputs/world/adapter \\
+        --output memflow_apps/world/model --metrics outputs/world/metrics.jsonl
+    python -m memflow_apps.world.export --adapter outputs/world-student/adapter \\
+        --output memflow_apps/world/student --steps 1000 750 500 250 --stochastic \\
         --guidance-scale 1 --metrics outputs/world-student/metrics.jsonl
 
 or, for a look at a run in progress, a ``memory_finetune`` checkpoint of a model trained in full::
 
-    python -m memflow_adapter.world.export --edition v2 \\
+    python -m memflow_apps.world.export --edition v2 \\
         --checkpoint runs/world-v2/teacher/checkpoints/checkpoint-400 --output /tmp/teacher-400
 """
 
@@ -24,9 +24,10 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from ..hooks import remove_memflow
-from ..hub import MemFlowAdapter
-from ..schedule import FlowMatchSchedule
+from memflow_adapter.hooks import remove_memflow
+from memflow_adapter.hub import MemFlowAdapter
+from memflow_adapter.schedule import FlowMatchSchedule
+
 from .grammar import DEFAULT_EDITION, EDITIONS
 from .pipeline import WORLD_MEMORY, WORLD_SCHEDULE, WorldSampling, build_world_pipeline
 
@@ -118,7 +119,7 @@ def _losses(rows: list[dict]) -> dict[str, str]:
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(prog="python -m memflow_adapter.world.export")
+    parser = argparse.ArgumentParser(prog="python -m memflow_apps.world.export")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--adapter", type=Path, help="the recipe's adapter folder")
     source.add_argument("--checkpoint", type=Path,

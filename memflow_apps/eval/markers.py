@@ -12,10 +12,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..config import MemFlowConfig
-from .prompts import PromptGroup
+from memflow_adapter.config import MemFlowConfig
+from memflow_apps.shared.prompts import PromptGroup
+from memflow_apps.shared.videos import PARTIAL
+
 from .protocol import EvalProtocol
-from .videos import PARTIAL
 
 __all__ = ["MARKER_KEYS", "read_marker", "settings_of", "video_file", "write_json"]
 

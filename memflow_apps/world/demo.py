@@ -11,8 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import MemFlowConfig
-from ..outputs import write_outputs
+from memflow_adapter.config import MemFlowConfig
+from memflow_adapter.outputs import write_outputs
+
 from .grammar import Script, make_script
 from .pipeline import WORLD_MODEL_DIR, WORLD_STUDENT_DIR, load_world_pipeline
 from .scoring import WORLD_LAYOUTS, generate_script, score_script, streaming_world

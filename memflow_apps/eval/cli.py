@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 # torch, transformers and the scorers are imported by run_eval: building the parser stays light.
-from ..cli_choices import (
+from memflow_apps.shared.cli_choices import (
     DEFAULT_AESTHETIC_CLIP_MODEL,
     DEFAULT_CLIP_MODEL,
     DEFAULT_DINO_MODEL,
@@ -154,12 +154,13 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
 def run_eval(args: argparse.Namespace) -> int:
     """The ``memflow eval`` handler: 0 when at least one video was scored (or generation
     only), 1 when none could be, 2 on bad input."""
+    from memflow_apps.shared.prompts import PromptFileError, load_prompt_groups
+    from memflow_apps.shared.tiny_scorers import SAMPLE_PROMPTS, save_tiny_clip, save_tiny_dino
+
     from .entries import collect_videos
     from .generation import generate_videos
-    from .prompts import PromptFileError, load_prompt_groups
     from .protocol import EvalProtocol
     from .scoring import VideoScorer, evaluate
-    from .tiny import SAMPLE_PROMPTS, save_tiny_clip, save_tiny_dino
 
     error = _check_arguments(args)
     if error:
@@ -287,7 +288,7 @@ def _pipe_factory(model: str | None, device: str | None, dtype_name: str) -> Any
     import torch
 
     if model in (None, TINY_RANDOM):
-        from ..tiny_wan import build_tiny_wan_pipeline
+        from memflow_apps.shared.tiny_wan import build_tiny_wan_pipeline
 
         return lambda: build_tiny_wan_pipeline(seed=0)
 
@@ -304,7 +305,7 @@ def _pipe_factory(model: str | None, device: str | None, dtype_name: str) -> Any
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run ``eval`` on its own (``python -m memflow_adapter.eval.cli``)."""
+    """Run ``eval`` on its own (``python -m memflow_apps.eval.cli``)."""
     parser = argparse.ArgumentParser(prog="memflow")
     add_eval_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["eval", *(sys.argv[1:] if argv is None else argv)])

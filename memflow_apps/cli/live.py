@@ -15,9 +15,9 @@ from typing import TextIO
 
 import numpy as np
 
-from .extras import import_optional
-from .stream import StreamingVideoOutput, VideoStream
-from .streaming import PromptSchedule
+from memflow_adapter.extras import import_optional
+from memflow_adapter.stream import StreamingVideoOutput, VideoStream
+from memflow_adapter.streaming import PromptSchedule
 
 
 class LivePrompts:

@@ -29,10 +29,11 @@ from typing import Any
 
 import torch
 
-from ..config import MemFlowConfig
-from ..hooks import get_memflow, remove_memflow
-from ..pipeline import MemFlowStreamingPipeline
-from ..streaming import PromptSchedule, applied_segment_starts
+from memflow_adapter.config import MemFlowConfig
+from memflow_adapter.hooks import get_memflow, remove_memflow
+from memflow_adapter.pipeline import MemFlowStreamingPipeline
+from memflow_adapter.streaming import PromptSchedule, applied_segment_starts
+
 from .detect import Detection, detect
 from .grammar import SEGMENT_FRAMES, Entity, Script
 from .pipeline import (

@@ -24,9 +24,10 @@ import torch
 from diffusers import DiffusionPipeline, WanTransformer3DModel
 from diffusers.video_processor import VideoProcessor
 
-from ..config import MemFlowConfig
-from ..schedule import FlowMatchSchedule
-from ..tiny_wan import reinitialise
+from memflow_adapter.config import MemFlowConfig
+from memflow_adapter.schedule import FlowMatchSchedule
+from memflow_apps.shared.tiny_wan import reinitialise
+
 from .components import PixelAutoencoder, WorldTextEncoder, WorldTokenizer
 from .grammar import DEFAULT_EDITION, world_edition
 
@@ -219,7 +220,7 @@ def pass_input_through(transformer: WanTransformer3DModel) -> None:
 
 def load_world_pipeline(folder: str | Path = WORLD_MODEL_DIR) -> NarrativeWorldPipeline:
     """The world pipeline with the trained transformer of ``folder`` (a diffusers transformer
-    folder written by ``python -m memflow_adapter.world.export``, with its ``sampling.json``;
+    folder written by ``python -m memflow_apps.world.export``, with its ``sampling.json``;
     by default the packaged many-step model; see ``README.md``)."""
     folder = Path(folder)
     if not (folder / "config.json").is_file():

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from memflow_apps.shared.videos import VideoReadError, iter_video_batches
+
 from .entries import ERROR, MISSING, OK, UNREADABLE, VideoEntry
 from .features import (
     DEFAULT_AESTHETIC_CLIP_MODEL,
@@ -28,7 +30,6 @@ from .features import (
 from .metrics import VideoScores, score_video_features, segment_ranges
 from .protocol import EvalProtocol
 from .report import SEGMENT_SCORES, VIDEO_SCORES, summarize, write_reports
-from .videos import VideoReadError, iter_video_batches
 
 __all__ = ["EvalResult", "VideoScorer", "evaluate", "score_entry"]
 

@@ -24,7 +24,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..extras import import_optional
+from memflow_adapter.extras import import_optional
+
 from .metrics import nanmean
 
 if TYPE_CHECKING:

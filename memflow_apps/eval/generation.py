@@ -13,12 +13,13 @@ from typing import Any, TextIO
 import torch
 from tqdm.auto import tqdm
 
-from ..config import MemFlowConfig
+from memflow_adapter.config import MemFlowConfig
+from memflow_apps.shared.prompts import PromptGroup
+from memflow_apps.shared.videos import PARTIAL
+
 from .entries import GENERATION_FAILED, VideoEntry
 from .markers import MARKER_KEYS, read_marker, settings_of, video_file, write_json
-from .prompts import PromptGroup
 from .protocol import EvalProtocol
-from .videos import PARTIAL
 
 __all__ = ["generate_videos"]
 
@@ -42,8 +43,8 @@ def generate_videos(
         model: recorded in the markers (a changed model regenerates the videos).
         device: where to generate (default: CUDA when available).
     """
-    from ..hooks import get_memflow, remove_memflow
-    from ..pipeline import MemFlowStreamingPipeline
+    from memflow_adapter.hooks import get_memflow, remove_memflow
+    from memflow_adapter.pipeline import MemFlowStreamingPipeline
 
     log = log or sys.stderr
     output_dir = Path(output_dir)
@@ -115,7 +116,7 @@ def generate_videos(
 
 
 def _generate_one(streaming: Any, entry: VideoEntry, settings: dict[str, Any]) -> None:
-    from ..pipeline import PromptSchedule
+    from memflow_adapter.pipeline import PromptSchedule
 
     assert entry.path is not None and entry.group is not None
     entry.path.parent.mkdir(parents=True, exist_ok=True)

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..streaming import applied_segment_starts
+from memflow_adapter.streaming import applied_segment_starts
 
 __all__ = [
     "SegmentScores",

@@ -2,14 +2,14 @@
 one ``memflow-latents-v1`` file per script, latents from the world's autoencoder, prompt
 embeddings from its text encoder::
 
-    python -m memflow_adapter.world.dataset --output data/world --videos 3000 --first-seed 1000
+    python -m memflow_apps.world.dataset --output data/world --videos 3000 --first-seed 1000
 
 (``--edition v2`` for the second world edition, ``grammar.EDITIONS``)
 
 and, for ``streaming_long_tuning`` (which generates its own videos from prompts), the scripts'
 six prompts as a prompt-group file (one ``{"id": ..., "prompts": [...]}`` line per script)::
 
-    python -m memflow_adapter.world.dataset --prompts data/world_prompts.jsonl --videos 3000
+    python -m memflow_apps.world.dataset --prompts data/world_prompts.jsonl --videos 3000
 
 Seeds below 1000 are kept for evaluation (``bench/narrative_eval.py`` uses 0 ..).
 """
@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..recipes.latents import VideoLatents
+from memflow_apps.shared.latents import VideoLatents
+
 from .grammar import DEFAULT_EDITION, EDITIONS, make_script
 from .pipeline import WORLD_SEQUENCE_LENGTH, NarrativeWorldPipeline, build_world_pipeline
 from .render import render_script
@@ -62,7 +63,7 @@ def write_prompt_groups(
     path: Path, videos: int, first_seed: int = FIRST_TRAINING_SEED,
     edition: str = DEFAULT_EDITION,
 ) -> Path:
-    """Scripts ``first_seed ..`` as a JSONL prompt-group file (``memflow_adapter.eval.prompts``):
+    """Scripts ``first_seed ..`` as a JSONL prompt-group file (``memflow_apps.shared.prompts``):
     each line ``{"id": "script-0001000", "prompts": [six prompts]}``."""
     _check_training_seeds(videos, first_seed)
     lines = [
@@ -85,7 +86,7 @@ def _check_training_seeds(videos: int, first_seed: int) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(prog="python -m memflow_adapter.world.dataset",
+    parser = argparse.ArgumentParser(prog="python -m memflow_apps.world.dataset",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", type=Path, help="the dataset folder (latents)")
     parser.add_argument("--prompts", type=Path,
