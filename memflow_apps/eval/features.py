@@ -27,6 +27,8 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from memflow_apps.shared.videos import as_uint8_frames
+
 __all__ = [
     "DEFAULT_AESTHETIC_CLIP_MODEL",
     "DEFAULT_CLIP_MODEL",
@@ -48,27 +50,6 @@ class AestheticPredictor(Protocol):
     """Scores frames ``[B, H, W, 3]`` (uint8) on a 0-1 scale: a ``[B]`` tensor."""
 
     def __call__(self, frames: np.ndarray) -> torch.Tensor: ...
-
-
-def as_uint8_frames(frames: Any) -> np.ndarray:
-    """``[B, H, W, 3]`` uint8 frames from uint8 or ``[0, 1]`` float arrays / tensors (a single
-    ``[H, W, 3]`` frame, grey ``[..., 1]`` and RGBA frames are accepted too)."""
-    if isinstance(frames, torch.Tensor):
-        frames = frames.detach().cpu().numpy()
-    array = np.asarray(frames)
-    if array.ndim == 3:
-        array = array[None]
-    if array.ndim != 4:
-        raise ValueError(f"frames must be [B, H, W, C], got shape {array.shape}")
-    if array.shape[-1] == 1:
-        array = np.repeat(array, 3, axis=-1)
-    elif array.shape[-1] == 4:
-        array = array[..., :3]
-    elif array.shape[-1] != 3:
-        raise ValueError(f"frames must have 1, 3 or 4 channels, got {array.shape[-1]}")
-    if array.dtype != np.uint8:
-        array = (np.clip(array.astype(np.float32), 0.0, 1.0) * 255.0).round().astype(np.uint8)
-    return np.ascontiguousarray(array)
 
 
 def _default_device(device: str | torch.device | None) -> torch.device:

@@ -1,16 +1,24 @@
-"""Video files: finding them in a folder and decoding them into frame batches."""
+"""Video files: finding them in a folder and decoding them into frame batches; shared by
+``memflow eval`` (scoring mp4 files) and ``recipes.build_dataset`` (encoding them)."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import torch
 
-from memflow_apps.eval.features import as_uint8_frames
-
-__all__ = ["PARTIAL", "VIDEO_EXTENSIONS", "VideoReadError", "iter_video_batches", "video_paths"]
+__all__ = [
+    "PARTIAL",
+    "VIDEO_EXTENSIONS",
+    "VideoReadError",
+    "as_uint8_frames",
+    "iter_video_batches",
+    "video_paths",
+]
 
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".mov", ".avi", ".gif")
 #: The stem suffix of a file still being written (``<stem>.partial.mp4``), then renamed.
@@ -61,3 +69,24 @@ def video_paths(folder: str | os.PathLike[str]) -> list[Path]:
         and path.suffix.lower() in VIDEO_EXTENSIONS
         and not path.stem.endswith(PARTIAL)
     )
+
+
+def as_uint8_frames(frames: Any) -> np.ndarray:
+    """``[B, H, W, 3]`` uint8 frames from uint8 or ``[0, 1]`` float arrays / tensors (a single
+    ``[H, W, 3]`` frame, grey ``[..., 1]`` and RGBA frames are accepted too)."""
+    if isinstance(frames, torch.Tensor):
+        frames = frames.detach().cpu().numpy()
+    array = np.asarray(frames)
+    if array.ndim == 3:
+        array = array[None]
+    if array.ndim != 4:
+        raise ValueError(f"frames must be [B, H, W, C], got shape {array.shape}")
+    if array.shape[-1] == 1:
+        array = np.repeat(array, 3, axis=-1)
+    elif array.shape[-1] == 4:
+        array = array[..., :3]
+    elif array.shape[-1] != 3:
+        raise ValueError(f"frames must have 1, 3 or 4 channels, got {array.shape[-1]}")
+    if array.dtype != np.uint8:
+        array = (np.clip(array.astype(np.float32), 0.0, 1.0) * 255.0).round().astype(np.uint8)
+    return np.ascontiguousarray(array)
