@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from memflow_adapter.version import __version__
-from memflow_apps.eval.cli import add_eval_parser
 from memflow_apps.shared.cli_choices import (
     CACHE_DTYPES,
     PRESETS,
@@ -517,6 +516,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     convert.set_defaults(handler=_convert)
 
+    # the benchmark's own parser (a light module: its handler imports what it runs); imported
+    # here, not at module top, as the one dispatch from this command into another application
+    from memflow_apps.eval.cli import add_eval_parser
+
     add_eval_parser(commands)
     return parser
 
@@ -559,6 +562,3 @@ def one_line(error: BaseException) -> str:
         )
     return "; caused by ".join(parts)
 
-
-if __name__ == "__main__":
-    sys.exit(main())
