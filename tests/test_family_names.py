@@ -1,11 +1,11 @@
 """The library and its applications name no model family: what differs between families is
 declared by their integration (``integrations/``) and read from it (docs/integrations.md s.1).
 
-Scanned: every .py file under ``memflow_adapter/`` (engine, pipeline, hub, cli, eval, world,
-tiny models) and ``recipes/``. Not scanned: ``integrations/`` (where families live), ``bench/``
-(benchmarks measure named models) and ``tests/``. Only code is read, names and string literals:
-comments and docstrings may cite a family as an example or as the reference the protocol was
-published on, since they change no behaviour.
+Scanned: every .py file under ``memflow_adapter/`` (engine, pipeline, hub), ``memflow_apps/``
+(cli, eval, world, the shared tiny models) and ``recipes/``. Not scanned: ``integrations/``
+(where families live), ``bench/`` (benchmarks measure named models) and ``tests/``. Only code
+is read, names and string literals: comments and docstrings may cite a family as an example or
+as the reference the protocol was published on, since they change no behaviour.
 
 A family name counts as a word inside identifiers too (``tiny_wan``, ``WanTransformer3DModel``,
 ``AutoencoderKLWan``): its edges are a case change, an underscore, a digit or a non-letter.
@@ -19,7 +19,7 @@ import tokenize
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SCANNED = ("memflow_adapter", "recipes")
+SCANNED = ("memflow_adapter", "memflow_apps", "recipes")
 FAMILY = re.compile(
     r"(?<![A-Za-z])(?:wan|skyreels|helios)(?![a-z])"
     r"|(?<![a-z])(?:Wan|SkyReels|Helios)(?![a-z])"

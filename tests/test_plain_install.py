@@ -17,7 +17,7 @@ PROGRAM = textwrap.dedent(
         sys.modules[name] = None
     import importlib, pkgutil, memflow_adapter
     imported = []
-    for package in ("memflow_adapter", "integrations", "recipes"):
+    for package in ("memflow_adapter", "integrations", "recipes", "memflow_apps"):
         path = importlib.import_module(package).__path__
         for info in pkgutil.walk_packages(path, package + "."):
             importlib.import_module(info.name)

@@ -399,7 +399,7 @@ def test_only_the_core_engine_drives_the_chunk_lifecycle():
     """No application module (pipeline, recipes, eval, world, cli, hub, integrations) begins
     chunks or opens passes itself: they all go through ``streaming.ChunkEngine``."""
     offenders = []
-    for folder in ("memflow_adapter", "recipes", "integrations"):
+    for folder in ("memflow_adapter", "memflow_apps", "recipes", "integrations"):
         for path in sorted((REPOSITORY / folder).rglob("*.py")):
             if path in (ENGINE, SESSION):
                 continue
