@@ -133,7 +133,8 @@ def test_the_benchmark_prints_a_row_per_memory_layout(world_model, tmp_path):
     assert scores["seeds"] == [7, 7]
     assert scores["models"] == {"model": {"steps": list(WORLD_SCHEDULE.steps),
                                           "stochastic": False,
-                                          "guidance_scale": WORLD_GUIDANCE_SCALE}}
+                                          "guidance_scale": WORLD_GUIDANCE_SCALE,
+                                          "edition": "v1"}}
     assert scores["rope_frames"] == 10 and "through a 10-frame RoPE table" in means
     assert scores["config_overrides"] == {"position_overflow": "clamp", "cache_dtype": "int8"}
     assert all(0.0 <= scores["layouts"][layout]["adherence"] <= 1.0 for layout in WORLD_LAYOUTS)
