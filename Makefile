@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo lint bench venv clean
+.PHONY: test test-fast demo lint bench venv clean
 
 venv: $(STAMP)
 
@@ -18,6 +18,10 @@ $(STAMP): pyproject.toml
 
 test: lint
 	$(PY) -m pytest -q
+
+# The quick loop: every test not marked slow (under 2 minutes on 2 CPU cores).
+test-fast: lint
+	$(PY) -m pytest -q -m "not slow"
 
 demo: $(STAMP)
 	$(VENV)/bin/memflow demo

@@ -95,6 +95,7 @@ def generated(tmp_path_factory, models, prompts_file) -> dict:
 
 
 # ---------------------------------------------------------------------------- end to end
+@pytest.mark.slow
 def test_eval_generates_scores_and_reports_every_video_and_segment(generated):
     output = generated["dir"]
     assert generated["code"] == 0, generated["err"]
@@ -138,6 +139,7 @@ def test_eval_generates_scores_and_reports_every_video_and_segment(generated):
     assert (output / "segment_scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_a_rerun_skips_finished_videos_and_regenerates_unfinished_ones(generated, tmp_path, models):
     output = tmp_path / "eval"
     shutil.copytree(generated["dir"], output)
@@ -209,6 +211,7 @@ def test_scoring_existing_videos_reports_and_skips_corrupt_and_missing_ones(
             assert mine[name] == theirs[name]
 
 
+@pytest.mark.slow
 def test_an_aesthetic_head_adds_aesthetic_quality(generated, tmp_path, models, prompts_file):
     head = torch.nn.Linear(16, 1)  # over the tiny CLIP's 16-dim embeddings
     with torch.no_grad():
@@ -383,6 +386,7 @@ def test_dino_features_are_the_normalised_cls_token(features):
 
 
 # ------------------------------------------------------------------------ offline smoke run
+@pytest.mark.slow
 def test_the_readme_smoke_run_is_offline_with_the_packaged_prompts_and_tiny_scorers(tmp_path):
     code, out, err = run_cli([
         "--prompts", "sample", "--limit", "1", "--frames-per-prompt", "3",

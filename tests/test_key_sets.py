@@ -5,9 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "key_set_copies.py"
 
 
+@pytest.mark.slow
 def test_a_pass_over_a_full_cache_concatenates_and_allocates_no_key_set():
     """bench/key_set_copies.py at a small geometry, profiled with torch.profiler."""
     result = subprocess.run(

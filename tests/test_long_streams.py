@@ -236,6 +236,7 @@ def test_re_based_memory_positions_keep_their_order_and_stay_in_the_table(
     assert torch.equal(new[fits], (old - shift)[fits])
 
 
+@pytest.mark.slow
 def test_the_soak_bench_streams_past_the_table_with_flat_memory_and_bounded_latents():
     """bench/long_stream_soak.py, shortened: cache bytes flat, RSS flat, the stream's recent
     latents one cache (sink 3 + local 9) plus one chunk."""

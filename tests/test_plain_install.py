@@ -5,6 +5,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 #: The optional dependencies of the extras, blocked from import in the child process (the train
 #: extra's accelerate and pyyaml come with peft and huggingface_hub, core dependencies).
 BLOCKED = ("matplotlib", "imageio", "imageio_ffmpeg", "av", "xformers")
@@ -50,6 +52,7 @@ PROGRAM = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_the_core_and_the_command_start_without_the_optional_extras(tmp_path):
     done = subprocess.run(
         [sys.executable, "-c", PROGRAM], capture_output=True, text=True, cwd=tmp_path,

@@ -6,9 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "bookkeeping.py"
 
 
+@pytest.mark.slow
 def test_the_longlive_stream_equals_a_plain_streaming_loop_bit_for_bit():
     result = subprocess.run(
         [sys.executable, str(BENCH), "--latent-height", "8", "--latent-width", "8",

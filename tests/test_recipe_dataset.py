@@ -22,6 +22,7 @@ def pipeline_dir(tmp_path):
     return folder
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("fresh_accelerate_state")
 def test_build_dataset_from_a_local_pipeline_and_an_mp4(pipeline_dir, tmp_path):
     frames = np.random.default_rng(0).integers(0, 256, (45, 72, 88, 3), dtype=np.uint8)

@@ -28,6 +28,10 @@ from recipes.training import NonFiniteLossError, exit_on_bad_input, main
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 RECIPES = {"streaming_long_tuning": streaming_long_tuning, "memory_finetune": memory_finetune}
+#: The recipes with streaming_long_tuning marked slow (its DMD steps take seconds each here).
+RECIPE_PARAMS = [
+    pytest.param("streaming_long_tuning", marks=pytest.mark.slow), "memory_finetune"
+]
 CONFIGS = {
     "streaming_long_tuning": streaming_long_tuning.StreamingLongTuningConfig,
     "memory_finetune": memory_finetune.MemoryFinetuneConfig,
@@ -84,7 +88,7 @@ def assert_same_weights(actual, expected):
     assert all(torch.equal(actual[key], expected[key]) for key in expected)
 
 
-@pytest.mark.parametrize("name", RECIPES)
+@pytest.mark.parametrize("name", RECIPE_PARAMS)
 def test_a_few_steps_train_the_lora_only_and_give_a_loadable_adapter(name, dataset, tmp_path):
     recipe = run(name, overrides(name, tmp_path, dataset, "training.max_steps=3"))
 
@@ -337,7 +341,7 @@ def test_an_fsdp_launch_is_refused_not_run_as_something_else(tmp_path, monkeypat
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
-@pytest.mark.parametrize("name", RECIPES)
+@pytest.mark.parametrize("name", RECIPE_PARAMS)
 def test_resuming_from_a_checkpoint_continues_bit_identically(name, dataset, tmp_path):
     straight = run(name, overrides(name, tmp_path / "a", dataset, "training.max_steps=4"))
     checkpoint = tmp_path / "a" / "checkpoints" / "checkpoint-2"
@@ -455,6 +459,7 @@ def test_resuming_in_the_same_folder_logs_each_step_once(dataset, tmp_path):
     assert [row["student_loss"] for row in again] == [row["student_loss"] for row in first]
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_trains_the_same_weights(tmp_path):
     name = "streaming_long_tuning"
     plain = run(name, overrides(name, tmp_path / "a", None, "training.max_steps=2"))
@@ -469,6 +474,7 @@ def test_gradient_checkpointing_trains_the_same_weights(tmp_path):
             torch.testing.assert_close(actual[key], expected[key], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_validation_rollouts_write_latents_video_and_memory_trace(tmp_path):
     name = "streaming_long_tuning"
     run(name, overrides(name, tmp_path, None, "training.max_steps=2", "validation.every_steps=2"))
@@ -528,6 +534,7 @@ def test_two_processes_train_identical_weights(name, dataset, tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_a_recipe_on_a_missing_dataset_ends_in_one_line_and_exit_status_2(tmp_path):
     missing = tmp_path / "no-latents"
     done = subprocess.run(
@@ -543,6 +550,7 @@ def test_a_recipe_on_a_missing_dataset_ends_in_one_line_and_exit_status_2(tmp_pa
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.slow
 def test_build_dataset_on_a_missing_video_ends_in_one_line_and_exit_status_2(tmp_path):
     manifest = tmp_path / "videos.jsonl"
     manifest.write_text(json.dumps({"video": str(tmp_path / "nope.mp4"), "prompts": ["a"]}))

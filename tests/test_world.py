@@ -148,6 +148,7 @@ def test_a_paired_comparison_counts_the_stories_only_one_layout_gets_right():
         compare_paired(layout, baseline[:7], "return_looks")
 
 
+@pytest.mark.slow
 def test_the_world_streams_through_the_memflow_pipeline_under_every_layout(pipe):
     script = make_script(2)
     for layout in ("reference", "longlive", "window_only"):

@@ -133,6 +133,7 @@ def test_the_exported_student_streams_with_its_own_sampling(distilled, tmp_path)
     assert torch.isfinite(generated.video).all()
 
 
+@pytest.mark.slow
 def test_the_packaged_student_streams_a_story_in_four_steps_without_guidance():
     pipe = world.load_world_student()
     assert pipe.sampling == WorldSampling(

@@ -47,6 +47,7 @@ def test_a_missing_model_folder_is_a_clear_error(tmp_path):
         load_world_pipeline(tmp_path)
 
 
+@pytest.mark.slow
 def test_the_world_demo_streams_a_story_and_scores_every_layout(world_model, tmp_path, capsys):
     argv = ["demo", "--model", "world", "--world-model", str(world_model), "--script", "3",
             "--guidance-scale", "1.5", "--cache-dtype", "int8", "--output-dir", str(tmp_path)]
@@ -71,6 +72,7 @@ def test_the_world_demo_streams_a_story_and_scores_every_layout(world_model, tmp
     assert (tmp_path / "memory_timeline.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 def test_make_demo_streams_a_held_out_story_with_the_packaged_trained_model(tmp_path, capsys):
     """``make demo`` runs ``memflow demo`` without options."""
     assert main(["demo", "--output-dir", str(tmp_path)]) == 0
@@ -113,6 +115,7 @@ def test_world_options_are_refused_for_the_random_demo(tmp_path):
         main(["demo", "--model", "tiny-random", *argv, "--output-dir", str(tmp_path)])
 
 
+@pytest.mark.slow
 def test_the_benchmark_prints_a_row_per_memory_layout(world_model, tmp_path):
     """With the stories past a shortened RoPE table and a quantized cache, recorded as such."""
     table = tmp_path / "table.json"
@@ -145,6 +148,7 @@ def test_the_benchmark_prints_a_row_per_memory_layout(world_model, tmp_path):
         assert looks["only_layout"] + looks["only_baseline"] <= 1 and looks["p_value"] == 1.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cache_dtype", ["float8_e4m3fn", "int8"])
 def test_a_quantized_cache_keeps_nams_picks_on_held_out_stories(cache_dtype):
     """The packaged model, the reference layout, two held-out stories: NAM's banks (every chunk,

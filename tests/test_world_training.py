@@ -56,6 +56,7 @@ def test_an_unknown_pipeline_factory_is_a_config_error(world_dataset, tmp_path):
         ])
 
 
+@pytest.mark.slow
 def test_a_short_run_trains_every_weight_on_whole_scripts_and_exports_the_model(
     world_dataset, tmp_path
 ):
