@@ -21,7 +21,7 @@ import torch
 from memflow_adapter import MemFlowConfig
 from memflow_adapter.hooks import remove_memflow
 from memflow_adapter.pipeline import MemFlowStreamingPipeline, PromptSchedule
-from memflow_apps.cli import DEMO_PROMPTS
+from memflow_apps.cli.main import DEMO_PROMPTS
 from memflow_apps.shared.tiny_wan import build_tiny_wan_pipeline
 from memflow_apps.world.grammar import make_script
 from memflow_apps.world.pipeline import (

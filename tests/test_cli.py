@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from memflow_apps.cli import build_parser, main, one_line
+from memflow_apps.cli.main import build_parser, main, one_line
 from memflow_apps.shared import cli_choices
 from memflow_apps.shared.tiny_wan import build_tiny_wan_pipeline
 
@@ -139,7 +139,7 @@ def test_bad_input_is_one_line_and_a_non_zero_exit(argv, message, tmp_path, caps
 def test_building_the_parser_imports_neither_torch_nor_diffusers_nor_the_world():
     """``memflow --help`` answers at once: the handlers import what they run."""
     code = (
-        "import sys, memflow_apps.cli as cli\n"
+        "import sys, memflow_apps.cli.main as cli\n"
         "parser = cli.build_parser()\n"
         "for sub in parser._subparsers._group_actions[0].choices.values(): sub.format_help()\n"
         "heavy = ('torch', 'diffusers', 'transformers', 'memflow_apps.world', "

@@ -16,7 +16,7 @@ from diffusers import ContextParallelConfig
 from diffusers.models._modeling_parallel import ParallelConfig
 
 from memflow_adapter import MemFlowConfig, MemFlowStreamingPipeline, apply_memflow
-from memflow_apps.cli import main
+from memflow_apps.cli.main import main
 from memflow_apps.shared.tiny_wan import build_tiny_wan_pipeline
 
 from family_helios import tiny_helios

@@ -18,7 +18,7 @@ from integrations import (
 )
 from integrations.wan import WAN21_T2V_1_3B_TRANSFORMER
 from memflow_adapter.hub import PublishedLayout
-from memflow_apps.cli import main
+from memflow_apps.cli.main import main
 from memflow_apps.shared.tiny_wan import build_tiny_wan_pipeline
 
 WITHOUT_CONVERSION = [family.name for family in INTEGRATIONS if family.checkpoints is None]

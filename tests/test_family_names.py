@@ -32,9 +32,9 @@ WORLD = "the narrative world's model is diffusers' WanTransformer3DModel by desi
 #: (``text`` ``"*"``: every token of the file).
 ALLOWED = (
     ("memflow_apps/shared/tiny_wan.py", "*", TINY),
-    ("memflow_apps/cli/__init__.py", "tiny_wan", TINY),
-    ("memflow_apps/cli/__init__.py", "tiny Wan2.1-architecture", TINY),
-    ("memflow_apps/cli/__init__.py", "tiny random-weight Wan", TINY),
+    ("memflow_apps/cli/main.py", "tiny_wan", TINY),
+    ("memflow_apps/cli/main.py", "tiny Wan2.1-architecture", TINY),
+    ("memflow_apps/cli/main.py", "tiny random-weight Wan", TINY),
     ("memflow_apps/eval/cli.py", "tiny_wan", TINY),
     ("memflow_apps/shared/tiny_scorers.py", "tiny_wan", TINY + " (its tokenizer)"),
     ("recipes/build_dataset.py", "tiny_wan", TINY),

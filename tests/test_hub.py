@@ -13,7 +13,7 @@ import memflow_adapter.hub as hub
 from integrations.wan_checkpoints import original_lora_to_diffusers
 from memflow_adapter import MemFlowConfig, get_memflow, remove_memflow
 from memflow_adapter.hub import MemFlowAdapter, PublishedLayout
-from memflow_apps.cli import main
+from memflow_apps.cli.main import main
 
 from tiny_models import tiny_wan
 from wan_fixtures import (

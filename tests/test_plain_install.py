@@ -26,7 +26,7 @@ PROGRAM = textwrap.dedent(
             imported.append(info.name)
     assert "recipes.memory_finetune" in imported, imported
     assert "memflow_apps.eval.report" in imported and "memflow_adapter.timeline" in imported
-    from memflow_apps.cli import main
+    from memflow_apps.cli.main import main
     for argv in (["--help"], ["--version"], ["generate", "--help"], ["eval", "--help"]):
         try:
             main(argv)

@@ -13,7 +13,7 @@ import pytest
 from accelerate.state import AcceleratorState
 
 import memflow_apps.world as world
-from memflow_apps.cli import main
+from memflow_apps.cli.main import main
 from memflow_apps.world import WORLD_MEMORY, load_world_pipeline, make_script
 from memflow_apps.world.dataset import write_dataset
 from memflow_apps.world.demo import WORLD_DEMO_SCRIPT

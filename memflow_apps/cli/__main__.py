@@ -2,7 +2,7 @@
 
 import sys
 
-from memflow_apps.cli import main
+from memflow_apps.cli.main import main
 
 if __name__ == "__main__":  # not when pkgutil.walk_packages imports it
     sys.exit(main())
