@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .grammar import COLOURS, EDITIONS, PLACES, world_edition
+from .grammar import COLOURS, DEFAULT_EDITION, EDITIONS, PLACES, world_edition
 from .render import place_background
 
 #: A pixel belongs to the entity when it is this far (RGB distance in [0, 1] units) from the
@@ -56,7 +56,7 @@ _BACKGROUNDS = {
 _COLOURS = torch.tensor(list(COLOURS.values()))
 
 
-def detect(frame: torch.Tensor, edition: str = "v1") -> Detection:
+def detect(frame: torch.Tensor, edition: str = DEFAULT_EDITION) -> Detection:
     """Read one frame ``[3, H, W]`` in ``[-1, 1]`` of world ``edition``."""
     world = world_edition(edition)
     backgrounds = _BACKGROUNDS[edition]

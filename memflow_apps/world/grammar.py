@@ -165,7 +165,9 @@ class Script:
         return len(self.segments) * SEGMENT_FRAMES
 
 
-def random_entity(rng: random.Random, name: str, edition: WorldEdition = EDITIONS["v1"]) -> Entity:
+def random_entity(
+    rng: random.Random, name: str, edition: WorldEdition = EDITIONS[DEFAULT_EDITION]
+) -> Entity:
     size_names = [size for size, _ in edition.sizes]
     return Entity(name, rng.choice(size_names), rng.choice(list(COLOURS)),
                   rng.choice(edition.shapes))

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import torch
 
-from .grammar import ACTIONS, COLOURS, EDITIONS, Entity, Place, Script, WorldEdition
+from .grammar import (
+    ACTIONS,
+    COLOURS,
+    DEFAULT_EDITION,
+    EDITIONS,
+    Entity,
+    Place,
+    Script,
+    WorldEdition,
+)
 
 #: Frame size in pixels.
 HEIGHT = WIDTH = 32
@@ -16,7 +25,10 @@ TOKEN_PIXELS = 4
 
 
 def place_background(
-    place: Place, height: int = HEIGHT, width: int = WIDTH, edition: WorldEdition = EDITIONS["v1"]
+    place: Place,
+    height: int = HEIGHT,
+    width: int = WIDTH,
+    edition: WorldEdition = EDITIONS[DEFAULT_EDITION],
 ) -> torch.Tensor:
     """``[3, H, W]`` in ``[0, 1]``: the base colour with the texture in a darker shade, plus the
     edition's position cue (red grows down the frame, blue to the right)."""
@@ -41,8 +53,13 @@ def place_background(
     return background.clamp(0.0, 1.0)
 
 
-def entity_mask(entity: Entity, centre_col: int, height: int = HEIGHT,
-                width: int = WIDTH, edition: WorldEdition = EDITIONS["v1"]) -> torch.Tensor:
+def entity_mask(
+    entity: Entity,
+    centre_col: int,
+    height: int = HEIGHT,
+    width: int = WIDTH,
+    edition: WorldEdition = EDITIONS[DEFAULT_EDITION],
+) -> torch.Tensor:
     """``[H, W]`` bool: the pixels the entity covers with its centre at ``(CENTRE_ROW,
     centre_col)`` (clipped at the frame's edges)."""
     if edition.grid_aligned:
