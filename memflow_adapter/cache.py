@@ -243,6 +243,18 @@ class LayerCache:
         keys, _ = self._read([(self._region_start("bank"), self.bank_filled)])
         return keys.unflatten(1, (self.bank_filled, self.tokens_per_frame))
 
+    def newest_chunk_keys(self) -> torch.Tensor:
+        """Keys of the newest chunk's frames (the staged frame onwards) that the window holds,
+        ``[B, n, T_f, H, D]``; the staged frame's alone when the window holds none of them."""
+        self._require_staged()
+        first = max(self.staged_frame, self.frames_written - self.window_count)
+        count = self.frames_written - first
+        if count > 0:
+            keys, _ = self._read([(self._window_slot(first), count)])
+        else:
+            keys = self.staged_keys.read(0, 1)
+        return keys.unflatten(1, (-1, self.tokens_per_frame))
+
     # ------------------------------------------------------------------------------------ writes
     def append(self, keys: torch.Tensor, values: torch.Tensor, start_frame: int) -> None:
         """Commit a chunk's frames ``start_frame ..``: the first frames fill the sink, the rest

@@ -11,6 +11,7 @@ from typing import Any
 
 from .attention import ATTENTION_BACKENDS
 from .frame_buffer import CACHE_DTYPES
+from .policies import ACTIVATION_POLICIES, BANK_POLICIES
 from .positions import POSITION_OVERFLOWS
 from .version import __version__
 
@@ -53,9 +54,10 @@ class MemFlowConfig:
             pipeline's): only chunks whose first frame is a multiple of ``record_interval *
             frames_per_chunk`` stage it, each into the next free slot (frames 0, 9, 18);
             once the bank is full both select with NAM.
-        nam: Narrative Adaptive Memory; off means no bank at all (the LongLive behaviour).
-        sma: Sparse Memory Activation: attend only to the ``sma_top_k`` most relevant sink/bank
-            frames per head.
+        nam: keep a memory bank, refreshed before each chunk by ``bank_policy`` (Narrative
+            Adaptive Memory in the reference); off means no bank at all (the LongLive behaviour).
+        sma: Sparse Memory Activation: attend only to the ``sma_top_k`` sink/bank frames per
+            head that ``activation_policy`` scores highest; off, every one is attended (dense).
         sma_top_k: how many sink/bank frames SMA keeps per batch element and head.
         cache_dtype: how cached keys and values are stored. ``None`` (reference): in the
             attention dtype, exactly as computed. ``"float8_e4m3fn"`` or ``"int8"``: quantized
@@ -65,6 +67,14 @@ class MemFlowConfig:
             model's RoPE table and their true offset no longer fits (architecture s.2b):
             ``"before_window"`` (just before the oldest frame that keeps its offset) or
             ``"clamp"`` (the oldest position). No effect while the video fits in the table.
+        bank_policy: which frames the bank keeps, by a name registered in
+            ``memflow_adapter.policies.BANK_POLICIES``: ``"nam"`` (the reference: relevance to the
+            coming prompt), ``"nam_no_sink"`` (NAM, never a frame the sink holds), ``"recency"``
+            (the newest: an extended window), ``"uniform"`` (evenly spaced over the video) or
+            ``"visual"`` (relevance to the newest chunk, without text). Needs ``nam=True``.
+        activation_policy: how SMA scores the memory frames, a name registered in
+            ``memflow_adapter.policies.ACTIVATION_POLICIES`` (``"sma"``: mean query x mean key,
+            the reference). Needs ``sma=True``.
         attention_backend: one of ``ATTENTION_BACKENDS`` (``"sdpa"``, ``"math"``, ``"flex"``,
             ``"xformers"``). A runtime choice: the same memory computed with another kernel is
             the same config (equality, sessions, adapters), and it is not saved.
@@ -81,6 +91,8 @@ class MemFlowConfig:
     sma_top_k: int = 3
     cache_dtype: str | None = None
     position_overflow: str = "before_window"
+    bank_policy: str = "nam"
+    activation_policy: str = "sma"
     attention_backend: str = field(default="sdpa", compare=False)
 
     def __post_init__(self) -> None:
@@ -136,7 +148,8 @@ class MemFlowConfig:
                 f"sma_top_k={self.sma_top_k}; with sma_top_k equal to it SMA attends to all of "
                 "them (dense attention)"
             )
-        for name in ("bank_staging", "cache_dtype", "position_overflow", "attention_backend"):
+        for name in ("bank_staging", "cache_dtype", "position_overflow", "bank_policy",
+                     "activation_policy", "attention_backend"):
             value = getattr(self, name)
             if not isinstance(value, str) and not (name == "cache_dtype" and value is None):
                 raise TypeError(f"{name} must be a str, got {value!r}")
@@ -154,11 +167,30 @@ class MemFlowConfig:
                 f"position_overflow must be one of {list(POSITION_OVERFLOWS)}, "
                 f"got {self.position_overflow!r}"
             )
+        self._check_policies()
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(
                 f"attention_backend must be one of {sorted(ATTENTION_BACKENDS)}, "
                 f"got {self.attention_backend!r}"
             )
+
+    def _check_policies(self) -> None:
+        for name, registry, switch in (
+            ("bank_policy", BANK_POLICIES, "nam"), ("activation_policy", ACTIVATION_POLICIES, "sma")
+        ):
+            value = getattr(self, name)
+            if value not in registry:
+                register = name.replace("_policy", "")
+                raise ValueError(
+                    f"{name} must be one of {sorted(registry)} (a policy of your own: register "
+                    f"it with memflow_adapter.policies.register_{register}_policy before the "
+                    f"config is made or loaded), got {value!r}"
+                )
+            if value != getattr(MemFlowConfig, name) and not getattr(self, switch):
+                raise ValueError(
+                    f"{name}={value!r} needs {switch}=True (with {switch}=False there is "
+                    f"nothing for it to choose)"
+                )
 
     def stages_bank_frame(self, start_frame: int) -> bool:
         """Whether the chunk starting at latent frame ``start_frame`` stages its first frame."""
@@ -171,17 +203,27 @@ class MemFlowConfig:
     def describe(self) -> str:
         """The layout in one line, e.g. ``sink 3, bank 3, local 9, 3-frame chunks, SMA top 3``."""
         local = "unbounded" if self.local_frames is None else self.local_frames
+        bank = f" ({self.bank_policy})" if self.bank_policy != "nam" else ""
         sma = f", SMA top {self.sma_top_k}" if self.sma else ""
+        if self.sma and self.activation_policy != "sma":
+            sma += f" ({self.activation_policy})"
         cache = f", {self.cache_dtype} cache" if self.cache_dtype else ""
-        return (f"sink {self.sink_frames}, bank {self.bank_frames}, local {local}, "
+        return (f"sink {self.sink_frames}, bank {self.bank_frames}{bank}, local {local}, "
                 f"{self.frames_per_chunk}-frame chunks{sma}{cache}")
 
     @property
     def cache_layout(self) -> MemFlowConfig:
-        """This config with SMA's fields at their defaults: what the attached hooks and the cache
-        depend on. Sessions of one attachment may differ from it only in SMA (``sma``,
-        ``sma_top_k``), which each session applies in its own attention."""
-        return dataclasses.replace(self, sma=False, sma_top_k=MemFlowConfig.sma_top_k)
+        """This config with the policies' fields at their defaults: what the attached hooks and
+        the cache depend on. Sessions of one attachment may differ from it only in SMA (``sma``,
+        ``sma_top_k``) and the policies (``bank_policy``, ``activation_policy``), which each
+        session applies in its own attention and bank."""
+        return dataclasses.replace(
+            self,
+            sma=False,
+            sma_top_k=MemFlowConfig.sma_top_k,
+            bank_policy=MemFlowConfig.bank_policy,
+            activation_policy=MemFlowConfig.activation_policy,
+        )
 
     # ----------------------------------------------------------------------------- derived sizes
     @property

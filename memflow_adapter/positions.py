@@ -37,6 +37,18 @@ class RopeTable:
         if isinstance(self.frames, bool) or not isinstance(self.frames, int) or self.frames < 1:
             raise ValueError(f"frames must be an int >= 1, got {self.frames!r}")
 
+    def require_room(self, span: int | None, cache_frames: int, frames_per_chunk: int) -> None:
+        """Raise unless the table holds ``span`` positions at once: a layout's recache of
+        ``cache_frames`` frames then a chunk (``MemFlowConfig.position_span``; ``None``: an
+        unbounded window, re-based never)."""
+        if span is not None and span > self.frames:
+            raise ValueError(
+                f"the model's RoPE table holds {self.frames} latent frames, but this layout "
+                f"needs {span} positions at once (a recache of sink_frames + local_frames = "
+                f"{cache_frames} frames, then a chunk of frames_per_chunk={frames_per_chunk}): "
+                "use a smaller sink_frames or local_frames"
+            )
+
 
 def overflowed_positions(
     positions: torch.Tensor, shift: int, window_position: int, policy: str

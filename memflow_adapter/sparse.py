@@ -10,15 +10,20 @@ from __future__ import annotations
 import torch
 
 from .attention import attention
+from .policies import ActivationPolicy, top_k_in_time_order
 
 
 def select_memory_frames(
-    query: torch.Tensor, memory_keys: torch.Tensor, tokens_per_frame: int, top_k: int
+    policy: ActivationPolicy,
+    query: torch.Tensor,
+    memory_keys: torch.Tensor,
+    tokens_per_frame: int,
+    top_k: int,
 ) -> torch.Tensor:
-    """Pick, per batch element and head, the ``top_k`` memory frames whose mean key has the largest
-    dot product with the mean query of the pass.
+    """Pick, per batch element and head, the ``top_k`` memory frames ``policy`` scores highest.
 
     Args:
+        policy: scores the frames (SMA's reference: mean query x mean key).
         query: ``[B, N, H, D]`` post-RoPE queries of the current pass.
         memory_keys: ``[B, C * T_f, H, D]`` candidate frames' cached keys.
         tokens_per_frame: ``T_f``.
@@ -27,14 +32,15 @@ def select_memory_frames(
     Returns:
         ``[B, H, min(top_k, C)]`` int64 candidate indices, ascending (temporal order kept).
     """
-    num_candidates = memory_keys.shape[1] // tokens_per_frame
-    # float32 means without a float32 copy of the tokens (under bfloat16)
-    query_descriptor = query.mean(dim=1, dtype=torch.float32)  # [B, H, D]
-    frame_descriptors = memory_keys.unflatten(1, (num_candidates, tokens_per_frame)).mean(
-        2, dtype=torch.float32
-    )
-    scores = torch.einsum("bhd,bchd->bhc", query_descriptor, frame_descriptors)
-    return scores.topk(min(top_k, num_candidates), dim=-1).indices.sort(dim=-1).values
+    frames = memory_keys.unflatten(1, (-1, tokens_per_frame))  # [B, C, T_f, H, D]
+    scores = policy.score(query, frames)
+    expected = (query.shape[0], query.shape[2], frames.shape[1])
+    if tuple(scores.shape) != expected:
+        raise ValueError(
+            f"activation policy {type(policy).__name__} returned scores of shape "
+            f"{tuple(scores.shape)}, expected [B, H, C] = {list(expected)}"
+        )
+    return top_k_in_time_order(scores, min(top_k, frames.shape[1]))
 
 
 def gather_frames_per_head(

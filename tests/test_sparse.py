@@ -5,6 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from memflow_adapter.attention import attention
+from memflow_adapter.policies import SparseMemoryActivation
 from memflow_adapter.sparse import (
     SparseKeySet,
     gather_frames_per_head,
@@ -13,6 +14,7 @@ from memflow_adapter.sparse import (
 )
 
 T = 5  # tokens per frame
+SMA = SparseMemoryActivation()
 
 
 def dense_reference(query, keys, values, mask=None):
@@ -40,7 +42,7 @@ def test_sma_equals_dense_attention_when_nothing_is_pruned(
     memory_k, memory_v = (torch.randn(b, candidates * T, h, d, generator=g) for _ in range(2))
     local_k, local_v = (torch.randn(b, local_frames * T, h, d, generator=g) for _ in range(2))
 
-    selected = select_memory_frames(query, memory_k, T, top_k=candidates + extra_top_k)
+    selected = select_memory_frames(SMA, query, memory_k, T, top_k=candidates + extra_top_k)
     assert selected.tolist() == [[list(range(candidates))] * h] * b
 
     sparse = sparse_memory_attention(query, memory_k, memory_v, local_k, local_v, selected, T)
@@ -64,7 +66,7 @@ def planted_queries_and_memory(aligned_frames_per_head: list[int], candidates: i
 
 def test_sma_picks_the_planted_relevant_frame_of_each_head():
     query, memory_k = planted_queries_and_memory([4, 1, 2])
-    assert select_memory_frames(query, memory_k, T, top_k=1).tolist() == [[[4], [1], [2]]]
+    assert select_memory_frames(SMA, query, memory_k, T, top_k=1).tolist() == [[[4], [1], [2]]]
 
 
 def test_sma_keeps_selected_frames_in_temporal_order():
@@ -72,7 +74,7 @@ def test_sma_keeps_selected_frames_in_temporal_order():
     # make frame 3 the second best for both heads
     memory_k[0, 3 * T : 4 * T, :, 5] = 0.5
     memory_k[0, 3 * T : 4 * T, :, 0] = 0.5
-    assert select_memory_frames(query, memory_k, T, top_k=2).tolist() == [[[3, 5], [0, 3]]]
+    assert select_memory_frames(SMA, query, memory_k, T, top_k=2).tolist() == [[[3, 5], [0, 3]]]
 
 
 def test_pruned_attention_equals_dense_attention_masked_to_the_selected_frames(generator):
@@ -84,7 +86,7 @@ def test_pruned_attention_equals_dense_attention_masked_to_the_selected_frames(g
     local_k, local_v = (
         torch.randn(b, local_frames * T, h, d, generator=generator) for _ in range(2)
     )
-    selected = select_memory_frames(query, memory_k, T, top_k=2)
+    selected = select_memory_frames(SMA, query, memory_k, T, top_k=2)
 
     keep_frame = torch.zeros(b, h, candidates, dtype=torch.bool)
     keep_frame.scatter_(2, selected, True)
@@ -111,7 +113,7 @@ def test_the_reused_key_set_equals_the_concatenation_and_keeps_its_buffer(genera
         torch.randn(b, n * T, h, d, generator=generator)
         for n in (candidates, candidates, local_frames, local_frames)
     )
-    selected = select_memory_frames(query, memory_k, T, top_k=2)
+    selected = select_memory_frames(SMA, query, memory_k, T, top_k=2)
     key_set = SparseKeySet()
     reused = sparse_memory_attention(query, memory_k, memory_v, local_k, local_v, selected, T,
                                      key_set=key_set)
@@ -131,7 +133,7 @@ def test_the_window_is_copied_into_the_key_set_once_until_it_is_released(generat
     memory_k, memory_v = (torch.randn(b, 4 * T, h, d, generator=generator) for _ in range(2))
     query = torch.randn(b, T, h, d, generator=generator)
     local = torch.randn(b, (window + 1) * T, h, d, generator=generator)
-    selected = select_memory_frames(query, memory_k, T, top_k=2)
+    selected = select_memory_frames(SMA, query, memory_k, T, top_k=2)
     key_set = SparseKeySet()
     first, _ = key_set.assemble(memory_k, memory_v, local, local, selected, T, window * T)
     assert torch.equal(first[:, 2 * T :], local)
