@@ -41,6 +41,10 @@ class MemoryBank:
         self.config = config
         self.head_shard = head_shard
         self.policy = bank_policy_named(config.bank_policy)
+        # chunks that start in the sink stage nothing when the policy refuses the sink's frames
+        self.unstaged_chunks = 0
+        if not self.policy.admits_sink_frames:
+            self.unstaged_chunks = -(-config.sink_frames // config.frames_per_chunk)
 
     def stages(self, start_frame: int) -> bool:
         """Whether the chunk starting at latent frame ``start_frame`` stages its first frame:
@@ -62,22 +66,23 @@ class MemoryBank:
                 (every head's under context parallelism); checked at every chunk.
         """
         text_keys = local_text_keys(text_keys, layers, self.head_shard)
-        if chunk_index < 1:
+        commit_index = chunk_index - self.unstaged_chunks
+        if commit_index < 1:
             return
         for cache, keys in zip(layers, text_keys, strict=True):
             # with bank_staging="interval" the previous chunk may have staged nothing
             if cache.has_staged_frame:
-                update_bank(cache, chunk_index, self.policy, keys, self.head_shard)
+                update_bank(cache, commit_index, self.policy, keys, self.head_shard)
 
 
 def update_bank(
     cache: LayerCache,
-    chunk_index: int,
+    commit_index: int,
     policy: BankPolicy,
     text_keys: torch.Tensor | None,
     head_shard: HeadShard | None = None,
 ) -> None:
-    """Commit the staged frame at the start of chunk ``chunk_index`` (architecture s.3, steps 1-2).
+    """Commit the staged frame before a chunk (architecture s.3, steps 1-2).
 
     While the bank fills, the frame goes to the slot the pointer names (``bank_staging=
     "every_chunk"``) or to the next free slot (``"interval"``); afterwards the bank keeps the
@@ -86,7 +91,9 @@ def update_bank(
 
     Args:
         cache: the layer's cache, with a staged frame.
-        chunk_index: the chunk about to be generated (>= 1).
+        commit_index: the chunk about to be generated (>= 1), counted from the first chunk that
+            staged a frame: its index, less the chunks that start in the sink when ``policy``
+            refuses the sink's frames.
         policy: scores the bank's frames once the bank is full.
         text_keys: ``[B, L_text, H, D]`` keys of the prompt that chunk will be generated with;
             needed only once the bank is full.
@@ -95,7 +102,7 @@ def update_bank(
     """
     config = cache.config
     if config.bank_staging == "every_chunk":
-        slot = bank_slot_for_commit(chunk_index, config.record_interval, config.bank_frames)
+        slot = bank_slot_for_commit(commit_index, config.record_interval, config.bank_frames)
     else:  # "interval": only some chunks stage; each staged frame takes the next free slot
         slot = cache.bank_filled if cache.bank_filled < config.bank_frames else None
     if slot is not None:

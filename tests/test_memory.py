@@ -132,7 +132,7 @@ def test_a_frame_aligned_with_the_prompt_is_kept_and_an_orthogonal_one_dropped()
     cache = planted_bank(aligned_slot_per_batch=[0, 1])  # frame 10 aligned in b0, frame 20 in b1
     text_keys = torch.zeros(BATCH, 5, HEADS, DIM)
     text_keys[..., 0] = 1.0
-    update_bank(cache, chunk_index=5, policy=NarrativeAdaptiveMemory(), text_keys=text_keys)
+    update_bank(cache, commit_index=5, policy=NarrativeAdaptiveMemory(), text_keys=text_keys)
     assert cache.bank_frame_index.tolist() == [[10, 30], [20, 30]]
     kept_keys = cache.bank_by_frame()[:, 0, 0, 0]  # [B, D] of the kept slot
     assert kept_keys[:, 0].tolist() == [1.0, 1.0]
@@ -141,4 +141,4 @@ def test_a_frame_aligned_with_the_prompt_is_kept_and_an_orthogonal_one_dropped()
 def test_selection_needs_the_prompt_keys():
     cache = planted_bank(aligned_slot_per_batch=[0, 0])
     with pytest.raises(ValueError, match="text_keys are required"):
-        update_bank(cache, chunk_index=5, policy=NarrativeAdaptiveMemory(), text_keys=None)
+        update_bank(cache, commit_index=5, policy=NarrativeAdaptiveMemory(), text_keys=None)
