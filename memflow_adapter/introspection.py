@@ -7,6 +7,7 @@ become Python lists only when ``MemoryTrace.chunks()`` is called.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import torch
@@ -40,6 +41,16 @@ class ChunkMemory:
     start_frame: int
     bank: dict[int, list[list[int]]]
     activated: dict[int, list[PassActivation]]
+
+    def bank_recall(self, frames: Collection[int], batch: int = 0) -> float:
+        """The retrieval score of a bank: the share of layers whose bank held at least one of
+        ``frames`` (e.g. an entity's first appearance, at the chunk where it returns) while this
+        chunk was generated, for batch element ``batch``; 0 without a bank."""
+        if not self.bank:
+            return 0.0
+        wanted = set(frames)
+        held = [bool(wanted.intersection(banks[batch])) for banks in self.bank.values()]
+        return sum(held) / len(held)
 
 
 @dataclass

@@ -1,8 +1,9 @@
 """The layout of docs/architecture.md s.5, asserted on the import statements of every ``.py`` file
 (read with ``ast``, nothing is imported): the library imports no application, an application
 imports the library and ``memflow_apps.shared`` but no other application, and the shared module
-imports the library only. The one exception: the ``memflow`` command hands ``memflow eval`` and
-``memflow demo`` to the benchmark's and the world's own code, imported inside a function."""
+imports the library only. The one exception: the ``memflow`` command hands ``memflow eval``,
+``memflow demo`` and ``memflow compare`` to the benchmark's and the world's own code, imported
+inside a function."""
 
 from __future__ import annotations
 
@@ -16,7 +17,12 @@ REPOSITORY = Path(__file__).resolve().parent.parent
 PACKAGES = ("memflow_adapter", "integrations", "memflow_apps", "recipes")
 APPLICATIONS = ("cli", "eval", "world", "recipes")
 #: (importing layer, imported module): the ``memflow`` command's dispatch, function-local only.
-DISPATCH = {("cli", "memflow_apps.eval.cli"), ("cli", "memflow_apps.world.demo")}
+DISPATCH = {
+    ("cli", "memflow_apps.eval.cli"),
+    ("cli", "memflow_apps.eval.compare"),
+    ("cli", "memflow_apps.world.demo"),
+    ("cli", "memflow_apps.world.compare"),
+}
 
 
 def dispatched(own: str | None, module: str) -> str | None:

@@ -20,6 +20,9 @@ from typing import TYPE_CHECKING, Any
 from memflow_adapter.version import __version__
 from memflow_apps.shared.cli_choices import (
     CACHE_DTYPES,
+    DEFAULT_CLIP_MODEL,
+    DEFAULT_DINO_MODEL,
+    DEFAULT_MEMORIES,
     PRESETS,
     REFERENCE_BASE_MODEL,
     TINY_RANDOM,
@@ -108,6 +111,20 @@ def _random_tiny_demo(args: argparse.Namespace) -> int:
 #: model gets its family's (``Integration.default_video``).
 _TINY_SIZES = {"height": 64, "width": 64, "max_sequence_length": 32}
 _DEFAULT_FRAMES_PER_PROMPT = 40
+
+
+def _compare(args: argparse.Namespace) -> int:
+    """``memflow compare``: the world's or the prompt groups' comparison, each its own
+    application's (imported here, the command's dispatch)."""
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.prompts is None:
+        from memflow_apps.world.compare import run_command
+    else:
+        from memflow_apps.eval.compare import run_command
+    return run_command(args)
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -515,6 +532,53 @@ def build_parser() -> argparse.ArgumentParser:
         "moved into it once complete",
     )
     convert.set_defaults(handler=_convert)
+
+    compare = commands.add_parser(
+        "compare",
+        help="compare memories (bank and activation policies) side by side on one base model: "
+        "the narrative world's stories (default) or memflow eval's prompt groups (--prompts)",
+        description="Stream the same stories under every memory with one model and write a table "
+        "(comparison.md / .json / .png) of quality, the retrieval score, time per chunk and "
+        "cache size. A memory is a bank policy (dense attention), '<bank>+<activation>' (SMA "
+        "with that activation policy) or 'none' (sink and window only).",
+    )
+    compare.add_argument(
+        "--memories", nargs="+", default=list(DEFAULT_MEMORIES), metavar="MEMORY",
+        help=f"the memories to compare (default: {' '.join(DEFAULT_MEMORIES)})",
+    )
+    compare.add_argument("--output-dir", default="outputs/compare",
+                         help="where comparison.md / .json / .png go (default: outputs/compare)")
+    compare.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
+    world = compare.add_argument_group("the narrative world (without --prompts)")
+    world.add_argument("--world-model",
+                       help="a trained world transformer folder (default: the packaged "
+                       f"{WORLD_OTHER_MODEL_NAME}/, few-step)")
+    world.add_argument("--stories", type=int, default=50, help="stories (default: 50)")
+    world.add_argument("--first-seed", type=int, default=700,
+                       help="the stories' seeds are first .. first + stories - 1, held out "
+                       "(0..999; default: 700, never used to tune anything)")
+    world.add_argument("--guidance-scale", type=float,
+                       help="classifier-free guidance (default: the model's own)")
+    groups = compare.add_argument_group("prompt groups (with --prompts)")
+    groups.add_argument("--prompts", help="prompt groups as memflow eval reads them ('sample': "
+                        "the packaged four)")
+    groups.add_argument("--model", default=TINY_RANDOM,
+                        help=f"diffusers pipeline: Hub id or folder (default: '{TINY_RANDOM}', "
+                        "random weights, plumbing only)")
+    groups.add_argument("--preset", choices=PRESETS, default="reference",
+                        help="the base layout whose memory is varied (default: reference)")
+    groups.add_argument("--limit", type=int, help="only the first N prompt groups")
+    groups.add_argument("--frames-per-prompt", type=int, default=40,
+                        help="latent frames per prompt (default: 40)")
+    groups.add_argument("--seed", type=int, default=0, help="group i uses seed + i")
+    groups.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    groups.add_argument("--clip-model", default=DEFAULT_CLIP_MODEL,
+                        help=f"as memflow eval's (default: {DEFAULT_CLIP_MODEL}; "
+                        f"'{TINY_RANDOM}' offline)")
+    groups.add_argument("--dino-model", default=DEFAULT_DINO_MODEL,
+                        help=f"as memflow eval's (default: {DEFAULT_DINO_MODEL}; "
+                        f"'{TINY_RANDOM}' offline)")
+    compare.set_defaults(handler=_compare)
 
     # the benchmark's own parser (a light module: its handler imports what it runs); imported
     # here, not at module top, as the one dispatch from this command into another application

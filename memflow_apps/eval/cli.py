@@ -205,7 +205,7 @@ def run_eval(args: argparse.Namespace) -> int:
                 args.config or ["reference"],
                 args.output_dir,
                 protocol,
-                _pipe_factory(args.model, args.device, args.dtype),
+                pipe_factory(args.model, args.device, args.dtype),
                 model=args.model or TINY_RANDOM,
                 device=args.device or ("cpu" if tiny else None),
                 progress=progress,
@@ -218,8 +218,8 @@ def run_eval(args: argparse.Namespace) -> int:
         print(f"memflow eval: {made} of {len(entries)} video(s) ready under {args.output_dir}")
         return 0 if made else 1
     scorer = VideoScorer(
-        clip=_scorer_model(args.clip_model, save_tiny_clip, args.output_dir, "clip"),
-        dino=_scorer_model(args.dino_model, save_tiny_dino, args.output_dir, "dino"),
+        clip=scorer_model(args.clip_model, save_tiny_clip, args.output_dir, "clip"),
+        dino=scorer_model(args.dino_model, save_tiny_dino, args.output_dir, "dino"),
         aesthetic=args.aesthetic_head,
         aesthetic_clip=args.aesthetic_clip_model,
         device=args.device,
@@ -258,7 +258,7 @@ def _check_scorers(args: argparse.Namespace) -> str | None:
     return None
 
 
-def _scorer_model(
+def scorer_model(
     name: str, save_tiny: Callable[[Path], Path], output_dir: str, kind: str
 ) -> str:
     """``name``, or for ``tiny-random`` the folder the tiny model is saved into."""
@@ -282,7 +282,7 @@ def _check_arguments(args: argparse.Namespace) -> str | None:
     return None
 
 
-def _pipe_factory(model: str | None, device: str | None, dtype_name: str) -> Any:
+def pipe_factory(model: str | None, device: str | None, dtype_name: str) -> Any:
     """A zero-argument builder of the diffusers pipeline (called only if something is to be
     generated)."""
     import torch

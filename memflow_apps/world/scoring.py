@@ -31,6 +31,7 @@ import torch
 
 from memflow_adapter.config import MemFlowConfig
 from memflow_adapter.hooks import get_memflow, remove_memflow
+from memflow_adapter.introspection import ChunkMemory
 from memflow_adapter.pipeline import MemFlowStreamingPipeline
 from memflow_adapter.streaming import PromptSchedule, applied_segment_starts
 
@@ -132,13 +133,18 @@ def streaming_world(
     attachment removed)."""
     if layout not in WORLD_LAYOUTS:
         raise ValueError(f"layout must be one of {sorted(WORLD_LAYOUTS)}, got {layout!r}")
+    return streaming_with(pipe, dataclasses.replace(WORLD_LAYOUTS[layout], **config_overrides))
+
+
+def streaming_with(pipe: NarrativeWorldPipeline, config: MemFlowConfig) -> MemFlowStreamingPipeline:
+    """``pipe`` streamed with ``config`` and the model's schedule (``pipe.sampling``; any
+    previous attachment removed)."""
     if get_memflow(pipe.transformer) is not None:
         remove_memflow(pipe.transformer)
-    config = dataclasses.replace(WORLD_LAYOUTS[layout], **config_overrides)
     return MemFlowStreamingPipeline(pipe, config, pipe.sampling.schedule, device="cpu")
 
 
-def _segment_frames(script: Script, schedule: PromptSchedule) -> list[range]:
+def segment_frames(script: Script, schedule: PromptSchedule) -> list[range]:
     """The latent frames of each of the script's segments as the stream generates them with
     ``schedule`` (the core's chunk plan: a segment starts at the first chunk boundary at or after
     its frame)."""
@@ -161,17 +167,17 @@ def score_script(
     """Score a video ``[F, 3, H, W]`` in ``[-1, 1]`` of ``script`` generated with ``schedule``
     (default ``script_schedule(script)``; see the module docstring)."""
     detections = [detect(frame, script.edition) for frame in video]
-    segment_frames = _segment_frames(script, schedule or script_schedule(script))
+    frames_of = segment_frames(script, schedule or script_schedule(script))
     checks: list[bool] = []
     for index, segment in enumerate(script.segments[:-1]):
-        frames = [detections[frame] for frame in segment_frames[index]]
+        frames = [detections[frame] for frame in frames_of[index]]
         checks += [found.place == segment.place.name for found in frames]
         if segment.entity is None or segment.action == "leaves":
             checks += [found.colour is None for found in frames]
         else:
             checks += [found.looks == _looks(segment.entity) for found in frames]
-    first: Detection = detections[segment_frames[script.first_appearance][-1]]
-    back: Detection = detections[segment_frames[script.return_segment][-1]]
+    first: Detection = detections[frames_of[script.first_appearance][-1]]
+    back: Detection = detections[frames_of[script.return_segment][-1]]
     # an entity fully in view (a noise frame reads as one colour touching every edge)
     seen_first = first.shape is not None
     return ScriptScores(
@@ -188,6 +194,18 @@ def score_script(
         first_shape=first.shape == script.returning.shape,
         seconds_per_chunk=statistics.mean(chunk_seconds),
     )
+
+
+def return_retrieval(
+    script: Script, trace: Sequence[ChunkMemory], schedule: PromptSchedule | None = None
+) -> float:
+    """The retrieval score of one generated story, which needs no good generator: at the chunk
+    where the entity returns, the share of layers whose bank holds a frame of its first
+    appearance (``ChunkMemory.bank_recall``; 0 without a bank)."""
+    frames_of = segment_frames(script, schedule or script_schedule(script))
+    back = frames_of[script.return_segment].start
+    chunk = next(chunk for chunk in trace if chunk.start_frame == back)
+    return chunk.bank_recall(frames_of[script.first_appearance])
 
 
 def mean_scores(scores: Sequence[ScriptScores]) -> dict[str, float]:
