@@ -43,7 +43,7 @@ PROGRAM = textwrap.dedent(
     for extra, call in (
         ("video", lambda: draw_memory_timeline(trace, MemFlowConfig.longlive(), "x.png")),
         ("video", lambda: VideoFileWriter("x.mp4", fps=16)),
-        ("live", lambda: create_app(None, None, "a model")),
+        ("live", lambda: create_app(None, None)),
     ):
         try:
             call()

@@ -212,14 +212,14 @@ def _live(args: argparse.Namespace) -> int:
         guidance = 1.0 if args.guidance_scale is None else args.guidance_scale
         name = args.model
     settings = LiveSettings(
-        prompt=prompts[0] if args.prompt is None else args.prompt,
+        model=name, prompt=prompts[0] if args.prompt is None else args.prompt,
         height=args.height, width=args.width, max_sequence_length=args.max_sequence_length,
         num_latent_frames=args.num_latent_frames, seed=args.seed, fps=args.fps,
         guidance_scale=guidance, negative_prompt=args.negative_prompt,
         output_dir=Path(args.output_dir), suggestions=tuple(prompts),
-        report={"model": name, "random_weights": args.model == TINY_RANDOM},
+        report={"random_weights": args.model == TINY_RANDOM},
     )
-    app = create_app(streaming, settings, name, allowed_hosts)
+    app = create_app(streaming, settings, allowed_hosts)
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"memflow live: {name}, memory {streaming.config.describe()}, on "
           f"{streaming.device}; open http://{host}:{args.port}/ (Ctrl-C stops)", flush=True)

@@ -48,7 +48,6 @@ Send = Callable[..., Awaitable[None]]
 def create_app(
     streaming: MemFlowStreamingPipeline,
     settings: LiveSettings,
-    model_name: str,
     allowed_hosts: tuple[str, ...] = LOOPBACK_NAMES,
 ) -> Starlette:
     """The app: ``GET /`` the page, ``/page/*`` its files, ``/ws`` its websocket; one page at a
@@ -61,7 +60,7 @@ def create_app(
     routing = import_optional("starlette.routing", "live", _PURPOSE)
     staticfiles = import_optional("starlette.staticfiles", "live", _PURPOSE)
     hello = {
-        "type": "hello", "model": model_name, "memory": streaming.config.describe(),
+        "type": "hello", "model": settings.model, "memory": streaming.config.describe(),
         "fps": settings.fps, "height": settings.height, "width": settings.width,
         "num_latent_frames": settings.num_latent_frames,
         "frames_per_chunk": streaming.config.frames_per_chunk,
@@ -114,8 +113,10 @@ def create_app(
         finally:
             session.stop()  # a closed page stops the generation after the chunk being made
             pumping.cancel()
-            await asyncio.to_thread(session.join)
-            running.remove(session)
+            try:
+                await asyncio.to_thread(session.join)
+            finally:  # even when cancelled (the server stopping): the chunk being made ends it
+                running.remove(session)
 
     return applications.Starlette(
         routes=[

@@ -31,6 +31,7 @@ class LiveSettings:
     """What a live generation makes and how the page may steer it.
 
     Attributes:
+        model: what is streamed, as the page and report.json name it.
         prompt: the prompt the video starts with (and starts again with on a restart).
         height, width: video size in pixels; max_sequence_length: text tokens per prompt.
         num_latent_frames: the video's length (its noise is drawn at once, ``VideoStream``).
@@ -42,9 +43,10 @@ class LiveSettings:
         chunks_ahead: how many chunks may be made that the page has not shown yet: a prompt
             typed while a chunk plays applies within this many chunks of it.
         suggestions: prompts the page offers to pick from.
-        report: extra entries of a save's report.json (e.g. the model's name).
+        report: extra entries of a save's report.json (e.g. whether the weights are random).
     """
 
+    model: str
     prompt: str
     height: int
     width: int
@@ -212,6 +214,7 @@ class LiveSession:
                     restart, self._restart = self._restart, None
                     save, self._save = self._save, False
                 if restart is not None:
+                    self.prompts.take()  # a prompt typed for the old video does not open the new
                     self._open(restart)
                 elif save:
                     self._write()
@@ -245,7 +248,6 @@ class LiveSession:
             self.seed = seed
             self.generation += 1
             self._made, self._frames, self._shown = [], [], -1
-        self.prompts.take()  # a prompt typed for the old video does not open the new one
         self._emit({"type": "started", "seed": seed, "generation": self.generation,
                     "num_chunks": self.stream.num_chunks,
                     "schedule": self._schedule()}, [])
@@ -286,7 +288,7 @@ class LiveSession:
         finally:
             writer.close()
         stream = self.stream
-        extra = {**self.settings.report, "seed": self.seed,
+        extra = {"model": self.settings.model, **self.settings.report, "seed": self.seed,
                  "guidance_scale": self.settings.guidance_scale,
                  "negative_prompt": self.settings.negative_prompt,
                  "prompts": self._schedule(), "interrupted": stream.next_chunk is not None,

@@ -93,7 +93,7 @@ function play(now) {
   const item = queue.shift();
   if (item.generation !== live.generation) { item.bitmap.close(); return; }
   const interval = 1000 / live.hello.fps;
-  nextDue = Math.max(nextDue + interval, now - interval / 2);
+  nextDue = (now - nextDue > interval ? now : nextDue) + interval;  // after a wait: from now
   if (canvas.width !== item.bitmap.width || canvas.height !== item.bitmap.height) {
     canvas.width = item.bitmap.width;
     canvas.height = item.bitmap.height;
@@ -158,7 +158,7 @@ function updateLayers(header) {
   const chosen = select.value;
   select.replaceChildren(...layers.map((layer) => new Option(`${layer}`, `${layer}`)));
   select.disabled = layers.length === 0;
-  if (layers.includes(Number(chosen))) select.value = chosen;
+  if (layers.length) select.value = layers.map(String).includes(chosen) ? chosen : `${layers[0]}`;
 }
 
 function showMemory() {
