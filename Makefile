@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-fast demo lint bench venv clean
+.PHONY: test test-fast demo lint bench venv browser clean
 
 venv: $(STAMP)
 
@@ -13,11 +13,25 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[dev,video,train]"
+	$(PY) -m pip install --quiet -e ".[dev,video,train,live]"
 	touch $(STAMP)
 
-test: lint
+test: lint browser
 	$(PY) -m pytest -q
+
+# The live page's browser test drives Debian's chromium: installed here when it is missing and
+# apt-get can (as root); without it tests/test_live_web.py's browser test skips and says why.
+browser:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+		if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+			(apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1 || \
+			 (apt-get update -qq >/dev/null 2>&1 && \
+			  apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1)) || \
+			echo "make browser: could not install chromium; the browser test will skip"; \
+		else \
+			echo "make browser: no chromium and no apt-get as root; the browser test will skip"; \
+		fi; \
+	fi
 
 # The quick loop: every test not marked slow (under 2 minutes on 2 CPU cores).
 test-fast: lint
@@ -30,10 +44,11 @@ lint: $(STAMP)
 	$(PY) -m ruff check memflow_adapter memflow_apps integrations recipes tests bench
 
 # --heads 2 keeps the reference token geometry but fits a 2-core machine.
-bench: $(STAMP)
+bench: $(STAMP) browser
 	$(PY) bench/attention_overhead.py --heads 2
 	$(PY) bench/streaming_scaling.py
 	$(PY) bench/stream_latency.py
+	$(PY) bench/live_latency.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache outputs

@@ -156,7 +156,7 @@ def subcommand_parsers() -> dict[str, argparse.ArgumentParser]:
     return dict(commands.choices)
 
 
-@pytest.mark.parametrize("command", ["demo", "generate", "convert", "eval"])
+@pytest.mark.parametrize("command", ["demo", "generate", "live", "convert", "eval"])
 def test_every_option_of_every_subcommand_has_help(command):
     parser = subcommand_parsers()[command]
     silent = [a.option_strings[0] for a in parser._actions

@@ -2,8 +2,8 @@
 (read with ``ast``, nothing is imported): the library imports no application, an application
 imports the library and ``memflow_apps.shared`` but no other application, and the shared module
 imports the library only. The one exception: the ``memflow`` command hands ``memflow eval``,
-``memflow demo`` and ``memflow compare`` to the benchmark's and the world's own code, imported
-inside a function."""
+``memflow demo``, ``memflow compare`` and ``memflow live`` to the benchmark's, the world's and
+the live page's own code, imported inside a function."""
 
 from __future__ import annotations
 
@@ -15,13 +15,14 @@ import pytest
 REPOSITORY = Path(__file__).resolve().parent.parent
 #: The folders holding code; each folder is its import path.
 PACKAGES = ("memflow_adapter", "integrations", "memflow_apps", "recipes")
-APPLICATIONS = ("cli", "eval", "world", "recipes")
+APPLICATIONS = ("cli", "eval", "world", "live", "recipes")
 #: (importing layer, imported module): the ``memflow`` command's dispatch, function-local only.
 DISPATCH = {
     ("cli", "memflow_apps.eval.cli"),
     ("cli", "memflow_apps.eval.compare"),
     ("cli", "memflow_apps.world.demo"),
     ("cli", "memflow_apps.world.compare"),
+    ("cli", "memflow_apps.live"),
 }
 
 
@@ -125,9 +126,9 @@ def test_the_apps_package_itself_imports_nothing_of_the_project():
     assert offenders({"apps": {None}}) == []
 
 
-def test_the_command_dispatches_to_eval_and_the_world_only_inside_functions():
-    """``memflow --help`` must not load the benchmark or the world: the dispatch imports are
-    function-local, and they are there (the exception above is not dead)."""
+def test_the_command_dispatches_to_eval_the_world_and_live_only_inside_functions():
+    """``memflow --help`` must not load the benchmark, the world or the live page: the dispatch
+    imports are function-local, and they are there (the exception above is not dead)."""
     dispatch = {}
     for path in python_files():
         if layer(module_of(path)) != "cli":

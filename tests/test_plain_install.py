@@ -1,4 +1,4 @@
-"""Without the optional extras (video, xformers) every module imports and the ``memflow``
+"""Without the optional extras (video, xformers, live) every module imports and the ``memflow``
 command starts; what needs an extra says which one to install."""
 
 import subprocess
@@ -9,7 +9,8 @@ import pytest
 
 #: The optional dependencies of the extras, blocked from import in the child process (the train
 #: extra's accelerate and pyyaml come with peft and huggingface_hub, core dependencies).
-BLOCKED = ("matplotlib", "imageio", "imageio_ffmpeg", "av", "xformers")
+BLOCKED = ("matplotlib", "imageio", "imageio_ffmpeg", "av", "xformers", "starlette", "uvicorn",
+           "websockets")
 
 PROGRAM = textwrap.dedent(
     f"""
@@ -27,7 +28,8 @@ PROGRAM = textwrap.dedent(
     assert "recipes.memory_finetune" in imported, imported
     assert "memflow_apps.eval.report" in imported and "memflow_adapter.timeline" in imported
     from memflow_apps.cli.main import main
-    for argv in (["--help"], ["--version"], ["generate", "--help"], ["eval", "--help"]):
+    for argv in (["--help"], ["--version"], ["generate", "--help"], ["eval", "--help"],
+                 ["live", "--help"]):
         try:
             main(argv)
         except SystemExit as stop:
@@ -35,16 +37,18 @@ PROGRAM = textwrap.dedent(
     from memflow_adapter import MemFlowConfig
     from memflow_adapter.timeline import draw_memory_timeline
     from memflow_adapter.introspection import ChunkMemory
-    from memflow_apps.cli.live import VideoFileWriter
+    from memflow_apps.shared.videos import VideoFileWriter
+    from memflow_apps.live.server import create_app
     trace = [ChunkMemory(chunk_index=0, start_frame=0, bank={{}}, activated={{}})]
-    for call in (
-        lambda: draw_memory_timeline(trace, MemFlowConfig.longlive(), "x.png"),
-        lambda: VideoFileWriter("x.mp4", fps=16),
+    for extra, call in (
+        ("video", lambda: draw_memory_timeline(trace, MemFlowConfig.longlive(), "x.png")),
+        ("video", lambda: VideoFileWriter("x.mp4", fps=16)),
+        ("live", lambda: create_app(None, None)),
     ):
         try:
             call()
         except ImportError as error:
-            assert "pip install 'memflow-adapter[video]'" in str(error), str(error)
+            assert f"pip install 'memflow-adapter[{{extra}}]'" in str(error), str(error)
         else:
             raise AssertionError("no ImportError")
     print("ok")

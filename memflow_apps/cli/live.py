@@ -13,11 +13,9 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-import numpy as np
-
-from memflow_adapter.extras import import_optional
 from memflow_adapter.stream import StreamingVideoOutput, VideoStream
 from memflow_adapter.streaming import PromptSchedule
+from memflow_apps.shared.videos import VideoFileWriter
 
 
 class LivePrompts:
@@ -123,26 +121,6 @@ def _json_entry(line: str, where: str) -> tuple[int, str]:
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError(f"{where}: 'prompt' must be a non-empty string, got {prompt!r}")
     return frame, prompt.strip()
-
-
-class VideoFileWriter:
-    """An mp4 written as frames come (imageio-ffmpeg, as diffusers' ``export_to_video``).
-
-    Frames are ``[m, H, W, 3]`` float arrays in ``[0, 1]`` (the pipeline's ``"np"`` output)."""
-
-    def __init__(self, path: str | Path, fps: int) -> None:
-        imageio = import_optional("imageio", "video", "writing mp4")
-        import_optional("imageio_ffmpeg", "video", "writing mp4")
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._writer = imageio.get_writer(str(self.path), fps=fps, macro_block_size=16)
-
-    def write(self, frames: np.ndarray) -> None:
-        for frame in frames:
-            self._writer.append_data((frame * 255).astype(np.uint8))
-
-    def close(self) -> None:
-        self._writer.close()
 
 
 def play(

@@ -1,5 +1,6 @@
 """The ``memflow`` command: ``demo`` (no download), ``generate`` (real weights, or the embedded
-``tiny-random`` Wan offline), ``convert``, and ``eval`` (the multi-prompt long-video benchmark).
+``tiny-random`` Wan offline), ``live`` (a web page that plays the stream as it is made),
+``convert``, and ``eval`` (the multi-prompt long-video benchmark).
 
 Building the parser imports neither torch, diffusers nor the world (``memflow --help`` answers at
 once): each handler imports what it runs.
@@ -130,9 +131,7 @@ def _compare(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     import torch
 
-    from integrations import find_integration
-    from memflow_adapter.config import MemFlowConfig
-    from memflow_adapter.pipeline import MemFlowStreamingPipeline, PromptSchedule
+    from memflow_adapter.pipeline import PromptSchedule
 
     from .live import read_prompt_file
 
@@ -146,29 +145,9 @@ def _generate(args: argparse.Namespace) -> int:
         schedule = PromptSchedule.from_prompts(
             args.prompt, args.frames_per_prompt or _DEFAULT_FRAMES_PER_PROMPT
         )
-    config = MemFlowConfig.preset(args.config, cache_dtype=args.cache_dtype)
-    dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     if args.ulysses_degree != 1:
         _join_context_parallel_launch(args)
-    if tiny:
-        from memflow_apps.shared.tiny_wan import build_tiny_wan_pipeline
-
-        pipe = build_tiny_wan_pipeline(seed=0)  # the weights memflow eval's tiny-random has
-        streaming = MemFlowStreamingPipeline(
-            pipe if dtype is None else pipe.to(dtype=dtype), config, device=args.device,
-            ulysses_degree=args.ulysses_degree,
-        )
-    else:
-        streaming = MemFlowStreamingPipeline.from_pretrained(
-            args.model, config, device=args.device, dtype=dtype,
-            ulysses_degree=args.ulysses_degree,
-        )
-    video = find_integration(streaming.transformer).default_video
-    model_sizes = {"height": video.height, "width": video.width,
-                   "max_sequence_length": video.max_sequence_length}
-    for name, default in (_TINY_SIZES if tiny else model_sizes).items():
-        if getattr(args, name) is None:
-            setattr(args, name, default)
+    streaming = _streaming_pipeline(args)
     try:
         return _generate_and_write(
             streaming,
@@ -183,6 +162,86 @@ def _generate(args: argparse.Namespace) -> int:
     finally:
         if args.ulysses_degree != 1:
             torch.distributed.destroy_process_group()
+
+
+def _streaming_pipeline(args: argparse.Namespace) -> MemFlowStreamingPipeline:
+    """The model ``--model`` names (``tiny-random``: the embedded random-weight one) with the
+    ``--config`` preset, on ``--device`` in ``--dtype``; the ``--height``, ``--width`` and
+    ``--max-sequence-length`` not given are set to the model family's (``memflow generate`` and
+    ``memflow live``)."""
+    import torch
+
+    from integrations import find_integration
+    from memflow_adapter.config import MemFlowConfig
+    from memflow_adapter.pipeline import MemFlowStreamingPipeline
+
+    tiny = args.model == TINY_RANDOM
+    config = MemFlowConfig.preset(args.config, cache_dtype=args.cache_dtype)
+    dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    degree = getattr(args, "ulysses_degree", 1)
+    if tiny:
+        from memflow_apps.shared.tiny_wan import build_tiny_wan_pipeline
+
+        pipe = build_tiny_wan_pipeline(seed=0)  # the weights memflow eval's tiny-random has
+        streaming = MemFlowStreamingPipeline(
+            pipe if dtype is None else pipe.to(dtype=dtype), config, device=args.device,
+            ulysses_degree=degree,
+        )
+    else:
+        streaming = MemFlowStreamingPipeline.from_pretrained(
+            args.model, config, device=args.device, dtype=dtype, ulysses_degree=degree,
+        )
+    video = find_integration(streaming.transformer).default_video
+    model_sizes = {"height": video.height, "width": video.width,
+                   "max_sequence_length": video.max_sequence_length}
+    for name, default in (_TINY_SIZES if tiny else model_sizes).items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    return streaming
+
+
+#: ``memflow live``'s default model: the narrative world's student.
+WORLD = "world"
+
+
+def _live(args: argparse.Namespace) -> int:
+    """Serve the live page (``memflow_apps.live``) until Ctrl-C."""
+    from memflow_apps.live.server import check_host, create_app, serve
+    from memflow_apps.live.session import LiveSettings
+
+    allowed_hosts = check_host(args.host, args.expose)
+    if args.model == WORLD:
+        fixed = [name for name, value in (("--height", args.height), ("--width", args.width),
+                 ("--max-sequence-length", args.max_sequence_length)) if value is not None]
+        if fixed:
+            raise ValueError(f"{', '.join(fixed)} apply to models other than --model {WORLD}; "
+                             "the world's frames are 32x32 with 16-token prompts")
+        from memflow_apps.world.demo import WORLD_LIVE_MODEL, live_world
+
+        world = live_world(args.config, args.cache_dtype)
+        streaming, prompts = world.streaming, world.prompts
+        args.height, args.width = world.height, world.width
+        args.max_sequence_length = world.max_sequence_length
+        guidance = world.guidance_scale if args.guidance_scale is None else args.guidance_scale
+        name = f"narrative world student ({WORLD_LIVE_MODEL})"
+    else:
+        streaming, prompts = _streaming_pipeline(args), DEMO_PROMPTS
+        guidance = 1.0 if args.guidance_scale is None else args.guidance_scale
+        name = args.model
+    settings = LiveSettings(
+        model=name, prompt=prompts[0] if args.prompt is None else args.prompt,
+        height=args.height, width=args.width, max_sequence_length=args.max_sequence_length,
+        num_latent_frames=args.num_latent_frames, seed=args.seed, fps=args.fps,
+        guidance_scale=guidance, negative_prompt=args.negative_prompt,
+        output_dir=Path(args.output_dir), suggestions=tuple(prompts),
+        report={"random_weights": args.model == TINY_RANDOM},
+    )
+    app = create_app(streaming, settings, allowed_hosts)
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"memflow live: {name}, memory {streaming.config.describe()}, on "
+          f"{streaming.device}; open http://{host}:{args.port}/ (Ctrl-C stops)", flush=True)
+    serve(app, args.host, args.port)
+    return 0
 
 
 def _join_context_parallel_launch(args: argparse.Namespace) -> None:
@@ -378,9 +437,13 @@ def _add_common(
     real_models: bool,
     seed: int | None = 0,
     seed_help: str = "generation seed (default: 0)",
+    config: str = "reference",
+    output_dir: str = "outputs",
+    interactive: bool = True,
 ) -> None:
-    """The options ``demo`` and ``generate`` share; ``real_models``: the command also streams
-    real models, sized by their family when not told (else only the tiny random-weight one)."""
+    """The options ``demo``, ``generate`` and ``live`` share; ``real_models``: the command also
+    streams real models, sized by their family when not told (else only the tiny random-weight
+    one); ``config`` and ``output_dir``: the defaults; ``interactive``: offer ``--interactive``."""
 
     def sizes(name: str) -> str:
         tiny = _TINY_SIZES[name]
@@ -389,14 +452,15 @@ def _add_common(
         return f" (default: the model family's; {TINY_RANDOM}: {tiny})"
 
     parser.add_argument(
-        "--config", choices=PRESETS, default="reference", help="memory preset (default: reference)"
+        "--config", choices=PRESETS, default=config, help=f"memory preset (default: {config})"
     )
     parser.add_argument(
         "--cache-dtype", choices=sorted(CACHE_DTYPES), default=None,
         help="store the KV cache quantized, one scale per frame and head (default: the model "
         "dtype, exactly as computed)",
     )
-    parser.add_argument("--output-dir", default="outputs", help="where to write (default: outputs)")
+    parser.add_argument("--output-dir", default=output_dir,
+                        help=f"where to write (default: {output_dir})")
     parser.add_argument("--height", type=int, help=f"video height in pixels{sizes('height')}")
     parser.add_argument("--width", type=int, help=f"video width in pixels{sizes('width')}")
     parser.add_argument("--seed", type=int, default=seed, help=seed_help)
@@ -407,6 +471,8 @@ def _add_common(
         "--max-sequence-length", type=int,
         help=f"text tokens per prompt{sizes('max_sequence_length')}",
     )
+    if not interactive:
+        return
     parser.add_argument(
         "--interactive", action="store_true",
         help="read prompts from stdin while streaming: each line typed switches the prompt from "
@@ -505,6 +571,41 @@ def build_parser() -> argparse.ArgumentParser:
         "data.prompt_dropout trains; \"\" for diffusers' text-to-video base models)",
     )
     generate.set_defaults(handler=_generate)
+
+    live = commands.add_parser(
+        "live",
+        help="a local web page that streams a video as it is made, takes prompts while it plays "
+        "and shows what the memory holds (extra: live)",
+    )
+    _add_common(live, real_models=True, config="reference_sma", output_dir="outputs/live",
+                interactive=False)
+    live.add_argument(
+        "--model", default=WORLD,
+        help=f"'{WORLD}' (default): the narrative world's packaged distilled student (offline); "
+        f"'{TINY_RANDOM}': the embedded random-weight tiny model; or a diffusers pipeline, as "
+        "for memflow generate (Hub id or folder)",
+    )
+    live.add_argument("--prompt", help="the prompt the video starts with (default: the world "
+                      "story's first; else the demo's)")
+    live.add_argument("--num-latent-frames", type=int, default=240,
+                      help="length of the video in latent frames (default: 240)")
+    live.add_argument("--device", default=None,
+                      help="torch device (default: cuda if available, else cpu)")
+    live.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                      help="weights' dtype (default: auto, bfloat16 on CUDA and float32 on "
+                      "the CPU)")
+    live.add_argument("--guidance-scale", type=float,
+                      help="classifier-free guidance (default: the world model's own; else 1)")
+    live.add_argument("--negative-prompt", default=None,
+                      help="guidance's negative prompt (default: a zero embedding)")
+    live.add_argument("--host", default="127.0.0.1",
+                      help="address to serve on (default: 127.0.0.1, this machine only; reach a "
+                      "remote one through an SSH tunnel)")
+    live.add_argument("--port", type=int, default=7860, help="port to serve on (default: 7860)")
+    live.add_argument("--expose", action="store_true",
+                      help="allow a --host other machines can reach (there is no login: anyone "
+                      "who reaches the port can generate and save)")
+    live.set_defaults(handler=_live)
 
     convert = commands.add_parser(
         "convert", help="original-layout checkpoints (Self-Forcing, LongLive, MemFlow) -> "

@@ -1,5 +1,6 @@
-"""Video files: finding them in a folder and decoding them into frame batches; shared by
-``memflow eval`` (scoring mp4 files) and ``recipes.build_dataset`` (encoding them)."""
+"""Video files: finding them in a folder, decoding them into frame batches and writing them as
+frames come; shared by ``memflow eval`` (scoring mp4 files), ``recipes.build_dataset`` (encoding
+them), ``memflow generate`` and ``memflow live`` (writing them)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from memflow_adapter.extras import import_optional
+
 __all__ = [
     "PARTIAL",
     "VIDEO_EXTENSIONS",
+    "VideoFileWriter",
     "VideoReadError",
     "as_uint8_frames",
     "iter_video_batches",
@@ -90,3 +94,26 @@ def as_uint8_frames(frames: Any) -> np.ndarray:
     if array.dtype != np.uint8:
         array = (np.clip(array.astype(np.float32), 0.0, 1.0) * 255.0).round().astype(np.uint8)
     return np.ascontiguousarray(array)
+
+
+class VideoFileWriter:
+    """An mp4 written as frames come (imageio-ffmpeg, as diffusers' ``export_to_video``).
+
+    Frames are ``[m, H, W, 3]``: float arrays in ``[0, 1]`` (the pipeline's ``"np"`` output),
+    or uint8."""
+
+    def __init__(self, path: str | Path, fps: int) -> None:
+        imageio = import_optional("imageio", "video", "writing mp4")
+        import_optional("imageio_ffmpeg", "video", "writing mp4")
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._writer = imageio.get_writer(str(self.path), fps=fps, macro_block_size=16)
+
+    def write(self, frames: np.ndarray) -> None:
+        for frame in frames:
+            self._writer.append_data(
+                frame if frame.dtype == np.uint8 else (frame * 255).astype(np.uint8)
+            )
+
+    def close(self) -> None:
+        self._writer.close()

@@ -7,15 +7,23 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from memflow_adapter.config import MemFlowConfig
 from memflow_adapter.outputs import write_outputs
+from memflow_adapter.pipeline import MemFlowStreamingPipeline
 
 from .grammar import Script, make_script
-from .pipeline import WORLD_MODEL_DIR, WORLD_STUDENT_DIR, load_world_pipeline
+from .pipeline import (
+    WORLD_MODEL_DIR,
+    WORLD_SEQUENCE_LENGTH,
+    WORLD_STUDENT_DIR,
+    load_world_pipeline,
+)
+from .render import HEIGHT, WIDTH
 from .scoring import WORLD_LAYOUTS, generate_script, score_script, streaming_world
 
 #: The model ``memflow demo`` (and ``make demo``) streams by default: the better of the two
@@ -33,6 +41,38 @@ VIDEO_SCALE = 8
 #: MemFlow brings the returning entity back as first seen and LongLive and the window alone do
 #: not (see README.md).
 WORLD_DEMO_SCRIPT = 18
+#: The model ``memflow live`` streams by default: the distilled 4-step student, which a CPU makes
+#: faster than it plays (bench/live_latency.py).
+WORLD_LIVE_MODEL = WORLD_STUDENT_DIR
+
+
+@dataclass(frozen=True)
+class LiveWorld:
+    """A world model ready to stream live: the pipeline, the sizes and guidance it samples at,
+    and the prompts of the held-out demo story (the first opens the video, all are offered)."""
+
+    streaming: MemFlowStreamingPipeline
+    height: int
+    width: int
+    max_sequence_length: int
+    guidance_scale: float
+    prompts: tuple[str, ...]
+
+
+def live_world(
+    layout: str, cache_dtype: str | None = None, model: Path = WORLD_LIVE_MODEL
+) -> LiveWorld:
+    """``model`` (default: the packaged student) streamed with the world layout ``layout``
+    (``WORLD_LAYOUTS``) and a ``cache_dtype`` cache (``None``: the model dtype)."""
+    if layout not in WORLD_LAYOUTS:
+        raise ValueError(
+            f"--config must be one of {sorted(WORLD_LAYOUTS)} for the world model, got {layout!r}"
+        )
+    pipe = load_world_pipeline(model)
+    overrides = {"cache_dtype": cache_dtype} if cache_dtype else {}
+    script = make_script(WORLD_DEMO_SCRIPT, pipe.sampling.edition)
+    return LiveWorld(streaming_world(pipe, layout, **overrides), HEIGHT, WIDTH,
+                     WORLD_SEQUENCE_LENGTH, pipe.sampling.guidance_scale, tuple(script.prompts))
 
 
 def run_world_demo(
