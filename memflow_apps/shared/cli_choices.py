@@ -25,5 +25,5 @@ WORLD_OTHER_MODEL_NAME = "student"
 DEFAULT_CLIP_MODEL = "openai/clip-vit-base-patch32"
 DEFAULT_DINO_MODEL = "facebook/dinov2-base"
 DEFAULT_AESTHETIC_CLIP_MODEL = "openai/clip-vit-large-patch14"
-#: ``memflow_apps.shared.memories.default_memories()``: what ``memflow compare`` runs by default.
+#: ``memflow_apps.shared.memories.DEFAULT_MEMORIES``: what ``memflow compare`` runs by default.
 DEFAULT_MEMORIES = ("nam", "nam_no_sink", "recency", "uniform", "visual", "nam+sma", "none")

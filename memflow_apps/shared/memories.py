@@ -24,9 +24,9 @@ from memflow_adapter.policies import ACTIVATION_POLICIES, BANK_POLICIES
 NO_BANK = "none"
 
 
-def default_memories() -> list[str]:
-    """Every registered bank policy with dense attention, NAM with SMA, and no bank."""
-    return [*BANK_POLICIES, "nam+sma", NO_BANK]
+#: What ``memflow compare`` runs by default: every built-in bank policy with dense attention, NAM
+#: with SMA, and no bank.
+DEFAULT_MEMORIES = ("nam", "nam_no_sink", "recency", "uniform", "visual", "nam+sma", NO_BANK)
 
 
 def memory_config(layout: MemFlowConfig, name: str) -> MemFlowConfig:
