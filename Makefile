@@ -1,6 +1,7 @@
 # `make test` and `make demo` set up .venv when it is missing, then run.
 PYTHON ?= python3
 VENV ?= .venv
+MAKEFLAGS += -j2
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
@@ -16,8 +17,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev,video,train,live]"
 	touch $(STAMP)
 
+# Two pytest-xdist workers, one per core (tests/conftest.py gives each one thread); a test file
+# runs whole on one worker, so its module fixtures are built once. The venv and the browser are
+# set up side by side (-j2).
 test: lint browser
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 # The live page's browser test drives Debian's chromium: installed here when it is missing and
 # apt-get can (as root); without it tests/test_live_web.py's browser test skips and says why.
@@ -35,7 +39,7 @@ browser:
 
 # The quick loop: every test not marked slow (under 2 minutes on 2 CPU cores).
 test-fast: lint
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow"
 
 demo: $(STAMP)
 	$(VENV)/bin/memflow demo

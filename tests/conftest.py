@@ -1,5 +1,7 @@
 """Shared fixtures. The whole suite runs offline: huggingface_hub reads HF_HUB_OFFLINE when it
-is imported, so it is set here, before any test module imports it."""
+is imported, so it is set here, before any test module imports it. ``make test`` runs the suite
+in two pytest-xdist workers, one per core of the reference machine: each worker computes on one
+thread, so the two never fight over a core."""
 
 import os
 
@@ -7,6 +9,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 
 @pytest.fixture

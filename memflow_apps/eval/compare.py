@@ -19,12 +19,7 @@ from memflow_adapter.config import MemFlowConfig
 from memflow_adapter.hooks import get_memflow, remove_memflow
 from memflow_adapter.pipeline import MemFlowStreamingPipeline, PromptSchedule
 from memflow_apps.shared.cli_choices import TINY_RANDOM
-from memflow_apps.shared.memories import (
-    Column,
-    comparison_markdown,
-    memory_config,
-    write_comparison,
-)
+from memflow_apps.shared.memories import Column, memory_config, report_comparison
 from memflow_apps.shared.prompts import PromptGroup
 
 from .protocol import EvalProtocol
@@ -100,29 +95,6 @@ def _means(per_video: Sequence[dict[str, float]]) -> dict[str, float | None]:
     return means
 
 
-def run(
-    pipe: Any,
-    memories: Sequence[str],
-    groups: Sequence[PromptGroup],
-    protocol: EvalProtocol,
-    layout: MemFlowConfig,
-    scorer: VideoScorer,
-    output_dir: Path,
-    model: str,
-    device: str | None = None,
-) -> dict[str, Path]:
-    """``compare_on_groups``, printed and written by ``write_comparison``."""
-    rows = compare_on_groups(pipe, memories, groups, protocol, layout, scorer, device)
-    title = (f"{len(groups)} prompt group(s), model {model}, layout {layout.describe()}, "
-             f"{protocol.frames_per_prompt} latent frames per prompt at "
-             f"{protocol.width}x{protocol.height}")
-    print(title)
-    print(comparison_markdown(rows, COLUMNS), end="")
-    details = {"model": model, "groups": [group.id for group in groups],
-               "layout": layout.to_dict()}
-    return write_comparison(rows, COLUMNS, PLOTTED, title, output_dir, details)
-
-
 #: The tiny random-weight model's sizes (``memflow eval``'s).
 _TINY_SIZES = {"height": 64, "width": 64, "max_sequence_length": 32}
 
@@ -150,8 +122,13 @@ def run_command(args: argparse.Namespace) -> int:
     )
     device = args.device or ("cpu" if tiny else None)
     pipe = pipe_factory(args.model, device, "auto")()
-    paths = run(pipe, args.memories, groups, protocol, layout, scorer, Path(args.output_dir),
-                args.model, device)
+    rows = compare_on_groups(pipe, args.memories, groups, protocol, layout, scorer, device)
+    title = (f"{len(groups)} prompt group(s), model {args.model}, layout {layout.describe()}, "
+             f"{protocol.frames_per_prompt} latent frames per prompt at "
+             f"{protocol.width}x{protocol.height}")
+    details = {"model": args.model, "groups": [group.id for group in groups],
+               "layout": layout.to_dict()}
+    paths = report_comparison(rows, COLUMNS, PLOTTED, title, Path(args.output_dir), details)
     for name, path in paths.items():
         print(f"{name}: {path}")
     return 0

@@ -85,7 +85,7 @@ def comparison_markdown(rows: Sequence[dict[str, Any]], columns: Sequence[Column
     return "\n".join(lines) + "\n"
 
 
-def write_comparison(
+def report_comparison(
     rows: Sequence[dict[str, Any]],
     columns: Sequence[Column],
     plotted: Sequence[Column],
@@ -93,13 +93,15 @@ def write_comparison(
     output_dir: str | os.PathLike[str],
     details: dict[str, Any],
 ) -> dict[str, Path]:
-    """Write ``comparison.md`` (``title`` and the table), ``comparison.json`` (the rows and
-    ``details``) and ``comparison.png`` (the ``plotted`` rate columns as grouped bars) into
-    ``output_dir``; returns their paths."""
+    """Print ``title`` and the table, and write ``comparison.md`` (the same), ``comparison.json``
+    (the rows and ``details``) and ``comparison.png`` (the ``plotted`` rate columns as grouped
+    bars) into ``output_dir``; returns their paths."""
+    table = comparison_markdown(rows, columns)
+    print(f"{title}\n{table}", end="")
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = {name: output_dir / f"comparison.{name}" for name in ("md", "json", "png")}
-    paths["md"].write_text(f"{title}\n\n{comparison_markdown(rows, columns)}")
+    paths["md"].write_text(f"{title}\n\n{table}")
     paths["json"].write_text(json.dumps({"title": title, **details, "rows": list(rows)},
                                         indent=2) + "\n")
     _plot(rows, plotted, title, paths["png"])

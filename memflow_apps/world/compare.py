@@ -14,12 +14,7 @@ from typing import Any
 
 import torch
 
-from memflow_apps.shared.memories import (
-    Column,
-    comparison_markdown,
-    memory_config,
-    write_comparison,
-)
+from memflow_apps.shared.memories import Column, memory_config, report_comparison
 
 from .grammar import make_script
 from .pipeline import WORLD_MEMORY, WORLD_STUDENT_DIR, NarrativeWorldPipeline, load_world_pipeline
@@ -69,7 +64,7 @@ def run(
     guidance_scale: float | None = None,
 ) -> dict[str, Path]:
     """``compare_on_world`` with the world model in the folder ``model``, printed and written by
-    ``write_comparison``."""
+    ``report_comparison``."""
     pipe = load_world_pipeline(model)
     guidance = pipe.sampling.guidance_scale if guidance_scale is None else guidance_scale
     rows = compare_on_world(pipe, memories, seeds, guidance)
@@ -78,11 +73,9 @@ def run(
              f"edition {pipe.sampling.edition}), {steps} sampling steps at guidance "
              f"{guidance:g}, layout {WORLD_MEMORY.describe()}, {torch.get_num_threads()} CPU "
              "threads; rates in %")
-    print(title)
-    print(comparison_markdown(rows, COLUMNS), end="")
     details = {"seeds": [seeds.start, seeds.stop], "model": str(model),
                "guidance_scale": guidance}
-    return write_comparison(rows, COLUMNS, PLOTTED, title, output_dir, details)
+    return report_comparison(rows, COLUMNS, PLOTTED, title, output_dir, details)
 
 
 def run_command(args: argparse.Namespace) -> int:
