@@ -104,7 +104,9 @@ class MemoryAttention:
         output = self._attend(layer, query, key_set)
         if plan.recache_frames:
             cache.overwrite_newest(key, value, plan.protect_sink)
-        elif plan.kind is PassKind.CONTEXT and not plan.own_in_slot:
+        # own_in_slot first: once it holds, the pass kind is never read, so a compiled model
+        # does not guard on it and every pass kind runs one graph (architecture s.2d)
+        elif not plan.own_in_slot and plan.kind is PassKind.CONTEXT:
             self.pending[layer] = (key.detach(), value.detach())
         return output
 
