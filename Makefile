@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 # runs whole on one worker, so its module fixtures are built once. The venv and the browser are
 # set up side by side (-j2).
 test: lint browser
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15
 
 # The live page's browser test drives Debian's chromium: installed here when it is missing and
 # apt-get can (as root); without it tests/test_live_web.py's browser test skips and says why.

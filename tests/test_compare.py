@@ -60,7 +60,7 @@ def test_a_bad_memory_fails_in_one_line_before_any_model_loads(capsys):
 @pytest.mark.slow
 def test_the_world_comparison_writes_its_table_and_no_bank_retrieves_nothing(tmp_path, capsys):
     assert main(["compare", "--stories", "2", "--memories", "nam", "recency", "none",
-                 "--output-dir", str(tmp_path), "--threads", "2"]) == 0
+                 "--output-dir", str(tmp_path)]) == 0
     table = capsys.readouterr().out
     assert "| memory | retrieval | return = first look |" in table
     report = json.loads((tmp_path / "comparison.json").read_text())
