@@ -19,7 +19,8 @@ BENCH = Path(__file__).resolve().parent.parent / "bench" / "compile_stream.py"
 def compile_stream(tmp_path: Path, backend: str, layout: str) -> dict:
     summary = tmp_path / "summary.json"
     result = subprocess.run(
-        [sys.executable, str(BENCH), "--backend", backend, "--layout", layout,
+        # one thread: under make test's two xdist workers the other core runs the other worker
+        [sys.executable, str(BENCH), "--backend", backend, "--layout", layout, "--threads", "1",
          "--chunks", "30", "--switch-every", "10", "--json", str(summary)],
         capture_output=True, text=True, timeout=900,
     )
