@@ -37,10 +37,11 @@ def memory_config(layout: MemFlowConfig, name: str) -> MemFlowConfig:
             f"the base layout must have a memory bank (nam=True) for memories to be compared, "
             f"got {layout.describe()}"
         )
-    defaults = dict(bank_policy=MemFlowConfig.bank_policy,
-                    activation_policy=MemFlowConfig.activation_policy)
     if name == NO_BANK:
-        return dataclasses.replace(layout, nam=False, bank_frames=0, sma=False, **defaults)
+        return dataclasses.replace(
+            layout, nam=False, bank_frames=0, sma=False, bank_policy=MemFlowConfig.bank_policy,
+            activation_policy=MemFlowConfig.activation_policy,
+        )
     bank, plus, activation = name.partition("+")
     if bank not in BANK_POLICIES or (plus and activation not in ACTIVATION_POLICIES):
         raise ValueError(
@@ -48,9 +49,10 @@ def memory_config(layout: MemFlowConfig, name: str) -> MemFlowConfig:
             f"'<bank policy>+<activation policy>' with an activation policy of "
             f"{sorted(ACTIVATION_POLICIES)}, got {name!r}"
         )
-    if not plus:
-        return dataclasses.replace(layout, sma=False, **{**defaults, "bank_policy": bank})
-    return dataclasses.replace(layout, sma=True, bank_policy=bank, activation_policy=activation)
+    return dataclasses.replace(
+        layout, sma=bool(plus), bank_policy=bank,
+        activation_policy=activation or MemFlowConfig.activation_policy,
+    )
 
 
 @dataclass(frozen=True)
