@@ -11,7 +11,7 @@ from typing import Any
 
 from .attention import ATTENTION_BACKENDS
 from .frame_buffer import CACHE_DTYPES
-from .policies import ACTIVATION_POLICIES, BANK_POLICIES
+from .policies import ACTIVATION_POLICIES, BANK_POLICIES, registered_policy
 from .positions import POSITION_OVERFLOWS
 from .version import __version__
 
@@ -179,13 +179,7 @@ class MemFlowConfig:
             ("bank_policy", BANK_POLICIES, "nam"), ("activation_policy", ACTIVATION_POLICIES, "sma")
         ):
             value = getattr(self, name)
-            if value not in registry:
-                register = name.replace("_policy", "")
-                raise ValueError(
-                    f"{name} must be one of {sorted(registry)} (a policy of your own: register "
-                    f"it with memflow_adapter.policies.register_{register}_policy before the "
-                    f"config is made or loaded), got {value!r}"
-                )
+            registered_policy(registry, value, name)
             if value != getattr(MemFlowConfig, name) and not getattr(self, switch):
                 raise ValueError(
                     f"{name}={value!r} needs {switch}=True (with {switch}=False there is "

@@ -12,6 +12,7 @@ from .base import (
     bank_policy_named,
     register_activation_policy,
     register_bank_policy,
+    registered_policy,
     top_k_in_time_order,
 )
 from .nam import NarrativeAdaptiveMemory, NarrativeAdaptiveMemoryWithoutSink, nam_scores
@@ -37,5 +38,6 @@ __all__ = [
     "nam_scores",
     "register_activation_policy",
     "register_bank_policy",
+    "registered_policy",
     "top_k_in_time_order",
 ]

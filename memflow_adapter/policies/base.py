@@ -153,20 +153,24 @@ register_activation_policy = _registrar(ACTIVATION_POLICIES, ActivationPolicy, "
 
 def bank_policy_named(name: str) -> BankPolicy:
     """A new instance of the bank policy registered as ``name``."""
-    return _named(BANK_POLICIES, name, "bank_policy", "register_bank_policy")()
+    return registered_policy(BANK_POLICIES, name, "bank_policy")()
 
 
 def activation_policy_named(name: str) -> ActivationPolicy:
     """A new instance of the activation policy registered as ``name``."""
-    return _named(ACTIVATION_POLICIES, name, "activation_policy", "register_activation_policy")()
+    return registered_policy(ACTIVATION_POLICIES, name, "activation_policy")()
 
 
-def _named(registry: dict[str, type], name: str, parameter: str, register: str) -> type:
+def registered_policy(registry: dict[str, type], name: str, parameter: str) -> type:
+    """The class registered as ``name`` in ``registry`` (``BANK_POLICIES`` or
+    ``ACTIVATION_POLICIES``); errors name ``parameter``."""
     if not isinstance(name, str):
         raise TypeError(f"{parameter} must be a str, got {name!r}")
     if name not in registry:
+        register = f"register_{parameter}"
         raise ValueError(
-            f"{parameter} must be one of {sorted(registry)} (a policy of your own: "
-            f"memflow_adapter.policies.{register} first), got {name!r}"
+            f"{parameter} must be one of {sorted(registry)} (a policy of your own: register it "
+            f"with memflow_adapter.policies.{register} before a config naming it is made or "
+            f"loaded), got {name!r}"
         )
     return registry[name]
