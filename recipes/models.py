@@ -12,11 +12,13 @@ from __future__ import annotations
 import importlib
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from diffusers import AutoModel, DiffusionPipeline
 from diffusers.training_utils import cast_training_params
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file
 from torch import nn
 
 from integrations import find_integration, reference_integration
@@ -33,6 +35,8 @@ ADAPTER_NAME = "memflow"
 REFERENCE_BASE_MODEL = reference_integration().checkpoint_conversion().base_model
 #: ``base_model`` recorded in adapters trained on the tiny random pipeline.
 TINY_BASE_MODEL = "memflow-adapter/tiny-wan-random"
+#: The student's weights in a recipe checkpoint of a student trained in full (``checkpoints.py``).
+CHECKPOINT_STUDENT_WEIGHTS = "student_weights.safetensors"
 #: What of the student a recipe can train (``model.train``).
 TRAINED_WEIGHTS = ("lora", "full")
 
@@ -50,8 +54,11 @@ class ModelConfig:
             hold a Wan transformer and offer ``encode_prompt`` like ``WanPipeline``.
         tiny_seed: weights seed of the tiny pipeline.
         student_weights: optional MemFlowAdapter folder or Hub id whose full transformer weights
-            start the student (e.g. a LongLive or MemFlow ``base.pt``); they are saved with the
-            trained adapter, since its LoRA is trained on top of them.
+            start the student (e.g. a LongLive or MemFlow ``base.pt``), or a recipe checkpoint
+            folder of a student trained in full (``checkpoint-<step>/``, its
+            ``student_weights.safetensors``: a run that continues another one's weights with
+            its own schedule); they are saved with the trained adapter, since its LoRA is trained
+            on top of them.
         train: what of the student learns: ``lora`` (a fresh LoRA on the frozen base, the
             ``lora`` section; the default) or ``full`` (every transformer weight, saved as the
             adapter's full weights; for small models trained from scratch, such as the narrative
@@ -195,7 +202,13 @@ def load_teacher(source: str, tiny_seed: int | None, dtype: torch.dtype) -> nn.M
 
 
 def load_student_weights(transformer: nn.Module, source: str) -> dict[str, torch.Tensor]:
-    """Load the full weights of the adapter ``source`` into ``transformer``; returns them."""
+    """Load the full weights of the adapter ``source`` (or of the recipe checkpoint folder
+    ``source`` of a student trained in full) into ``transformer``; returns them."""
+    checkpoint_weights = Path(source) / CHECKPOINT_STUDENT_WEIGHTS
+    if checkpoint_weights.is_file():
+        weights = load_file(checkpoint_weights)
+        load_full_weights(transformer, weights)
+        return weights
     weights = MemFlowAdapter.from_pretrained(source).base_weights
     if weights is None:
         raise ValueError(

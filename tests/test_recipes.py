@@ -264,6 +264,20 @@ def test_resuming_a_full_weight_run_continues_bit_identically(dataset, tmp_path)
     )
 
 
+def test_a_full_weight_run_starts_from_another_runs_checkpoint(dataset, tmp_path):
+    name = "memory_finetune"
+    full = "model.train=full"
+    first = run(name, overrides(name, tmp_path / "a", dataset, "training.max_steps=2", full))
+    checkpoint = tmp_path / "a" / "checkpoints" / "checkpoint-2"
+    second = run(name, overrides(
+        name, tmp_path / "b", dataset, "training.max_steps=1", full,
+        f"model.student_weights={checkpoint}",
+    ))
+    assert_same_weights(second.initial["student"], trained_state_dict(first.student.model))
+    adapter = MemFlowAdapter.from_pretrained(tmp_path / "b" / "adapter")
+    assert adapter.config.bank_frames == get_memflow(second.student.model).config.bank_frames
+
+
 @pytest.fixture(scope="module")
 def one_layout_dataset(tmp_path_factory):
     """Three videos of one layout: 10 latent frames of 8x8, prompt segments starting at 0 and 4."""
