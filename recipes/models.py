@@ -187,17 +187,22 @@ def build_student(
     return Student(pipe, model.train(), attachment, weights)
 
 
-def load_teacher(source: str, tiny_seed: int | None, dtype: torch.dtype) -> nn.Module:
+def load_teacher(
+    source: str, tiny_seed: int | None, dtype: torch.dtype, weights: str | None = None
+) -> nn.Module:
     """A frozen transformer (eval mode): the one of the tiny pipeline of ``tiny_seed`` when
     given, else ``source``'s: a pipeline factory's (``module:function``, e.g.
     ``memflow_apps.world.pipeline:load_world_pipeline``), or a diffusers pipeline folder or
-    Hub id's ``transformer/``."""
+    Hub id's ``transformer/``; with the full ``weights`` loaded, if given (an adapter folder or
+    a recipe checkpoint, as ``ModelConfig.student_weights``)."""
     if tiny_seed is not None:
         model = build_tiny_wan_pipeline(tiny_seed).transformer
     elif is_pipeline_factory(source):
         model = cast_to(build_factory_pipeline(source, "dmd.teacher").transformer, dtype)
     else:
         model = AutoModel.from_pretrained(source, subfolder="transformer", dtype=dtype)
+    if weights:
+        load_student_weights(model, weights)
     return model.requires_grad_(False).eval()
 
 

@@ -153,6 +153,9 @@ class DMDConfig:
         teacher: a diffusers Wan pipeline (Hub id or folder) whose transformer is the frozen
             bidirectional teacher (the paper: Wan2.1-T2V-14B), or a pipeline factory
             ``module:function`` (as ``model.pipeline``) whose transformer is.
+        teacher_weights: optional full weights loaded into the teacher's transformer: an
+            adapter folder or a recipe checkpoint of a model trained in full (as
+            ``model.student_weights``; e.g. the memory fine-tuned model being distilled).
         tiny_teacher_seed: with ``model.tiny``, the teacher is the tiny pipeline of this seed.
         guidance_scale: the teacher's classifier-free guidance (1: no unconditional pass).
         noise: where the re-noising levels of the clip are drawn.
@@ -176,6 +179,7 @@ class DMDConfig:
     """
 
     teacher: str = "Wan-AI/Wan2.1-T2V-14B-Diffusers"
+    teacher_weights: str | None = None
     tiny_teacher_seed: int = 1
     guidance_scale: float = 3.0
     noise: NoiseRange = field(default_factory=NoiseRange)
@@ -289,7 +293,8 @@ class StreamingLongTuning(Recipe):
         super().__init__(config, accelerator)
         tiny = config.model.tiny
         self.teacher = load_teacher(
-            config.dmd.teacher, config.dmd.tiny_teacher_seed if tiny else None, self.dtype
+            config.dmd.teacher, config.dmd.tiny_teacher_seed if tiny else None, self.dtype,
+            config.dmd.teacher_weights,
         ).to(self.device)
         # the fake score starts as the student does (DMD2)
         self.critic = config.model.build_start(self.dtype).to(self.device)

@@ -11,6 +11,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
+from safetensors.torch import load_file
 
 import memflow_apps.world as world
 from memflow_adapter.schedule import FlowMatchSchedule
@@ -105,6 +106,23 @@ def test_dmd_steps_train_the_student_and_the_critic_not_the_teachers(distilled):
     assert recipe.scorers["teacher_without_bank"].config.bank_frames == 0
     rows = [json.loads(line) for line in (distilled[1] / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and all("student_loss" in row and "critic_loss" in row for row in rows)
+
+
+def test_a_distillation_of_a_model_in_training_starts_every_model_from_its_checkpoint(
+    prompts, distilled, tmp_path
+):
+    """``model.student_weights`` and ``dmd.teacher_weights`` on a recipe checkpoint: the model
+    being distilled is a run's checkpoint, not the packaged one."""
+    checkpoint = distilled[1] / "checkpoints" / "checkpoint-2"
+    weights = load_file(checkpoint / "student_weights.safetensors")
+    recipe = distill(prompts, tmp_path, "training.max_steps=1",
+                     f"model.student_weights={checkpoint}", f"dmd.teacher_weights={checkpoint}")
+    assert_same_weights(recipe.initial["student"], weights)
+    assert_same_weights(recipe.teacher.state_dict(), weights)
+    assert_same_weights(recipe.teacher_without_bank.state_dict(), weights)
+    critic = {key.replace(".base_layer", ""): value
+              for key, value in recipe.critic.state_dict().items() if "lora_" not in key}
+    assert_same_weights(critic, weights)
 
 
 @pytest.mark.slow
