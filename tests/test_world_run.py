@@ -11,24 +11,27 @@ from safetensors.torch import load_file
 
 from memflow_apps.world.dataset import write_dataset
 from memflow_apps.world.export import CHECKPOINT_WEIGHTS
+from recipes.config import load_config
 from recipes.memory_finetune import MemoryFinetune, MemoryFinetuneConfig
 from recipes.training import main
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 RUN = Path(__file__).resolve().parents[1] / "runs" / "world-v2"
-TEACHER_YAML = RUN / "teacher.yaml"
+#: The run's stages: each a config ``<stage>.yaml`` whose output folder is ``<stage>/``.
+STAGES = ("teacher", "memory")
 
 
-def committed_checkpoint() -> tuple[Path, int]:
-    """The run's one committed checkpoint folder and its step."""
-    folders = list((RUN / "teacher" / "checkpoints").glob("checkpoint-*"))
-    assert len(folders) == 1, f"runs/world-v2 must keep exactly one checkpoint, found {folders}"
+def committed_checkpoint(stage: str) -> tuple[Path, int]:
+    """The stage's one committed checkpoint folder and its step."""
+    folders = list((RUN / stage / "checkpoints").glob("checkpoint-*"))
+    assert len(folders) == 1, f"runs/world-v2/{stage} must keep exactly one checkpoint: {folders}"
     return folders[0], int(re.fullmatch(r"checkpoint-(\d+)", folders[0].name).group(1))
 
 
-def test_the_committed_checkpoint_is_a_whole_training_state_under_30_mb():
-    folder, step = committed_checkpoint()
+@pytest.mark.parametrize("stage", STAGES)
+def test_the_committed_checkpoint_is_a_whole_training_state_under_30_mb(stage):
+    folder, step = committed_checkpoint(stage)
     assert step >= 1
     files = {path.name: path.stat().st_size for path in folder.iterdir() if path.is_file()}
     assert CHECKPOINT_WEIGHTS in files and "optimizer.bin" in files
@@ -37,12 +40,21 @@ def test_the_committed_checkpoint_is_a_whole_training_state_under_30_mb():
     assert sum(files.values()) < 30 * 2**20
 
 
+def test_the_memory_stage_starts_from_the_teachers_committed_checkpoint():
+    config = load_config(MemoryFinetuneConfig, RUN / "memory.yaml")
+    assert Path(config.model.student_weights) == committed_checkpoint("teacher")[0].relative_to(
+        RUN.parents[1]
+    )
+    assert config.training.output_dir == Path("runs/world-v2/memory")
+
+
 @pytest.mark.slow
-def test_training_resumed_from_the_committed_state_continues_bit_identically(tmp_path):
-    checkpoint, step = committed_checkpoint()
+@pytest.mark.parametrize("stage", STAGES)
+def test_training_resumed_from_the_committed_state_continues_bit_identically(stage, tmp_path):
+    checkpoint, step = committed_checkpoint(stage)
     data = write_dataset(tmp_path / "data", videos=2, edition="v2")
     common = [
-        "--config", str(TEACHER_YAML), f"data.dataset={data}", "data.videos_per_step=1",
+        "--config", str(RUN / f"{stage}.yaml"), f"data.dataset={data}", "data.videos_per_step=1",
         f"training.max_steps={step + 2}", "training.lr_scheduler=constant",
         "training.checkpoint_every=1", "training.checkpoints_total_limit=null",
     ]
