@@ -175,7 +175,6 @@ def test_the_parser_choices_are_the_library_values():
     library = {
         "PRESETS": PRESETS,
         "CACHE_DTYPES": tuple(sorted(CACHE_DTYPES)),
-        "WORLD_DEMO_SCRIPT": demo.WORLD_DEMO_SCRIPT,
         "WORLD_DEMO_MODEL_NAME": demo.WORLD_DEMO_MODEL.name,
         "WORLD_OTHER_MODEL_NAME": demo.WORLD_OTHER_MODEL.name,
         "DEFAULT_CLIP_MODEL": features.DEFAULT_CLIP_MODEL,

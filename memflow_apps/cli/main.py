@@ -28,7 +28,6 @@ from memflow_apps.shared.cli_choices import (
     REFERENCE_BASE_MODEL,
     TINY_RANDOM,
     WORLD_DEMO_MODEL_NAME,
-    WORLD_DEMO_SCRIPT,
     WORLD_OTHER_MODEL_NAME,
 )
 
@@ -58,12 +57,11 @@ def _demo(args: argparse.Namespace) -> int:
                              "world story's prompts are its script's")
         from memflow_apps.world.demo import WORLD_DEMO_MODEL, run_world_demo
 
-        script = WORLD_DEMO_SCRIPT if args.script is None else args.script
-        seed = script if args.seed is None else args.seed
         try:
             model = Path(args.world_model) if args.world_model else WORLD_DEMO_MODEL
-            return run_world_demo(model, args.config, script, seed, Path(args.output_dir),
-                                  args.fps, args.guidance_scale, args.cache_dtype)
+            return run_world_demo(model, args.config, args.script, args.seed,
+                                  Path(args.output_dir), args.fps, args.guidance_scale,
+                                  args.cache_dtype)
         except (ValueError, FileNotFoundError) as error:
             raise SystemExit(f"memflow demo: {error}") from error
     world_only = {"--world-model": args.world_model, "--script": args.script,
@@ -505,7 +503,8 @@ def build_parser() -> argparse.ArgumentParser:
                       f"{WORLD_OTHER_MODEL_NAME}/)")
     demo.add_argument(
         "--script", type=int,
-        help=f"world: the held-out story's seed, 0..999 (default: {WORLD_DEMO_SCRIPT})",
+        help="world: the held-out story's seed, 0..999 (default: the first story of the "
+        "model's held-out benchmark, its heldout.json)",
     )
     demo.add_argument(
         "--guidance-scale", type=float,

@@ -15,9 +15,7 @@ REFERENCE_BASE_MODEL = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
 PRESETS = ("reference", "reference_sma", "longlive", "full_history")
 #: ``sorted(memflow_adapter.frame_buffer.CACHE_DTYPES)``.
 CACHE_DTYPES = ("float8_e4m3fn", "int8")
-#: ``memflow_apps.world.demo``: ``WORLD_DEMO_SCRIPT``, ``WORLD_DEMO_MODEL.name`` and
-#: ``WORLD_OTHER_MODEL.name``.
-WORLD_DEMO_SCRIPT = 18
+#: ``memflow_apps.world.demo``: ``WORLD_DEMO_MODEL.name`` and ``WORLD_OTHER_MODEL.name``.
 WORLD_DEMO_MODEL_NAME = "model"
 WORLD_OTHER_MODEL_NAME = "student"
 #: ``memflow_apps.eval.features``' ``DEFAULT_CLIP_MODEL``, ``DEFAULT_DINO_MODEL`` and

@@ -17,6 +17,7 @@ from memflow_adapter.outputs import write_outputs
 from memflow_adapter.pipeline import MemFlowStreamingPipeline
 
 from .grammar import Script, make_script
+from .heldout import HELDOUT_FILE, HeldOutBenchmark
 from .pipeline import (
     WORLD_MODEL_DIR,
     WORLD_SEQUENCE_LENGTH,
@@ -37,10 +38,6 @@ WORLD_DEMO_CHOICE = (
 )
 #: Nearest-neighbour enlargement of the 32x32 frames in the mp4.
 VIDEO_SCALE = 8
-#: The held-out story ``memflow demo`` streams by default: one of the benchmark's stories where
-#: MemFlow brings the returning entity back as first seen and LongLive and the window alone do
-#: not (see README.md).
-WORLD_DEMO_SCRIPT = 18
 #: The model ``memflow live`` streams by default: the distilled 4-step student, which a CPU makes
 #: faster than it plays (bench/live_latency.py).
 WORLD_LIVE_MODEL = WORLD_STUDENT_DIR
@@ -49,7 +46,8 @@ WORLD_LIVE_MODEL = WORLD_STUDENT_DIR
 @dataclass(frozen=True)
 class LiveWorld:
     """A world model ready to stream live: the pipeline, the sizes and guidance it samples at,
-    and the prompts of the held-out demo story (the first opens the video, all are offered)."""
+    and the prompts of its held-out benchmark's first story (the first opens the video, all are
+    offered)."""
 
     streaming: MemFlowStreamingPipeline
     height: int
@@ -70,7 +68,7 @@ def live_world(
         )
     pipe = load_world_pipeline(model)
     overrides = {"cache_dtype": cache_dtype} if cache_dtype else {}
-    script = make_script(WORLD_DEMO_SCRIPT, pipe.sampling.edition)
+    script = make_script(HeldOutBenchmark.read(model).demo_story, pipe.sampling.edition)
     return LiveWorld(streaming_world(pipe, layout, **overrides), HEIGHT, WIDTH,
                      WORLD_SEQUENCE_LENGTH, pipe.sampling.guidance_scale, tuple(script.prompts))
 
@@ -78,27 +76,40 @@ def live_world(
 def run_world_demo(
     model: Path,
     layout: str,
-    script_seed: int,
-    seed: int,
+    script_seed: int | None,
+    seed: int | None,
     output_dir: Path,
     fps: int,
     guidance_scale: float | None = None,
     cache_dtype: str | None = None,
 ) -> int:
-    """Stream held-out story ``script_seed`` under every world layout (``layout`` shown and
-    written), each with a ``cache_dtype`` cache (``None``: the model dtype), at
-    ``guidance_scale`` (``None``: the model's own); returns 0."""
+    """Stream held-out story ``script_seed`` (``None``: the first of the model's held-out
+    benchmark, ``heldout.py``) with noise ``seed`` (``None``: the story's, as the benchmark's)
+    under every world layout (``layout`` shown and written), each with a ``cache_dtype`` cache
+    (``None``: the model dtype), at ``guidance_scale`` (``None``: the model's own); prints the
+    benchmark's rates beside the story's scores; returns 0."""
     if layout not in WORLD_LAYOUTS:
         raise ValueError(
             f"--config must be one of {sorted(WORLD_LAYOUTS)} for the world model, got {layout!r}"
         )
-    if not 0 <= script_seed < 1000:
+    if script_seed is not None and not 0 <= script_seed < 1000:
         raise ValueError(f"--script must be a held-out script seed in 0..999, got {script_seed}")
     if guidance_scale is not None and not 1.0 <= guidance_scale < math.inf:
         raise ValueError(
             f"--guidance-scale must be >= 1 and finite (1 disables guidance), got {guidance_scale}"
         )
     pipe = load_world_pipeline(model)
+    benchmark = None
+    if script_seed is None or (Path(model) / HELDOUT_FILE).is_file():
+        benchmark = HeldOutBenchmark.read(model)
+    if script_seed is None:
+        script_seed = benchmark.demo_story
+        choice = (f"the first of the {len(benchmark.seeds)} stories of this model's held-out "
+                  f"benchmark, seeds {benchmark.seeds.start}..{benchmark.seeds.stop - 1}, never "
+                  f"used to train or tune it ({HELDOUT_FILE}): a rule, not a pick")
+    else:
+        choice = "chosen with --script"
+    seed = script_seed if seed is None else seed
     if guidance_scale is None:
         guidance_scale = pipe.sampling.guidance_scale
     script = make_script(script_seed, pipe.sampling.edition)
@@ -107,9 +118,9 @@ def run_world_demo(
                for name, config in WORLD_LAYOUTS.items()}
     print(f"memflow demo: the narrative-world model {model} (a 1.6M-parameter Wan transformer; "
           f"{_which(model)}), sampled with {len(pipe.sampling.schedule.steps)} steps at "
-          f"guidance scale {guidance_scale:g}. Held-out story {script_seed}, streamed with the "
-          f"world's {layout!r} memory layout ({configs[layout].describe()}; the world's own "
-          "sizes, not the paper's):")
+          f"guidance scale {guidance_scale:g}. Held-out story {script_seed} ({choice}), "
+          f"streamed with the world's {layout!r} memory layout ({configs[layout].describe()}; "
+          "the world's own sizes, not the paper's):")
     for index, prompt in enumerate(script.prompts, start=1):
         print(f"  {index}. {prompt}")
     scores = {}
@@ -133,6 +144,15 @@ def run_world_demo(
         print(f"| {name} | {configs[name].describe()} | {100 * score.adherence:.0f} | "
               f"{score.return_looks} | "
               f"{score.return_truth} | {score.return_place} |")
+    if benchmark is None:
+        print(f"no held-out benchmark for this model ({HELDOUT_FILE}): one story says little "
+              "about how often memory brings the entity back")
+    else:
+        print(f"one story says little: on all {len(benchmark.seeds)} stories of the model's "
+              f"held-out benchmark (seeds {benchmark.seeds.start}..{benchmark.seeds.stop - 1}, "
+              f"{HELDOUT_FILE}, rates):")
+        for line in benchmark.summary():
+            print(line)
     for name, path in paths.items():
         print(f"{name}: {path}")
     return 0
