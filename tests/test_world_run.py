@@ -18,8 +18,9 @@ from recipes.training import main
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 RUN = Path(__file__).resolve().parents[1] / "runs" / "world-v2"
-#: The run's stages: each a config ``<stage>.yaml`` whose output folder is ``<stage>/``.
-STAGES = ("teacher", "memory")
+#: The run's stages begun so far: each a config ``<stage>.yaml`` whose output folder is
+#: ``<stage>/``.
+STAGES = sorted(config.stem for config in RUN.glob("*.yaml") if (RUN / config.stem).is_dir())
 
 
 def committed_checkpoint(stage: str) -> tuple[Path, int]:
@@ -40,12 +41,13 @@ def test_the_committed_checkpoint_is_a_whole_training_state_under_30_mb(stage):
     assert sum(files.values()) < 30 * 2**20
 
 
-def test_the_memory_stage_starts_from_the_teachers_committed_checkpoint():
-    config = load_config(MemoryFinetuneConfig, RUN / "memory.yaml")
-    assert Path(config.model.student_weights) == committed_checkpoint("teacher")[0].relative_to(
+@pytest.mark.parametrize(("stage", "start"), [("memory", "teacher"), ("memory-return16", "memory")])
+def test_a_stage_starts_from_the_committed_checkpoint_of_the_one_before(stage, start):
+    config = load_config(MemoryFinetuneConfig, RUN / f"{stage}.yaml")
+    assert Path(config.model.student_weights) == committed_checkpoint(start)[0].relative_to(
         RUN.parents[1]
     )
-    assert config.training.output_dir == Path("runs/world-v2/memory")
+    assert config.training.output_dir == Path("runs/world-v2") / stage
 
 
 @pytest.mark.slow
