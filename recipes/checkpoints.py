@@ -40,7 +40,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-from .models import has_lora, load_trained_state, trained_state_dict
+from .models import CHECKPOINT_FULL_WEIGHTS, has_lora, load_trained_state, trained_state_dict
 
 logger = get_logger(__name__)
 
@@ -214,4 +214,4 @@ class ShardedCheckpointer(CheckpointFolders):
 
 
 def _file_name(name: str, model: nn.Module) -> str:
-    return f"{name}_lora.safetensors" if has_lora(model) else f"{name}_weights.safetensors"
+    return f"{name}_lora.safetensors" if has_lora(model) else CHECKPOINT_FULL_WEIGHTS.format(name)

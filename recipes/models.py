@@ -35,8 +35,10 @@ ADAPTER_NAME = "memflow"
 REFERENCE_BASE_MODEL = reference_integration().checkpoint_conversion().base_model
 #: ``base_model`` recorded in adapters trained on the tiny random pipeline.
 TINY_BASE_MODEL = "memflow-adapter/tiny-wan-random"
-#: The student's weights in a recipe checkpoint of a student trained in full (``checkpoints.py``).
-CHECKPOINT_STUDENT_WEIGHTS = "student_weights.safetensors"
+#: The file of a model trained in full in a recipe checkpoint (``checkpoints.py``), by its name.
+CHECKPOINT_FULL_WEIGHTS = "{}_weights.safetensors"
+#: The student's, which ``ModelConfig.student_weights`` reads from a checkpoint folder.
+CHECKPOINT_STUDENT_WEIGHTS = CHECKPOINT_FULL_WEIGHTS.format("student")
 #: What of the student a recipe can train (``model.train``).
 TRAINED_WEIGHTS = ("lora", "full")
 
@@ -212,9 +214,8 @@ def load_student_weights(transformer: nn.Module, source: str) -> dict[str, torch
     checkpoint_weights = Path(source) / CHECKPOINT_STUDENT_WEIGHTS
     if checkpoint_weights.is_file():
         weights = load_file(checkpoint_weights)
-        load_full_weights(transformer, weights)
-        return weights
-    weights = MemFlowAdapter.from_pretrained(source).base_weights
+    else:
+        weights = MemFlowAdapter.from_pretrained(source).base_weights
     if weights is None:
         raise ValueError(
             f"model.student_weights={source!r} holds no full transformer weights "
