@@ -1,11 +1,11 @@
 """``torch.compile`` on a MemFlow stream: what it compiles, whether it stops, and the speed-up.
 
-The tiny Wan transformer (``memflow_apps.shared.tiny_wan``, random weights) with MemFlow attached
-streams ``--chunks`` chunks, switching between two prompts every ``--switch-every`` chunks (each
-switch recaches), once eagerly and once through ``torch.compile(transformer, backend=...)``,
-side by side in one process. A counting backend wraps the compiler, so the script sees every
-graph compiled and every call of a compiled graph (a frame dynamo gives up on, e.g. at its
-recompile limit, runs eagerly and calls none).
+The tiny Wan transformer (``memflow_apps.shared.tiny_wan``, random weights, ``--layers`` blocks)
+with MemFlow attached streams ``--chunks`` chunks, switching between two prompts every
+``--switch-every`` chunks (each switch recaches), once eagerly and once through
+``torch.compile(transformer, backend=...)``, side by side in one process. A counting backend wraps
+the compiler, so the script sees every graph compiled and every call of a compiled graph (a frame
+dynamo gives up on, e.g. at its recompile limit, runs eagerly and calls none).
 
 Printed: graphs compiled while the cache fills, in the first full chunk onwards (the first
 recache compiles its pass once; nothing else should compile), compiled calls per chunk against
@@ -32,7 +32,7 @@ from memflow_adapter import MemFlowConfig, apply_memflow
 from memflow_adapter.config import PRESETS
 from memflow_adapter.schedule import FlowMatchSchedule
 from memflow_adapter.streaming import ChunkEngine, ChunkPlan, PromptConditioning
-from memflow_apps.shared.tiny_wan import build_tiny_wan_pipeline
+from memflow_apps.shared.tiny_wan import build_tiny_wan_transformer
 
 FRAMES_PER_CHUNK = 3
 STEPS = FlowMatchSchedule(stochastic=False)
@@ -90,7 +90,7 @@ def recaches(index: int, switch_every: int) -> bool:
 def run_stream(args: argparse.Namespace, backend: CountingBackend | None) -> StreamRun:
     torch._dynamo.reset()  # compiled code is cached per code object, across models
     config = MemFlowConfig.preset(args.layout)
-    model = build_tiny_wan_pipeline(seed=0).transformer
+    model = build_tiny_wan_transformer(seed=0, num_layers=args.layers)
     attachment = apply_memflow(model, config)
     session = attachment.create_session(args.latent, args.latent, record_trace=False)
     runner = model if backend is None else torch.compile(model, backend=backend)
@@ -174,6 +174,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--chunks", type=int, default=30)
     parser.add_argument("--switch-every", type=int, default=10)
     parser.add_argument("--latent", type=int, default=8, help="latent height and width")
+    parser.add_argument("--layers", type=int, default=4,
+                        help="transformer blocks of the tiny Wan (compile time grows with them)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", default=None, help="also write the summary here")
     return parser.parse_args(argv)
@@ -186,8 +188,8 @@ def main(argv: Sequence[str] | None = None) -> Summary:
     eager = run_stream(args, None)
     compiled = run_stream(args, CountingBackend(compiler_named(args.backend)))
     summary = summarise(args, eager, compiled)
-    print(f"torch.compile(backend={args.backend}) on the tiny Wan, {args.layout}, "
-          f"{args.chunks} chunks, a prompt switch every {args.switch_every}")
+    print(f"torch.compile(backend={args.backend}) on the tiny Wan ({args.layers} blocks), "
+          f"{args.layout}, {args.chunks} chunks, a prompt switch every {args.switch_every}")
     print(f"graphs compiled: {summary.graphs_while_filling} while the cache fills (chunks "
           f"0..{summary.first_full_chunk - 1}), {summary.graphs_at_first_recache} at the first "
           f"recache, {summary.graphs_after_warm_up} after")

@@ -19,8 +19,11 @@ BENCH = Path(__file__).resolve().parent.parent / "bench" / "compile_stream.py"
 def compile_stream(tmp_path: Path, backend: str, layout: str) -> dict:
     summary = tmp_path / "summary.json"
     result = subprocess.run(
-        # one thread: under make test's two xdist workers the other core runs the other worker
+        # one thread: under make test's two xdist workers the other core runs the other worker;
+        # two blocks: what is compiled is the same per block, and compile time grows with them
+        # (inductor, cold cache, one thread: 182 s with the tiny Wan's 4 blocks, 121 s with 2)
         [sys.executable, str(BENCH), "--backend", backend, "--layout", layout, "--threads", "1",
+         "--layers", "2",
          "--chunks", "30", "--switch-every", "10", "--json", str(summary)],
         capture_output=True, text=True, timeout=900,
     )

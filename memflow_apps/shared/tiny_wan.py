@@ -160,10 +160,21 @@ def reinitialise(model: torch.nn.Module) -> None:
                     parameter.normal_(0.0, SMALL_INIT_STD)
 
 
-def _tiny_transformer() -> WanTransformer3DModel:
-    model = WanTransformer3DModel(**TINY_TRANSFORMER)
+def _tiny_transformer(num_layers: int = TINY_TRANSFORMER["num_layers"]) -> WanTransformer3DModel:
+    model = WanTransformer3DModel(**{**TINY_TRANSFORMER, "num_layers": num_layers})
     reinitialise(model)
     return model
+
+
+def build_tiny_wan_transformer(
+    seed: int = 0, num_layers: int = TINY_TRANSFORMER["num_layers"]
+) -> WanTransformer3DModel:
+    """A random-weight transformer of the tiny pipeline's architecture with ``num_layers``
+    blocks (float32, CPU, eval mode), for work that needs no other component; the same ``seed``
+    always gives the same weights, the global torch RNG is left untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _tiny_transformer(num_layers).eval()
 
 
 def build_tiny_wan_pipeline(seed: int = 0) -> WanPipeline:
